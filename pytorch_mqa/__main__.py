@@ -1,0 +1,3 @@
+from pytorch_mqa.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Which backends this machine has, and how `backend=` / PYTORCH_MQA_BACKEND resolve.
+
+A backend name is one of BACKENDS. `unavailable_reason(name, device)` returns None when the
+backend can run tensors of that device type, or a sentence saying why it cannot.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+ENV_VAR = "PYTORCH_MQA_BACKEND"
+
+# backend="auto" on CUDA tensors: the measured choice per op (see BENCHMARKS.md for the figures).
+# Until a GPU benchmark decides otherwise, both ops use Triton on CUDA.
+AUTO_CUDA_BACKEND = {"attention": "triton", "attention_with_kv_cache": "triton"}
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    return None
+
+
+def _cuda_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA support"
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        return "nvcc was not found on PATH and CUDA_HOME is not set (needed for the JIT build of csrc/)"
+    if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
+        return "ninja is not installed (pip install ninja; needed for the JIT build of csrc/)"
+    return None
+
+
+def unavailable_reason(name: str, device_type: str = "cuda") -> str | None:
+    """None if backend `name` can run tensors on `device_type` here, else why not."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        reason = _triton_reason()
+        if reason:
+            return reason
+        if device_type == "cuda":
+            return None if torch.cuda.is_available() else "CUDA is not available (torch.cuda.is_available() is False)"
+        if device_type == "cpu":
+            if triton_interpreting():
+                return None
+            return "Triton kernels run on CPU tensors only under the interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        return f"Triton does not support device type {device_type!r}"
+    if name == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got device type {device_type!r}"
+        return _cuda_reason()
+    raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {name!r}")
+
+
+def available_backends(device_type: str | None = None) -> list[str]:
+    """Backends that can run on `device_type` (default: cuda if present, else cpu)."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
+
+
+def resolve_backend(op: str, backend: str, device_type: str) -> str:
+    """Turn `backend` ("auto" or a name; the env var overrides "auto") into a concrete backend."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        if backend == "auto":
+            return AUTO_CUDA_BACKEND[op] if device_type == "cuda" else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+    reason = unavailable_reason(backend, device_type)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is unavailable for {device_type} tensors: {reason}")
+    return backend

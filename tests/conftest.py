@@ -1,0 +1,33 @@
+"""Test setup: Triton runs on CPU tensors through its interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here,
+before anything imports pytorch_mqa.kernels.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "inductor"))
+
+import pytest  # noqa: E402
+
+from helpers import ERROR_RATIOS  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    if not torch.cuda.is_available():
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if ERROR_RATIOS:
+        terminalreporter.write_sep("-", "worst error / tolerance ratio (DESIGN §5), per backend and dtype")
+        for key in sorted(ERROR_RATIOS):
+            ratio, where = ERROR_RATIOS[key]
+            terminalreporter.write_line(f"{key:<40} {ratio:.3f}  ({where})")
