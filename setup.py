@@ -31,7 +31,7 @@ setup(
         "text": ["tiktoken"],
         "hf": ["transformers", "safetensors"],
         "plot": ["matplotlib"],
-        "test": ["pytest"],
+        "test": ["pytest", "triton>=3.6", "ninja", "tiktoken", "transformers", "safetensors", "matplotlib"],
     },
     entry_points={"console_scripts": ["pytorch-mqa = pytorch_mqa.cli:main"]},
 )
