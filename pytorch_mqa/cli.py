@@ -13,6 +13,10 @@ import sys
 # command -> (module, one-line help)
 COMMANDS = {
     "info": ("pytorch_mqa.info", "versions, devices and which backends this machine has"),
+    "train": ("pytorch_mqa.train", "train a GPT (MHA/GQA/MQA) on a text corpus"),
+    "generate": ("pytorch_mqa.generate_cli", "generate text from a checkpoint or Hugging Face GPT-2 directory"),
+    "study": ("pytorch_mqa.study", "MHA vs GQA vs MQA quality/speed study with a Markdown report"),
+    "finetune": ("pytorch_mqa.finetune", "instruction fine-tuning in the Alpaca format"),
 }
 
 

@@ -106,13 +106,18 @@ def encode_instruction(
     """Token ids of prompt + response + end-of-text, and per-position labels (same length).
 
     Labels are the ids themselves, with the prompt's positions set to IGNORE_INDEX when
-    `mask_prompt`; both are cut to `max_len + 1` tokens (inputs and targets are shifted later).
+    `mask_prompt`. Both are cut to `max_len + 1` tokens (inputs and targets are shifted later):
+    a long prompt loses its beginning (its end, "### Response:", is what the response follows),
+    keeping at least half the budget for the response.
     """
     prompt = encode(format_prompt(example))
     response = encode(example["output"]) + [eos_id]
-    ids = (prompt + response)[: max_len + 1]
+    budget = max_len + 1
+    keep = min(len(prompt), max(budget - len(response), budget // 2))
+    prompt = prompt[len(prompt) - keep:]
+    ids = (prompt + response)[:budget]
     labels = ([IGNORE_INDEX] * len(prompt) if mask_prompt else list(prompt)) + response
-    return ids, labels[: max_len + 1]
+    return ids, labels[:budget]
 
 
 def collate_instructions(

@@ -1,0 +1,293 @@
+"""`pytorch-mqa study`: MHA vs GQA vs MQA trained the same way on the same text, over several seeds.
+
+Every variant has the same width and depth and differs only in its number of KV heads (plus an
+optional MQA variant widened to MHA's parameter count). For each it measures validation
+perplexity, the log-probability it gives to sentences like the training text and to unrelated
+ones, KV-cache bytes per token, generation speed with and without the cache, and how far cached
+logits are from recomputed ones. Writes report.md, results.json and PNG plots to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+
+from pytorch_mqa.data import load_corpus
+from pytorch_mqa.train import (LMBatches, TrainConfig, add_common_arguments, apply_backend, fit, pick_device,
+                               plot_loss_curves)
+
+# Sentences in the register of the default corpus (the Python language reference), and unrelated ones.
+SIMILAR_SENTENCES = [
+    "The for statement is used to iterate over the elements of a sequence.",
+    "A function definition is an executable statement that binds the function name to a function object.",
+    "If the expression evaluates to true, the suite of the if clause is executed.",
+    "The return statement leaves the current function call with the value of the expression list.",
+    "An exception is raised when an error is detected during execution of the code.",
+    "The keyword arguments are assigned to the parameters of the same name.",
+]
+UNRELATED_SENTENCES = [
+    "My grandmother grew tomatoes and basil in a sunny garden behind her house.",
+    "The orchestra tuned their violins while the audience found their seats.",
+    "We hiked along the ridge until the fog rolled in over the valley below.",
+    "Fresh bread smells wonderful when it comes out of a hot oven in winter.",
+    "The goalkeeper jumped to his left and caught the ball with both hands.",
+    "Seagulls circled above the harbour as the fishing boats came home at dusk.",
+]
+SAMPLE_PROMPT = "The "
+
+PRESETS = {
+    # Under two minutes on a 2-core CPU: characters, a tiny model, two seeds.
+    "quick": dict(tokenizer="char", n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=16, max_steps=240,
+                  lr=3e-3, warmup_steps=20, eval_interval=40, eval_iters=4, seeds=2, gen_tokens=48),
+    # Under fifteen minutes on a 2-core CPU.
+    "default": dict(tokenizer="char", n_layer=3, n_head=4, n_embd=96, block_size=128, batch_size=16, max_steps=700,
+                    lr=2e-3, warmup_steps=50, eval_interval=100, eval_iters=8, seeds=3, gen_tokens=96),
+}
+
+
+def kv_variants(n_head: int, gqa_kv: int | None) -> list[tuple[str, int]]:
+    """(name, n_kv_head) for MHA, GQA (a middle divisor of n_head unless given) and MQA."""
+    divisors = [d for d in range(1, n_head + 1) if n_head % d == 0]
+    if gqa_kv is None:
+        gqa_kv = divisors[len(divisors) // 2]
+    if n_head % gqa_kv:
+        raise ValueError(f"n_kv_head: expected a divisor of n_head = {n_head}, got {gqa_kv}")
+    out = [("MHA", n_head)]
+    if 1 < gqa_kv < n_head:
+        out.append(("GQA", gqa_kv))
+    out.append(("MQA", 1))
+    return out
+
+
+def count_params(config) -> int:
+    from pytorch_mqa.model import GPT
+
+    with torch.device("meta"):
+        return GPT(config).num_params(non_embedding=False)
+
+
+def matched_width(config, target: int) -> int:
+    """The n_embd (a multiple of n_head) whose parameter count is closest to `target`."""
+    from dataclasses import replace
+
+    best = None
+    for n_embd in range(config.n_embd, 4 * config.n_embd + 1, config.n_head):
+        n = count_params(replace(config, n_embd=n_embd))
+        if best is None or abs(n - target) < abs(best[1] - target):
+            best = (n_embd, n)
+        if n > target:
+            break
+    return best[0]
+
+
+# ----------------------------------------------------------------------------------- measurements
+
+
+@torch.no_grad()
+def mean_logprob(model, tokenizer, sentences: list[str], device) -> float:
+    """Mean log-probability (nats) per predicted token, over all tokens after the first of each sentence."""
+    model.eval()
+    total, count = 0.0, 0
+    for s in sentences:
+        ids = tokenizer.encode(s)[: model.config.block_size + 1]
+        x = torch.tensor([ids], device=device)
+        logp = torch.log_softmax(model(x[:, :-1]).float(), dim=-1)
+        total += logp[0].gather(-1, x[0, 1:, None]).sum().item()
+        count += len(ids) - 1
+    return total / max(count, 1)
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token occupies in a KVCache for `model` (all layers, K and V), from a real cache."""
+    from pytorch_mqa.cache import KVCache
+
+    cache = KVCache.for_model(model, 1, 1)
+    return (cache.k.numel() + cache.v.numel()) * cache.k.element_size()
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generation_checks(model, prompt: list[int], new_tokens: int, device) -> dict:
+    """Greedy generation with and without the cache: tokens/s, token agreement, max logit difference."""
+    from pytorch_mqa.cache import KVCache
+    from pytorch_mqa.generate import generate
+
+    model.eval()
+    out = {}
+    tokens = {}
+    for use_cache in (True, False):
+        generate(model, [prompt], 2, temperature=0, use_cache=use_cache)  # warm up
+        _sync(device)
+        t0 = time.perf_counter()
+        tokens[use_cache] = generate(model, [prompt], new_tokens, temperature=0, use_cache=use_cache)[0]
+        _sync(device)
+        out["tokens_per_s_cache" if use_cache else "tokens_per_s_no_cache"] = new_tokens / (time.perf_counter() - t0)
+    out["greedy_tokens_agree"] = tokens[True] == tokens[False]
+    # Logits for the same sequence: one full forward vs prefill + one token at a time through the cache.
+    seq = torch.tensor([prompt + tokens[True]], device=device)[:, : model.config.block_size]
+    full = model(seq).float()
+    cache = KVCache.for_model(model, 1, seq.shape[1])
+    P = len(prompt)
+    steps = [model(seq[:, :P], cache=cache)]
+    for t in range(P, seq.shape[1]):
+        steps.append(model(seq[:, t : t + 1], cache=cache))
+    cached = torch.cat(steps, dim=1).float()
+    out["max_abs_logit_diff"] = (full - cached).abs().max().item()
+    out["logit_scale"] = full.abs().max().item()
+    return out
+
+
+@torch.no_grad()
+def sample_text(model, tokenizer, n: int, seed: int) -> str:
+    from pytorch_mqa.generate import generate
+
+    prompt = tokenizer.encode(SAMPLE_PROMPT)
+    n = min(n, model.config.block_size - len(prompt))
+    ids = generate(model, [prompt], n, temperature=0.8, top_k=40, seed=seed, eos_id=tokenizer.eos_id)[0]
+    return SAMPLE_PROMPT + tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+# ---------------------------------------------------------------------------------------- the study
+
+
+def run_study(p: dict, out_dir: str, *, corpus: str | None = None, device: str = "cpu", progress: bool = True,
+              match_params: bool = False, gqa_kv: int | None = None, base_seed: int = 0, vocab_size=None) -> dict:
+    """Train every variant for every seed with preset/params `p`, measure, and write the outputs."""
+    from dataclasses import asdict, replace
+
+    from pytorch_mqa.model import GPT, GPTConfig
+    from pytorch_mqa.tokenizers import get_tokenizer
+
+    t_start = time.perf_counter()
+    text = load_corpus(corpus)
+    tokenizer = get_tokenizer(p["tokenizer"], text if p["tokenizer"] != "gpt2" else None, vocab_size=vocab_size)
+    ids = tokenizer.encode(text)
+    batches = LMBatches(ids, p["batch_size"], p["block_size"])
+    base = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=p["block_size"], n_layer=p["n_layer"],
+                     n_head=p["n_head"], n_kv_head=p["n_head"], n_embd=p["n_embd"])
+    variants = [(name, replace(base, n_kv_head=kv)) for name, kv in kv_variants(p["n_head"], gqa_kv)]
+    if match_params:
+        wide = replace(base, n_kv_head=1)
+        wide = replace(wide, n_embd=matched_width(wide, count_params(base)))
+        variants.append(("MQA-wide", wide))
+
+    prompt = batches.val[:16].tolist()
+    gen_tokens = min(p["gen_tokens"], p["block_size"] - len(prompt))
+    results = []
+    for name, config in variants:
+        runs = []
+        for s in range(p["seeds"]):
+            seed = base_seed + s
+            torch.manual_seed(seed)
+            model = GPT(config)
+            cfg = TrainConfig(max_steps=p["max_steps"], batch_size=p["batch_size"], lr=p["lr"],
+                              warmup_steps=p["warmup_steps"], eval_interval=p["eval_interval"],
+                              eval_iters=p["eval_iters"], seed=seed, device=device, progress=progress,
+                              desc=f"{name} seed {seed}")
+            history = fit(model, batches, cfg)
+            last = history["eval"][-1]
+            run = {"seed": seed, "train_loss": last["train"], "val_loss": last["val"],
+                   "val_perplexity": math.exp(last["val"]), "train_seconds": history["seconds"],
+                   "logprob_similar": mean_logprob(model, tokenizer, SIMILAR_SENTENCES, device),
+                   "logprob_unrelated": mean_logprob(model, tokenizer, UNRELATED_SENTENCES, device),
+                   "history": history}
+            if s == 0:  # speed and cache checks do not depend on the seed: measured on the first model
+                run.update(generation_checks(model, prompt, gen_tokens, device))
+                run["sample"] = sample_text(model, tokenizer, p["gen_tokens"] * 2, seed)
+            runs.append(run)
+            print(f"{name:<8} seed {seed}: val loss {last['val']:.4f}  ppl {math.exp(last['val']):.3f}  "
+                  f"({history['seconds']:.1f} s)", flush=True)
+        first = runs[0]
+        ppl = _mean_std([r["val_perplexity"] for r in runs])
+        results.append({
+            "name": name, "n_kv_head": config.n_kv_head, "n_head": config.n_head, "n_embd": config.n_embd,
+            "n_layer": config.n_layer, "params": model.num_params(non_embedding=False),
+            "val_perplexity_mean": ppl[0], "val_perplexity_std": ppl[1],
+            "val_loss_mean": statistics.fmean(r["val_loss"] for r in runs),
+            "logprob_similar": statistics.fmean(r["logprob_similar"] for r in runs),
+            "logprob_unrelated": statistics.fmean(r["logprob_unrelated"] for r in runs),
+            "kv_bytes_per_token": kv_bytes_per_token(model), "kv_dtype": str(model.transformer.wte.weight.dtype),
+            **{k: first[k] for k in ("tokens_per_s_cache", "tokens_per_s_no_cache", "greedy_tokens_agree",
+                                     "max_abs_logit_diff", "logit_scale", "sample")},
+            "runs": runs,
+        })
+
+    info = {"preset": p, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+            "corpus": corpus or "embedded: pydoc_data.topics (Python language reference)",
+            "corpus_tokens": len(ids), "train_tokens": len(batches.train), "val_tokens": len(batches.val),
+            "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "generation": {"prompt_tokens": len(prompt), "new_tokens": gen_tokens, "batch": 1},
+            "base_config": asdict(base), "wall_seconds": time.perf_counter() - t_start}
+    results_all = {"study": info, "variants": results}
+    write_outputs(results_all, out_dir)
+    return results_all
+
+
+def write_outputs(results: dict, out_dir: str) -> None:
+    from pytorch_mqa.study_report import plot_perplexity, render_report
+
+    os.makedirs(out_dir, exist_ok=True)
+    curves = {}
+    for v in results["variants"]:
+        for r in v["runs"]:
+            curves[f"{v['name']} s{r['seed']}"] = r["history"]
+    plot_loss_curves(curves, os.path.join(out_dir, "loss_curves.png"), title="MHA / GQA / MQA: loss per variant and seed")
+    plot_perplexity(results, os.path.join(out_dir, "perplexity.png"))
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(render_report(results))
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "runs/study")
+    parser.set_defaults(tokenizer=None)
+    parser.add_argument("--quick", action="store_true", help="the small preset: about 90 s on a 2-core CPU")
+    parser.add_argument("--match-params", action="store_true",
+                        help="add an MQA variant widened to the MHA variant's parameter count")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: 2 quick, 3 default)")
+    parser.add_argument("--max-steps", type=int, default=None)
+    for flag in ("n-layer", "n-head", "n-embd", "block-size", "batch-size"):
+        parser.add_argument(f"--{flag}", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: 1 on CPU, which is fastest for these small models)")
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_backend(args.backend)
+    device = pick_device(args.device)
+    if args.threads or device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    p = dict(PRESETS["quick" if args.quick else "default"])
+    overrides = {"tokenizer": args.tokenizer, "seeds": args.seeds, "max_steps": args.max_steps,
+                 "n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
+                 "block_size": args.block_size, "batch_size": args.batch_size}
+    p.update({k: v for k, v in overrides.items() if v is not None})
+    t0 = time.perf_counter()
+    results = run_study(p, args.out, corpus=args.corpus, device=device, progress=not args.no_progress,
+                        match_params=args.match_params, gqa_kv=args.n_kv_head, base_seed=args.seed,
+                        vocab_size=args.vocab_size)
+    from pytorch_mqa.study_report import summary_table
+
+    print()
+    print(summary_table(results))
+    print(f"\nwrote {args.out}/report.md, results.json, loss_curves.png, perplexity.png "
+          f"({time.perf_counter() - t0:.0f} s)")
+    return 0
