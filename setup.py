@@ -24,7 +24,7 @@ setup(
     },
     package_data={"pytorch_mqa.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     include_package_data=True,
-    install_requires=["torch>=2.6", "numpy", "tqdm"],
+    install_requires=["torch>=2.6", "numpy", "tqdm", "tiktoken", "regex", "safetensors", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.6"],
         "cuda": ["ninja"],

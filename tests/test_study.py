@@ -55,6 +55,7 @@ def small_study(tmp_path_factory):
     return out, results
 
 
+@pytest.mark.slow
 def test_study_outputs(small_study):
     out, results = small_study
     assert {"report.md", "results.json", "loss_curves.png", "perplexity.png"} <= set(os.listdir(out))
@@ -81,6 +82,7 @@ def test_study_outputs(small_study):
         assert text in report
 
 
+@pytest.mark.slow
 def test_report_conclusions_follow_the_numbers(small_study):
     _, results = small_study
     r = copy.deepcopy(results)
