@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pytorch_mqa.data import IGNORE_INDEX, get_lm_batch, load_corpus, split_train_val
 
 TRAINER_STATE = "trainer_state.pt"
-EVAL_SEED_OFFSET = 1_000_003  # evaluation batches come from their own generator, fixed per run
+EVAL_SEED = 1_000_003  # evaluation batches come from their own generator: the same for every run and step
 
 
 class Batches(Protocol):
@@ -114,7 +114,7 @@ def evaluate(model, batches: Batches, cfg: TrainConfig, splits=("train", "val"))
     model.eval()
     out = {}
     for split in splits:
-        gen = torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET)
+        gen = torch.Generator().manual_seed(EVAL_SEED)
         losses = []
         for _ in range(cfg.eval_iters):
             x, y = batches.sample(split, gen, device)

@@ -98,3 +98,17 @@ def test_report_conclusions_follow_the_numbers(small_study):
     by["MQA"]["tokens_per_s_cache"] = 50.0
     assert "not faster for every variant" in " ".join(explain(r))
     assert "2.00x (MHA)" in render_report(r)
+
+
+def test_heldout_loss_is_the_mean_over_fixed_windows():
+    torch.manual_seed(0)
+    from pytorch_mqa.model import GPT
+
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    val = torch.randint(0, 11, (50,))
+    got = study.heldout_loss(model, val, 8, "cpu", max_windows=3, batch=2)
+    windows = torch.stack([val[i * 8 : i * 8 + 9] for i in range(3)])
+    with torch.no_grad():
+        logits = model(windows[:, :-1])
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), windows[:, 1:].reshape(-1)).item()
+    assert got == pytest.approx(want, rel=1e-5)
