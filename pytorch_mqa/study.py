@@ -182,9 +182,69 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------- the study
 
 
+def _train_one(job: dict, tokenizer, batches: LMBatches) -> dict:
+    """Train one (variant, seed) and measure what depends on the weights; runs in a worker or in-process."""
+    from pytorch_mqa.model import GPT
+
+    config, seed, p, device = job["config"], job["seed"], job["preset"], job["device"]
+    torch.manual_seed(seed)
+    model = GPT(config)
+    cfg = TrainConfig(max_steps=p["max_steps"], batch_size=p["batch_size"], lr=p["lr"],
+                      warmup_steps=p["warmup_steps"], eval_interval=p["eval_interval"], eval_iters=p["eval_iters"],
+                      seed=seed, device=device, progress=job["progress"], desc=f"{job['name']} seed {seed}")
+    history = fit(model, batches, cfg)
+    val_loss = heldout_loss(model, batches.val, config.block_size, device)
+    run = {"seed": seed, "train_loss": history["eval"][-1]["train"], "val_loss": val_loss,
+           "val_perplexity": math.exp(val_loss), "train_seconds": history["seconds"],
+           "logprob_similar": mean_logprob(model, tokenizer, SIMILAR_SENTENCES, device),
+           "logprob_unrelated": mean_logprob(model, tokenizer, UNRELATED_SENTENCES, device),
+           "history": history}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if job["keep_weights"] else None
+    return {"run": run, "state": state}
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(tokenizer_dir: str, ids: torch.Tensor, batch_size: int, block_size: int, threads: int) -> None:
+    from pytorch_mqa.tokenizers import load_tokenizer
+
+    torch.set_num_threads(threads)
+    _WORKER.update(tokenizer=load_tokenizer(tokenizer_dir), batches=LMBatches(ids, batch_size, block_size))
+
+
+def _worker_run(job: dict) -> dict:
+    return _train_one(job, _WORKER["tokenizer"], _WORKER["batches"])
+
+
+def _run_jobs(jobs: list[dict], tokenizer, batches: LMBatches, ids: torch.Tensor, n_workers: int):
+    """Yields (job, result) as runs finish: in this process, or in `n_workers` spawned processes."""
+    if n_workers <= 1:
+        for job in jobs:
+            yield job, _train_one(job, tokenizer, batches)
+        return
+    import concurrent.futures
+    import multiprocessing
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer.save(tok_dir)
+        init_args = (tok_dir, ids, batches.batch_size, batches.block_size, torch.get_num_threads())
+        with concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_worker_init, initargs=init_args) as pool:
+            futures = {pool.submit(_worker_run, {**job, "progress": False}): job for job in jobs}
+            for fut in concurrent.futures.as_completed(futures):
+                yield futures[fut], fut.result()
+
+
 def run_study(p: dict, out_dir: str, *, corpus: str | None = None, device: str = "cpu", progress: bool = True,
-              match_params: bool = False, gqa_kv: int | None = None, base_seed: int = 0, vocab_size=None) -> dict:
-    """Train every variant for every seed with preset/params `p`, measure, and write the outputs."""
+              match_params: bool = False, gqa_kv: int | None = None, base_seed: int = 0, vocab_size=None,
+              jobs: int = 1) -> dict:
+    """Train every variant for every seed with preset/params `p`, measure, and write the outputs.
+
+    `jobs` > 1 trains that many runs at once in separate processes (CPU); speed and cache checks
+    then run here, one model at a time, so no other training competes with them.
+    """
     from dataclasses import asdict, replace
 
     from pytorch_mqa.model import GPT, GPTConfig
@@ -194,7 +254,7 @@ def run_study(p: dict, out_dir: str, *, corpus: str | None = None, device: str =
     text = load_corpus(corpus)
     tokenizer = get_tokenizer(p["tokenizer"], text if p["tokenizer"] != "gpt2" else None,
                               vocab_size=vocab_size or p.get("vocab_size"))
-    ids = tokenizer.encode(text)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     batches = LMBatches(ids, p["batch_size"], p["block_size"])
     base = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=p["block_size"], n_layer=p["n_layer"],
                      n_head=p["n_head"], n_kv_head=p["n_head"], n_embd=p["n_embd"])
@@ -204,34 +264,28 @@ def run_study(p: dict, out_dir: str, *, corpus: str | None = None, device: str =
         wide = replace(wide, n_embd=matched_width(wide, count_params(base)))
         variants.append(("MQA-wide", wide))
 
+    job_list = [{"name": name, "config": config, "seed": base_seed + s, "preset": p, "device": device,
+                 "progress": progress and jobs <= 1, "keep_weights": s == 0}
+                for name, config in variants for s in range(p["seeds"])]
+    done: dict[tuple[str, int], dict] = {}
+    for job, result in _run_jobs(job_list, tokenizer, batches, ids, jobs if device == "cpu" else 1):
+        done[job["name"], job["seed"]] = result
+        r = result["run"]
+        print(f"{job['name']:<8} seed {job['seed']}: val loss {r['val_loss']:.4f}  ppl {r['val_perplexity']:.3f}  "
+              f"(trained in {r['train_seconds']:.1f} s)", flush=True)
+
     prompt = batches.val[:16].tolist()
     gen_tokens = min(p["gen_tokens"], p["block_size"] - len(prompt))
     results = []
     for name, config in variants:
-        runs = []
-        for s in range(p["seeds"]):
-            seed = base_seed + s
-            torch.manual_seed(seed)
-            model = GPT(config)
-            cfg = TrainConfig(max_steps=p["max_steps"], batch_size=p["batch_size"], lr=p["lr"],
-                              warmup_steps=p["warmup_steps"], eval_interval=p["eval_interval"],
-                              eval_iters=p["eval_iters"], seed=seed, device=device, progress=progress,
-                              desc=f"{name} seed {seed}")
-            history = fit(model, batches, cfg)
-            last = history["eval"][-1]
-            val_loss = heldout_loss(model, batches.val, config.block_size, device)
-            run = {"seed": seed, "train_loss": last["train"], "val_loss": val_loss,
-                   "val_perplexity": math.exp(val_loss), "train_seconds": history["seconds"],
-                   "logprob_similar": mean_logprob(model, tokenizer, SIMILAR_SENTENCES, device),
-                   "logprob_unrelated": mean_logprob(model, tokenizer, UNRELATED_SENTENCES, device),
-                   "history": history}
-            if s == 0:  # speed and cache checks do not depend on the seed: measured on the first model
-                run.update(generation_checks(model, prompt, gen_tokens, device))
-                run["sample"] = sample_text(model, tokenizer, p["gen_tokens"] * 2, seed)
-            runs.append(run)
-            print(f"{name:<8} seed {seed}: val loss {val_loss:.4f}  ppl {math.exp(val_loss):.3f}  "
-                  f"({history['seconds']:.1f} s)", flush=True)
-        first = runs[0]
+        runs = [done[name, base_seed + s]["run"] for s in range(p["seeds"])]
+        model = GPT(config)
+        model.load_state_dict(done[name, base_seed]["state"])
+        model.to(device)
+        # Speed and cache checks do not depend on the seed: measured on the first seed's model.
+        first = generation_checks(model, prompt, gen_tokens, device)
+        first["sample"] = sample_text(model, tokenizer, p["gen_tokens"] * 2, base_seed)
+        runs[0].update(first)
         ppl = _mean_std([r["val_perplexity"] for r in runs])
         results.append({
             "name": name, "n_kv_head": config.n_kv_head, "n_head": config.n_head, "n_embd": config.n_embd,
@@ -241,15 +295,13 @@ def run_study(p: dict, out_dir: str, *, corpus: str | None = None, device: str =
             "logprob_similar": statistics.fmean(r["logprob_similar"] for r in runs),
             "logprob_unrelated": statistics.fmean(r["logprob_unrelated"] for r in runs),
             "kv_bytes_per_token": kv_bytes_per_token(model), "kv_dtype": str(model.transformer.wte.weight.dtype),
-            **{k: first[k] for k in ("tokens_per_s_cache", "tokens_per_s_no_cache", "greedy_tokens_agree",
-                                     "max_abs_logit_diff", "logit_scale", "sample")},
-            "runs": runs,
+            **first, "runs": runs,
         })
 
     info = {"preset": p, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
             "corpus": corpus or "embedded: pydoc_data.topics (Python language reference)",
             "corpus_tokens": len(ids), "train_tokens": len(batches.train), "val_tokens": len(batches.val),
-            "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "jobs": jobs,
             "generation": {"prompt_tokens": len(prompt), "new_tokens": gen_tokens, "batch": 1},
             "base_config": asdict(base), "wall_seconds": time.perf_counter() - t_start}
     results_all = {"study": info, "variants": results}
@@ -287,7 +339,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag in ("n-layer", "n-head", "n-embd", "block-size", "batch-size"):
         parser.add_argument(f"--{flag}", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: 1 on CPU, which is fastest for these small models)")
+                        help="CPU threads per training process (default 1 on CPU: fastest for these small models)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs trained at once in separate processes on CPU (default: the number of CPU cores, "
+                             "at most 4)")
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -303,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results = run_study(p, args.out, corpus=args.corpus, device=device, progress=not args.no_progress,
                         match_params=args.match_params, gqa_kv=args.n_kv_head, base_seed=args.seed,
-                        vocab_size=args.vocab_size)
+                        vocab_size=args.vocab_size, jobs=args.jobs or min(4, _cpu_cores()))
     from pytorch_mqa.study_report import summary_table
 
     print()
