@@ -14,7 +14,7 @@ import os
 import torch
 
 from pytorch_mqa.data import InstructionBatches, encode_instruction, format_prompt, load_instructions, split_examples
-from pytorch_mqa.train import (add_optim_arguments, apply_backend, fit, load_trainer_state, pick_device,
+from pytorch_mqa.train import (add_optim_arguments, apply_backend, apply_threads, fit, load_trainer_state, pick_device,
                                plot_loss_curves, summarize, train_config_from_args)
 
 
@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/finetune")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     add_optim_arguments(parser, max_steps=200, lr=3e-4, batch_size=8, eval_interval=50, warmup_steps=20)
 
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from pytorch_mqa.generate_cli import load_model_and_tokenizer
 
     apply_backend(args.backend)
+    apply_threads(args.threads)
     device = pick_device(args.device)
     ckpt = os.path.join(args.out, "checkpoint")
     resume = load_trainer_state(ckpt) if args.resume else None

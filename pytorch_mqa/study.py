@@ -330,6 +330,7 @@ def write_outputs(results: dict, out_dir: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "runs/study")
+    # The preset picks the tokenizer; one torch thread per training process is fastest for these small models.
     parser.set_defaults(tokenizer=None)
     parser.add_argument("--quick", action="store_true", help="the small preset: about 90 s on a 2-core CPU")
     parser.add_argument("--match-params", action="store_true",
@@ -338,8 +339,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     for flag in ("n-layer", "n-head", "n-embd", "block-size", "batch-size"):
         parser.add_argument(f"--{flag}", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per training process (default 1 on CPU: fastest for these small models)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs trained at once in separate processes on CPU (default: the number of CPU cores, "
                              "at most 4)")

@@ -264,10 +264,10 @@ class GPT2Tokenizer(TiktokenTokenizer):
 
     def __init__(self, hf_dir: str | None = None):
         if hf_dir is not None:
-            ranks = _ranks_from_hf_gpt2(hf_dir)
+            ranks, eos_id = _ranks_from_hf_gpt2(hf_dir)
         else:
-            ranks = _ranks_from_tiktoken_cache()
-        super().__init__("gpt2", ranks, GPT2_PAT, eos_id=50256)
+            ranks, eos_id = _ranks_from_tiktoken_cache(), 50256
+        super().__init__("gpt2", ranks, GPT2_PAT, eos_id=eos_id)
 
     @classmethod
     def _from_state(cls, state: dict, directory: str) -> "GPT2Tokenizer":
@@ -325,15 +325,16 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return table
 
 
-def _ranks_from_hf_gpt2(hf_dir: str) -> dict[bytes, int]:
-    """Mergeable ranks from a Hugging Face GPT-2 tokenizer (vocab.json; ranks are the token ids)."""
+def _ranks_from_hf_gpt2(hf_dir: str) -> tuple[dict[bytes, int], int]:
+    """Mergeable ranks (the token ids of vocab.json) and the end-of-text id of a Hugging Face GPT-2 tokenizer."""
     vocab_path = os.path.join(hf_dir, "vocab.json")
     if not os.path.isfile(vocab_path):
         raise FileNotFoundError(f"hf_dir: expected a GPT-2 tokenizer file {vocab_path}, which does not exist")
     with open(vocab_path, encoding="utf-8") as f:
         vocab = json.load(f)
     byte_of = _gpt2_byte_decoder()
-    return {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items() if tok != EOT}
+    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items() if tok != EOT}
+    return ranks, vocab.get(EOT, len(ranks))
 
 
 def has_hf_gpt2_tokenizer(directory: str) -> bool:

@@ -275,6 +275,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, out_default: str) -> N
     parser.add_argument("--out", default=out_default, help=f"output directory (default {out_default})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def apply_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, n_layer=4, n_head=4, n_embd=128, block_size=128) -> None:
@@ -330,6 +336,7 @@ def run(args: argparse.Namespace) -> int:
     from pytorch_mqa.tokenizers import get_tokenizer, load_tokenizer
 
     apply_backend(args.backend)
+    apply_threads(args.threads)
     device = pick_device(args.device)
     ckpt = os.path.join(args.out, "checkpoint")
     resume = None

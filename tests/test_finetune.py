@@ -120,3 +120,30 @@ def test_respond_uses_the_template():
     x, y = data.sample("train", torch.Generator().manual_seed(0), "cpu")
     assert x.shape[0] == 2 and (y != IGNORE_INDEX).any()
     assert isinstance(respond(model, tok, records[0], max_new_tokens=5), str)
+
+
+@pytest.mark.slow
+def test_finetune_from_hugging_face_directory_with_kv_conversion(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from pytorch_mqa import tokenizers as T
+
+    hf = tmp_path / "hf"
+    byte_order = list(T._gpt2_byte_decoder())  # GPT-2's byte symbols in id order
+    vocab = {c: i for i, c in enumerate(byte_order)}
+    vocab[T.EOT] = 256
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=257, n_positions=256, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(hf))
+    (hf / "vocab.json").write_text(json.dumps(vocab))
+    (hf / "merges.txt").write_text("#version: 0.2\n")
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--data", DATA, "--init", str(hf), "--n-kv-head", "1", "--out", str(out),
+                     "--max-steps", "4", "--eval-interval", "4", "--eval-iters", "1", "--batch-size", "2",
+                     "--device", "cpu", "--no-progress"]) == 0
+    saved = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert saved["n_kv_head"] == 1 and saved["n_head"] == 2 and saved["vocab_size"] == 257
+    assert T.load_tokenizer(str(out / "checkpoint")).eos_id == 256
+    capsys.readouterr()
+    assert cli.main(["generate", "--init", str(out / "checkpoint"), "--instruction", "--max-new-tokens", "4",
+                     "--seed", "0", "--device", "cpu", "Say hi."]) == 0
+    assert "tokens/s" in capsys.readouterr().out

@@ -121,9 +121,16 @@ def test_gpt2_from_hf_style_vocab(tmp_path):
     vocab[char_of[ord(" ")] + "th"] = 257
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    ranks = T._ranks_from_hf_gpt2(str(tmp_path))
-    assert ranks[b" t"] == 256 and ranks[b" th"] == 257 and len(ranks) == 258
+    vocab[T.EOT] = 258
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    ranks, eos = T._ranks_from_hf_gpt2(str(tmp_path))
+    assert ranks[b" t"] == 256 and ranks[b" th"] == 257 and len(ranks) == 258 and eos == 258
     assert sorted(ranks.values()) == list(range(258))
+    tok = T.load_tokenizer(str(tmp_path))  # a Hugging Face directory: vocab.json + merges.txt
+    assert isinstance(tok, T.GPT2Tokenizer) and tok.eos_id == 258 and tok.vocab_size == 259
+    assert tok.encode(" the") == [257, ranks[b"e"]] and tok.decode(tok.encode("naïve ☃")) == "naïve ☃"
+    tok.save(str(tmp_path / "saved"))
+    assert T.load_tokenizer(str(tmp_path / "saved")).encode(" the x") == tok.encode(" the x")
 
 
 def test_unknown_kind():
