@@ -19,8 +19,7 @@ import time
 import torch
 
 from pytorch_mqa.data import load_corpus
-from pytorch_mqa.train import (LMBatches, TrainConfig, add_common_arguments, apply_backend, fit, pick_device,
-                               plot_loss_curves)
+from pytorch_mqa.train import LMBatches, TrainConfig, add_common_arguments, apply_backend, fit, pick_device
 
 # Sentences in the register of the default corpus (the Python language reference), and unrelated ones.
 SIMILAR_SENTENCES = [
@@ -105,14 +104,18 @@ def mean_logprob(model, tokenizer, sentences: list[str], device) -> float:
 
 @torch.no_grad()
 def heldout_loss(model, val: torch.Tensor, block_size: int, device, max_windows: int = 256, batch: int = 32) -> float:
-    """Mean next-token loss over the same non-overlapping validation windows for every model."""
+    """Mean next-token loss over the same validation windows for every model.
+
+    Up to `max_windows` non-overlapping windows, spread evenly over the whole validation split.
+    """
     model.eval()
     n = min(max_windows, (len(val) - 1) // block_size)
     if n < 1:
         raise ValueError(f"val: expected more than block_size = {block_size} validation tokens, got {len(val)}")
+    stride = (len(val) - 1) // n
     total, count = 0.0, 0
     for i in range(0, n, batch):
-        starts = torch.arange(i, min(n, i + batch)) * block_size
+        starts = torch.arange(i, min(n, i + batch)) * stride
         windows = val[starts[:, None] + torch.arange(block_size + 1)].to(device)
         logits = model(windows[:, :-1]).float()
         total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1),
@@ -310,14 +313,10 @@ def run_study(p: dict, out_dir: str, *, corpus: str | None = None, device: str =
 
 
 def write_outputs(results: dict, out_dir: str) -> None:
-    from pytorch_mqa.study_report import plot_perplexity, render_report
+    from pytorch_mqa.study_report import plot_loss_curves_by_variant, plot_perplexity, render_report
 
     os.makedirs(out_dir, exist_ok=True)
-    curves = {}
-    for v in results["variants"]:
-        for r in v["runs"]:
-            curves[f"{v['name']} s{r['seed']}"] = r["history"]
-    plot_loss_curves(curves, os.path.join(out_dir, "loss_curves.png"), title="MHA / GQA / MQA: loss per variant and seed")
+    plot_loss_curves_by_variant(results, os.path.join(out_dir, "loss_curves.png"))
     plot_perplexity(results, os.path.join(out_dir, "perplexity.png"))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -142,7 +142,7 @@ def render_report(results: dict) -> str:
         summary_table(results),
         "",
         "Validation perplexity is exp of the mean next-token loss over the same held-out windows (up to 256 "
-        "windows of the context length from the last 10% of the corpus) for every model. Log-probabilities are "
+        "windows of the context length spread over the last 10% of the corpus) for every model. Log-probabilities are "
         "mean nats per token over two fixed lists of sentences; tokens/s and logit differences come from each "
         "variant's first seed (greedy decoding, batch 1).",
         "",
@@ -180,6 +180,43 @@ def plot_perplexity(results: dict, path: str) -> None:
     ax.set_ylabel("validation perplexity")
     ax.set_title("validation perplexity (mean ± std over seeds)")
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(xs: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x - (xs[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_loss_curves_by_variant(results: dict, path: str) -> None:
+    """Training loss (moving average, solid) and periodic validation loss (dots), one colour per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, v in enumerate(results["variants"]):
+        color = f"C{i % 10}"
+        for j, r in enumerate(v["runs"]):
+            h = r["history"]
+            window = max(1, len(h["loss"]) // 25)
+            ax.plot(h["step"], _smooth(h["loss"], window), color=color, linewidth=1, alpha=0.8,
+                    label=f"{v['name']} train" if j == 0 else None)
+            steps = [e["step"] for e in h["eval"]]
+            ax.plot(steps, [e["val"] for e in h["eval"]], ":", marker="o", markersize=3, color=color, linewidth=1,
+                    label=f"{v['name']} val" if j == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"loss per variant ({len(results['variants'][0]['runs'])} seeds each)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

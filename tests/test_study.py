@@ -107,7 +107,8 @@ def test_heldout_loss_is_the_mean_over_fixed_windows():
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
     val = torch.randint(0, 11, (50,))
     got = study.heldout_loss(model, val, 8, "cpu", max_windows=3, batch=2)
-    windows = torch.stack([val[i * 8 : i * 8 + 9] for i in range(3)])
+    stride = 49 // 3  # three windows spread over the whole split
+    windows = torch.stack([val[i * stride : i * stride + 9] for i in range(3)])
     with torch.no_grad():
         logits = model(windows[:, :-1])
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), windows[:, 1:].reshape(-1)).item()
