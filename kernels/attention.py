@@ -379,6 +379,11 @@ def _flags(dtype: torch.dtype) -> tuple[bool, str]:
     return upcast, "ieee" if dtype == torch.float32 or upcast else "tf32"
 
 
+def _store_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    """The interpreter's fp32 -> bf16 cast truncates: there, results are stored in fp32 and rounded by torch."""
+    return torch.float32 if upcast else dtype
+
+
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
@@ -388,9 +393,9 @@ def attention_forward(q, k, v, causal: bool, scale: float):
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    out = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     upcast, precision = _flags(q.dtype)
+    out = torch.empty((B, Tq, Hq, D), dtype=_store_dtype(q.dtype, upcast), device=q.device)
+    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
 
     def grid(meta):
         return (triton.cdiv(Tq * G, meta["BLOCK_M"]), B * Hkv)
@@ -401,7 +406,7 @@ def attention_forward(q, k, v, causal: bool, scale: float):
         Tq, Tk, Hkv, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
         G=G, D=D, BLOCK_D=_block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
     )
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float):
@@ -411,10 +416,10 @@ def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float):
     G = Hq // Hkv
     lse = lse.contiguous()
     delta = delta.to(torch.float32).contiguous()
-    dq = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Tk, Hkv, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, Tk, Hkv, D), dtype=v.dtype, device=v.device)
     upcast, precision = _flags(q.dtype)
+    dq = torch.empty((B, Tq, Hq, D), dtype=_store_dtype(q.dtype, upcast), device=q.device)
+    dk = torch.empty((B, Tk, Hkv, D), dtype=_store_dtype(k.dtype, upcast), device=k.device)
+    dv = torch.empty((B, Tk, Hkv, D), dtype=_store_dtype(v.dtype, upcast), device=v.device)
     common = dict(G=G, D=D, BLOCK_D=_block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision)
     buckets = (triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
 
@@ -435,4 +440,4 @@ def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float):
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dq.stride(),
         Tq, Tk, Hkv, scale * LOG2E, scale, *buckets, **common,
     )
-    return dq, dk, dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

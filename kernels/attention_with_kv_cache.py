@@ -271,14 +271,15 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
     split_len = _split_len(max(S, 1), max(1, num_splits))
     num_splits = max(1, triton.cdiv(S, split_len))
     block_m = _block_m(R)
-    out = torch.empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+    upcast = q.dtype == torch.bfloat16 and _interpreting()
+    # The interpreter's fp32 -> bf16 cast truncates: there, the result is stored in fp32 and rounded by torch.
+    out = torch.empty((B, Tq, Hq, D), dtype=torch.float32 if upcast else q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     if num_splits == 1:
         out_part, lse_part = out.unsqueeze(0), lse.unsqueeze(0)
     else:
         out_part = torch.empty((num_splits, B, Tq, Hq, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((num_splits, B, Hq, Tq), dtype=torch.float32, device=q.device)
-    upcast = q.dtype == torch.bfloat16 and _interpreting()
     precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     _decode_split_kernel[(B * Hkv, num_splits, triton.cdiv(R, block_m))](
         q, k_cache, v_cache, seqlens, out_part, lse_part,
@@ -294,4 +295,4 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
             Tq, Hkv, G=G, D=D, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_M=block_m,
         )
-    return out, lse
+    return out.to(q.dtype), lse
