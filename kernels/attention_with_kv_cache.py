@@ -202,9 +202,10 @@ def _combine_kernel(
     denom = tl.zeros([BLOCK_M], dtype=tl.float32)
     part_row = OutPart + b * stride_pb + t64[:, None] * stride_pt + h[:, None] * stride_ph + offs_d[None, :] * stride_pd
     for s in range(NUM_SPLITS):
-        lse_s = tl.load(lse_row + s * stride_qs, mask=row_ok, other=float("-inf"))
+        s64 = tl.full([], s, tl.int64)
+        lse_s = tl.load(lse_row + s64 * stride_qs, mask=row_ok, other=float("-inf"))
         w = tl.math.exp2((lse_s - m_safe) * 1.4426950408889634)
-        o_s = tl.load(part_row + s * stride_ps, mask=od_mask, other=0.0)
+        o_s = tl.load(part_row + s64 * stride_ps, mask=od_mask, other=0.0)
         acc += w[:, None] * o_s
         denom += w
     seen = denom > 0.0
