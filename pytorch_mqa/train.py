@@ -207,12 +207,10 @@ def fit(model, batches: Batches, cfg: TrainConfig, *, tokenizer=None, resume: Op
             if on_eval is not None:
                 on_eval(done, losses)
         if done == cfg.max_steps or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0):
-            history["seconds"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
+            history["seconds"] += time.perf_counter() - t0  # training time, checkpoint writing excluded
             checkpoint(done)
+            t0 = time.perf_counter()
     bar.close()
-    if start >= cfg.max_steps:
-        return history
     history["seconds"] += time.perf_counter() - t0
     return history
 

@@ -14,6 +14,14 @@ from pytorch_mqa.train import (LMBatches, TrainConfig, configure_optimizer, fit,
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 40
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(vocab, n_kv_head=2, block=16):
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=1, n_head=2, n_kv_head=n_kv_head, n_embd=32))
