@@ -56,6 +56,11 @@ class Tokenizer:
         with open(os.path.join(directory, TOKENIZER_FILE), "w", encoding="utf-8") as f:
             json.dump({"kind": self.kind, **self._state(directory)}, f, ensure_ascii=False)
 
+    @staticmethod
+    def load(directory: str) -> "Tokenizer":
+        """Any tokenizer written by `save(directory)` (same as `load_tokenizer`)."""
+        return load_tokenizer(directory)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 

@@ -110,3 +110,16 @@ def test_study_cli(trained, tmp_path, capsys):
     assert rc == 0
     assert "| MQA |" in capsys.readouterr().out
     assert {"report.md", "results.json", "loss_curves.png", "perplexity.png"} <= set(os.listdir(out))
+
+
+def test_backend_flag_forces_the_backend(trained, capsys, monkeypatch):
+    from pytorch_mqa.backends import ENV_VAR
+
+    _, out = trained
+    monkeypatch.setenv(ENV_VAR, "auto")  # restored after the test
+    assert cli.main(["generate", "--init", str(out / "checkpoint"), "--backend", "reference", "--max-new-tokens", "3",
+                     "--device", "cpu", "A"]) == 0
+    assert os.environ[ENV_VAR] == "reference"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--init", str(out / "checkpoint"), "--backend", "fast", "A"])

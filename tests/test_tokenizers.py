@@ -22,7 +22,7 @@ def test_round_trip_and_save_load(kind, tmp_path):
     assert tok.decode(ids) == TEXT
     assert 0 <= tok.eos_id < tok.vocab_size and tok.eos_id not in ids
     tok.save(str(tmp_path))
-    back = T.load_tokenizer(str(tmp_path))
+    back = T.Tokenizer.load(str(tmp_path))
     assert type(back) is type(tok) and back.vocab_size == tok.vocab_size and back.eos_id == tok.eos_id
     assert back.encode(TEXT) == ids
 
