@@ -27,10 +27,16 @@ KINDS = ("char", "word", "bpe", "gpt2")
 # GPT-2's pre-tokenizer (tiktoken's r50k_base / gpt2 pattern): words, numbers, punctuation, spaces.
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-# The two files tiktoken.get_encoding("gpt2") reads, cached as $TIKTOKEN_CACHE_DIR/<sha1(url)>.
+# The two files tiktoken.get_encoding("gpt2") reads, cached as $TIKTOKEN_CACHE_DIR/<sha1(url)>, and
+# their sha256 (tiktoken_ext.openai_public): tiktoken deletes and re-downloads a cached file whose
+# hash differs, so the hashes are checked here first.
 GPT2_FILES = {
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
     "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+GPT2_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
 
 
@@ -313,9 +319,18 @@ def _ranks_from_tiktoken_cache() -> dict[bytes, int]:
             "and save each under the sha1 hex digest of its URL). A Hugging Face GPT-2 directory with "
             "vocab.json and merges.txt works too. Or use --tokenizer bpe/char/word, which need no files."
         )
-    import tiktoken
-
-    return tiktoken.get_encoding("gpt2")._mergeable_ranks
+    for name, path in paths.items():
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != GPT2_SHA256[name]:
+            raise ValueError(
+                f"{path}: the cached GPT-2 {name} is corrupt or a different file (sha256 {digest}, expected "
+                f"{GPT2_SHA256[name]}); replace it with {GPT2_FILES[name]}"
+            )
+    # encoder.json maps GPT-2's byte symbols to ids, and the ids are the BPE ranks (tiktoken checks this
+    # against vocab.bpe); reading it directly never goes near tiktoken's download path.
+    ranks, _ = _ranks_from_vocab_json(paths["encoder.json"])
+    return ranks
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
@@ -335,6 +350,10 @@ def _ranks_from_hf_gpt2(hf_dir: str) -> tuple[dict[bytes, int], int]:
     vocab_path = os.path.join(hf_dir, "vocab.json")
     if not os.path.isfile(vocab_path):
         raise FileNotFoundError(f"hf_dir: expected a GPT-2 tokenizer file {vocab_path}, which does not exist")
+    return _ranks_from_vocab_json(vocab_path)
+
+
+def _ranks_from_vocab_json(vocab_path: str) -> tuple[dict[bytes, int], int]:
     with open(vocab_path, encoding="utf-8") as f:
         vocab = json.load(f)
     byte_of = _gpt2_byte_decoder()

@@ -101,13 +101,24 @@ def test_gpt2_without_cached_files_raises_clearly(tmp_path, monkeypatch):
     assert not os.listdir(tmp_path)  # nothing was fetched or written
 
 
-def test_gpt2_cache_paths_match_tiktoken():
+def test_gpt2_cache_paths_and_hashes_match_tiktoken():
     import inspect
 
     import tiktoken_ext.openai_public as openai_public
 
     src = inspect.getsource(openai_public.gpt2)
     assert all(url in src for url in T.GPT2_FILES.values())
+    assert all(h in src for h in T.GPT2_SHA256.values())
+
+
+def test_gpt2_with_corrupt_cached_files_raises_without_touching_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    for path in T.gpt2_cache_paths().values():
+        with open(path, "w") as f:
+            f.write("{}")
+    with pytest.raises(ValueError, match="sha256"):
+        T.GPT2Tokenizer()
+    assert len(os.listdir(tmp_path)) == 2  # tiktoken would have deleted them and downloaded again
 
 
 def test_gpt2_from_hf_style_vocab(tmp_path):
