@@ -46,7 +46,7 @@ PRESETS = {
                   lr=3e-3, warmup_steps=20, eval_interval=40, eval_iters=4, seeds=2, gen_tokens=48),
     # Under fifteen minutes on a 2-core CPU: a 1024-token BPE trained on the corpus, three seeds.
     "default": dict(tokenizer="bpe", vocab_size=1024, n_layer=3, n_head=4, n_embd=96, block_size=64, batch_size=16,
-                    max_steps=600, lr=2e-3, warmup_steps=40, eval_interval=100, eval_iters=4, seeds=3, gen_tokens=48),
+                    max_steps=500, lr=2e-3, warmup_steps=40, eval_interval=100, eval_iters=4, seeds=3, gen_tokens=48),
 }
 
 
