@@ -171,7 +171,7 @@ class GPT(nn.Module):
                 )
             # Positions come from the device lengths, so a captured decode step stays valid.
             pos = cache.cache_seqlens[:, None] + torch.arange(T, device=idx.device, dtype=torch.int32)
-            x = wte(idx) + wpe(pos)
+            x = F.embedding(idx, wte.weight) + F.embedding(pos, wpe.weight)
         if cache is None:
             x = self.transformer.drop(x)
             for block in self.transformer.h:
@@ -179,7 +179,8 @@ class GPT(nn.Module):
         else:
             x = self._blocks_with_cache(x, cache)
             cache.advance(T)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        ln_f = self.transformer.ln_f
+        logits = F.linear(F.layer_norm(x, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps), self.lm_head.weight)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
