@@ -355,9 +355,11 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, retu
 
 
 def _plain_eager_cpu(*tensors) -> bool:
-    """True when every tensor is a plain CPU Tensor outside compile, tracing and dispatch modes."""
+    """True when every tensor is a plain CPU Tensor that autograd does not track, outside
+    compile, tracing and dispatch modes (where the registered op must be seen)."""
+    grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not Tensor or t.device.type != "cpu"):
+        if t is not None and (type(t) is not Tensor or t.device.type != "cpu" or (grad and t.requires_grad)):
             return False
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False

@@ -111,3 +111,14 @@ def test_cpu_fast_path_equals_reference_and_dispatched_op(case, with_new):
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and torch.equal(kc, kc3)
     for got, want in ((out, ref_out), (lse, ref_lse), (op_out, ref_out), (op_lse, ref_lse)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_never_joins_the_autograd_graph():
+    """With grad enabled the cached forward still leaves the cache buffers untracked by autograd."""
+    model = tiny_gpt(2)
+    cache = KVCache.for_model(model, 1, max_seqlen=8)
+    logits = model(torch.tensor([[1, 2, 3]]), cache=cache)
+    assert logits.requires_grad and not cache.k.requires_grad and not cache.v.requires_grad
+    with torch.no_grad():
+        model(torch.tensor([[4]]), cache=cache)
+    assert not cache.k.requires_grad and cache.lengths == [4]
