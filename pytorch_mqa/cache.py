@@ -47,6 +47,7 @@ class KVCache:
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self._host = [0] * batch_size  # host mirror of cache_seqlens, shared with views
         self._lo, self._hi = 0, batch_size
+        self._layers = [(self.k[i], self.v[i]) for i in range(n_layer)]  # views made once, not per step
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_seqlen: int | None = None, *, dtype=None, device=None) -> "KVCache":
@@ -82,7 +83,7 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         """(k_cache, v_cache) of layer i, each (B, S, Hkv, D)."""
-        return self.k[i], self.v[i]
+        return self._layers[i]
 
     # ---- lengths ------------------------------------------------------------------------------
 
@@ -127,6 +128,7 @@ class KVCache:
         view.cache_seqlens = self.cache_seqlens[start:stop]
         view._host = self._host
         view._lo, view._hi = self._lo + start, self._lo + stop
+        view._layers = [(view.k[i], view.v[i]) for i in range(view.k.shape[0])]
         return view
 
     def __repr__(self) -> str:

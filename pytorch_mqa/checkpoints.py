@@ -164,7 +164,7 @@ def _from_hf(sd: dict, n_head: int) -> tuple[dict, dict]:
     out = {"transformer.wte.weight": m.take(p + "wte.weight", (V, C)), "transformer.wpe.weight": m.take(p + "wpe.weight", (block, C))}
 
     def conv1d(src, dst, n_in, n_out):
-        out[dst + ".weight"] = m.take(src + ".weight", (n_in, n_out)).t()
+        out[dst + ".weight"] = m.take(src + ".weight", (n_in, n_out)).t().contiguous()
         if bias:
             out[dst + ".bias"] = m.take(src + ".bias", (n_out,))
 

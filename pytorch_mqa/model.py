@@ -171,21 +171,48 @@ class GPT(nn.Module):
                 )
             # Positions come from the device lengths, so a captured decode step stays valid.
             pos = cache.cache_seqlens[:, None] + torch.arange(T, device=idx.device, dtype=torch.int32)
-            x = wte(idx) + wpe(pos)
-        x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
-            if cache is None:
+            x = F.embedding(idx, wte.weight) + F.embedding(pos, wpe.weight)
+        if cache is None:
+            x = self.transformer.drop(x)
+            for block in self.transformer.h:
                 x = block(x)
-            else:
-                k_cache, v_cache = cache.layer(i)
-                x = block(x, k_cache, v_cache, cache.cache_seqlens)
-        if cache is not None:
+        else:
+            x = self._blocks_with_cache(x, cache)
             cache.advance(T)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        ln_f = self.transformer.ln_f
+        logits = F.linear(F.layer_norm(x, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps), self.lm_head.weight)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def _blocks_with_cache(self, x, cache: KVCache):
+        """The blocks for cached inference: Block.forward's math with the functional calls inlined.
+
+        Decoding runs one token at a time, so per-call overhead (module dispatch, dropout no-ops)
+        is a large share of a step on CPU; this path skips it. No dropout: a cache is for inference.
+        """
+        B, T, C = x.shape
+        seqlens = cache.cache_seqlens
+        for i, block in enumerate(self.transformer.h):
+            attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
+            h = F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps)
+            q, k, v = F.linear(h, attn.c_attn.weight, attn.c_attn.bias).split(attn.split, dim=-1)
+            k_cache, v_cache = cache.layer(i)
+            y = attention_with_kv_cache(
+                q.view(B, T, attn.n_head, attn.head_dim),
+                k_cache,
+                v_cache,
+                k.view(B, T, attn.n_kv_head, attn.head_dim),
+                v.view(B, T, attn.n_kv_head, attn.head_dim),
+                cache_seqlens=seqlens,
+                causal=True,
+            )
+            x = x + F.linear(y.view(B, T, C), attn.c_proj.weight, attn.c_proj.bias)
+            h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps)
+            h = F.gelu(F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias), approximate="tanh")
+            x = x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
+        return x
 
     # ---- checkpoints (see checkpoints.py) --------------------------------------------------------
 

@@ -92,3 +92,33 @@ def test_block_size_limit_with_cache():
     model(torch.zeros(1, 8, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("with_new", [True, False])
+@pytest.mark.parametrize("case", range(6))
+def test_cpu_fast_path_equals_reference_and_dispatched_op(case, with_new):
+    """The eager CPU call of attention_with_kv_cache (host lengths: slice append, mask-free one-row
+    attention, no custom-op dispatch) gives the general reference's results, as does the op."""
+    from helpers import KV_CACHE_SHAPES, kv_cache_inputs
+
+    from pytorch_mqa import attention_with_kv_cache, reference
+
+    q, kc, vc, k, v, L = kv_cache_inputs(KV_CACHE_SHAPES[case], torch.float32, seed=case, with_new=with_new)
+    kc2, vc2, kc3, vc3 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    out, lse = attention_with_kv_cache(q, kc, vc, k, v, cache_seqlens=L, return_lse=True)
+    ref_out, ref_lse = reference.attention_with_kv_cache(q, kc2, vc2, k, v, L)
+    op_out, op_lse = torch.ops.pytorch_mqa.attention_with_kv_cache(q, kc3, vc3, k, v, L, True, q.shape[-1] ** -0.5, "reference")
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and torch.equal(kc, kc3)
+    for got, want in ((out, ref_out), (lse, ref_lse), (op_out, ref_out), (op_lse, ref_lse)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_never_joins_the_autograd_graph():
+    """With grad enabled the cached forward still leaves the cache buffers untracked by autograd."""
+    model = tiny_gpt(2)
+    cache = KVCache.for_model(model, 1, max_seqlen=8)
+    logits = model(torch.tensor([[1, 2, 3]]), cache=cache)
+    assert logits.requires_grad and not cache.k.requires_grad and not cache.v.requires_grad
+    with torch.no_grad():
+        model(torch.tensor([[4]]), cache=cache)
+    assert not cache.k.requires_grad and cache.lengths == [4]
