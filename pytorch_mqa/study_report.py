@@ -146,8 +146,8 @@ def render_report(results: dict) -> str:
         "",
         "Validation perplexity is exp of the mean next-token loss over the same held-out windows (up to 256 "
         "windows of the context length spread over the last 10% of the corpus) for every model. Log-probabilities are "
-        "mean nats per token over two fixed lists of sentences; tokens/s and logit differences come from each "
-        "variant's first seed (greedy decoding, batch 1).",
+        "mean nats per token over two fixed lists of sentences; tokens/s (best of three timings) and logit "
+        "differences come from each variant's first seed (greedy decoding, batch 1).",
         "",
         "![loss curves](loss_curves.png) ![perplexity](perplexity.png)",
         "",
