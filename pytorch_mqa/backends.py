@@ -17,6 +17,8 @@ ENV_VAR = "PYTORCH_MQA_BACKEND"
 
 # backend="auto" on CUDA tensors: the measured choice per op (see BENCHMARKS.md for the figures).
 # Until a GPU benchmark decides otherwise, both ops use Triton on CUDA.
+# attention_with_kv_cache: the csrc/ kernel (backend="cuda") is not the auto choice yet; which of
+# triton and cuda is faster for decoding is pending a GPU measurement.
 AUTO_CUDA_BACKEND = {"attention": "triton", "attention_with_kv_cache": "triton"}
 
 
