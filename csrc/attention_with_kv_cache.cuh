@@ -469,7 +469,7 @@ __global__ void __launch_bounds__(kThreads) combine_splits_kernel(const CombineP
   float sum = 0.f;
   for (int s = lane; s < ns; s += 32) {
     // A split that saw no key has lse = -inf and weight 0; if none saw a key, all weights are 0.
-    const float w = m == neg_inf() ? 0.f : __expf(p.lse_partial[s * n_rows + row] - m);
+    const float w = m == neg_inf() ? 0.f : expf(p.lse_partial[s * n_rows + row] - m);
     w_s[warp][s] = w;
     sum += w;
   }

@@ -239,3 +239,132 @@ def test_rejects_bad_arguments_in_cpp():
         op(q, k_cache.float(), v_cache, k, v, seqlens, True, 0.125)
     with pytest.raises(RuntimeError, match="cache_seqlens: expected device"):
         op(q, k_cache, v_cache, k, v, seqlens.cpu(), True, 0.125)
+
+
+# ------------------------------------------------------------------------------------------
+# Emulation (no GPU): the kernel's index math, ported line for line to PyTorch, against the
+# reference. It checks the algorithm (split and tile ranges, new-row sourcing and write-back,
+# masking, -inf handling, LSE-weighted combine), not the CUDA code itself.
+# ------------------------------------------------------------------------------------------
+
+_LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
+_ROWS_PER_BLOCK, _MAX_SPLITS, _MIN_KEYS_PER_SPLIT, _SMEM_BUDGET = 16, 64, 256, 46 * 1024
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _block_n(D, dtype):
+    """kv_cache::block_n_for(TileConfig<T, D_MAX>::kRowBytes) for the launcher's D_MAX choice."""
+    d_max = D if D in (64, 128) else (128 if D < 128 else 256)
+    row_bytes = d_max * torch.tensor([], dtype=dtype).element_size()
+    n = 64
+    while n > 8 and (
+        _ROWS_PER_BLOCK * row_bytes + 2 * n * row_bytes + _ROWS_PER_BLOCK * (n + 1) * 4 + 3 * _ROWS_PER_BLOCK * 4
+        > _SMEM_BUDGET
+    ):
+        n //= 2
+    return n
+
+
+def _choose_splits(blocks, S, block_n, sms):
+    splits = 1
+    if S > block_n and blocks < sms:
+        splits = _ceil_div(2 * sms, blocks)
+        splits = min(splits, _ceil_div(S, _MIN_KEYS_PER_SPLIT))
+        splits = max(1, min(splits, _MAX_SPLITS))
+    length = _ceil_div(_ceil_div(max(S, 1), splits), block_n) * block_n
+    return max(1, _ceil_div(S, length)), length
+
+
+def _emulate(q, k_cache, v_cache, k, v, seqlens, causal, scale, sms):
+    B, Tq, Hq, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G, R = Hq // Hkv, _ROWS_PER_BLOCK
+    BLOCK_N = _block_n(D, q.dtype)
+    rows = G * Tq
+    row_chunks = _ceil_div(rows, R)
+    num_splits, split_len = _choose_splits(B * Hkv * row_chunks, S, BLOCK_N, sms)
+    o_part = torch.zeros(num_splits, B, Hq, Tq, D)
+    lse_part = torch.full((num_splits, B, Hq, Tq), float("-inf"))
+    inf = float("-inf")
+    for b in range(B):
+        L = int(seqlens[b])
+        n_new = Tq if k is not None else 0
+        Lk = min(max(L + n_new, 0), S)
+        for h in range(Hkv):
+            for split in range(num_splits):
+                for chunk in range(row_chunks):
+                    write_new = k is not None and chunk == 0
+                    gr = torch.arange(chunk * R, min(chunk * R + R, rows))
+                    t, hq = gr // G, h * G + gr % G
+                    qr = q[b, t, hq].float()
+                    m = torch.full((len(gr),), inf)
+                    l = torch.zeros(len(gr))
+                    acc = torch.zeros(len(gr), D)
+                    begin = split * split_len
+                    end = min(begin + split_len, Lk)
+                    tile = begin
+                    while tile < end:
+                        n_valid = min(BLOCK_N, end - tile)
+                        j = torch.arange(tile, tile + n_valid)
+                        is_new = (j >= L) if k is not None else torch.zeros(n_valid, dtype=torch.bool)
+                        K, V = k_cache[b, j, h].clone(), v_cache[b, j, h].clone()
+                        if is_new.any():
+                            K[is_new] = k[b, j[is_new] - L, h]
+                            V[is_new] = v[b, j[is_new] - L, h]
+                            if write_new:
+                                k_cache[b, j[is_new], h] = K[is_new]
+                                v_cache[b, j[is_new], h] = V[is_new]
+                        s = (qr @ K.float().T) * (scale * _LOG2E)
+                        if causal:
+                            s = s.masked_fill(~(j[None, :] <= t[:, None] + Lk - Tq), inf)
+                        m_new = torch.maximum(m, s.max(dim=1).values)
+                        m_use = torch.where(m_new == inf, torch.zeros_like(m_new), m_new)
+                        p = torch.exp2(s - m_use[:, None])
+                        alpha = torch.exp2(m - m_use)
+                        l = l * alpha + p.sum(1)
+                        acc = acc * alpha[:, None] + p @ V.float()
+                        m = m_new
+                        tile += BLOCK_N
+                    inv = torch.where(l > 0, 1 / l, torch.zeros_like(l))
+                    o_part[split, b, hq, t] = acc * inv[:, None]
+                    lse_part[split, b, hq, t] = torch.where(l > 0, (m + torch.log2(l)) * _LN2, torch.full_like(l, inf))
+    # combine (with one split this is the identity)
+    mx = lse_part.max(dim=0).values
+    w = torch.where(mx == inf, torch.zeros_like(lse_part), torch.exp(lse_part - mx))
+    total = w.sum(0)
+    out = (w[..., None] * o_part).sum(0) / torch.where(total > 0, total, torch.ones_like(total))[..., None]
+    lse = torch.where(total > 0, mx + torch.log(total), torch.full_like(total, inf))
+    return out.permute(0, 2, 1, 3).to(q.dtype), lse, num_splits
+
+
+@pytest.mark.parametrize("with_new", [True, False], ids=["append", "no_append"])
+@pytest.mark.parametrize("case", KV_CACHE_SHAPES + EXTRA_SHAPES[:3], ids=str)
+def test_emulated_kernel_matches_reference(case, with_new, causal=True):
+    dtype = torch.float32
+    q, k_cache, v_cache, k, v, seqlens = kv_cache_inputs(case, dtype, with_new=with_new)
+    ref, lse_ref, kc_ref, vc_ref = _reference(q, k_cache, v_cache, k, v, seqlens, causal, lowp=False)
+    scale = q.shape[-1] ** -0.5
+    out, lse, splits = _emulate(q, k_cache, v_cache, k, v, seqlens, causal, scale, sms=132)
+    assert_close(out, ref, ref, dtype, "out", "cuda emulation")
+    assert_close(lse, lse_ref, lse_ref, dtype, "lse", "cuda emulation")
+    assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_emulated_kernel_guard_lengths_and_many_splits(causal):
+    """Device lengths past S and below 0, with the key axis cut into several splits."""
+    B, Tq, S, Hq, Hkv, D = 4, 3, 600, 4, 2, 64
+    gen = seeded(11)
+    q = randn((B, Tq, Hq, D), torch.float32, gen)
+    k_cache, v_cache = randn((B, S, Hkv, D), torch.float32, gen), randn((B, S, Hkv, D), torch.float32, gen)
+    k, v = randn((B, Tq, Hkv, D), torch.float32, gen), randn((B, Tq, Hkv, D), torch.float32, gen)
+    seqlens = torch.tensor([S - 1, S + 5, -2, 257], dtype=torch.int32)
+    ref, lse_ref, kc_ref, vc_ref = _reference(q, k_cache, v_cache, k, v, seqlens, causal, lowp=False)
+    out, lse, splits = _emulate(q, k_cache, v_cache, k, v, seqlens, causal, D**-0.5, sms=132)
+    assert splits == 3  # ceil(600 / 256) splits of 256 keys
+    assert_close(out, ref, ref, torch.float32, "out", "cuda emulation")
+    assert_close(lse, lse_ref, lse_ref, torch.float32, "lse", "cuda emulation")
+    assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)
