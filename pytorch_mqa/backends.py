@@ -37,6 +37,8 @@ def _cuda_reason() -> str | None:
         return "CUDA is not available (torch.cuda.is_available() is False)"
     if torch.version.cuda is None:
         return "this torch build has no CUDA support"
+    if importlib.util.find_spec("pytorch_mqa._C") is not None:
+        return None  # built ahead of time (PYTORCH_MQA_BUILD_CUDA=1): no nvcc or ninja needed
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         return "nvcc was not found on PATH and CUDA_HOME is not set (needed for the JIT build of csrc/)"
     if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:

@@ -130,10 +130,19 @@ def test_load_extension_prefers_the_prebuilt_library(fresh_loader, monkeypatch, 
 
 
 @pytest.mark.slow
-def test_import_compiles_nothing():
-    code = "import sys, pytorch_mqa; print('pytorch_mqa._build' in sys.modules, 'torch.utils.cpp_extension' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    assert out.stdout.split() == ["False", "False"]
+def test_import_compiles_nothing(tmp_path):
+    """A fresh interpreter imports pytorch_mqa (and asks for its backends) with every build entry
+    point of torch booby-trapped and an empty cache directory that must stay empty."""
+    code = (
+        "import torch.utils.cpp_extension as ext\n"
+        "def boom(*a, **k): raise SystemExit('compiled at import')\n"
+        "ext.load = ext.load_inline = ext._jit_compile = boom\n"
+        "import pytorch_mqa\n"
+        "pytorch_mqa.available_backends()\n"
+    )
+    env = dict(os.environ, PYTORCH_MQA_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_compile_check_script_fails_clearly_without_nvcc(tmp_path):
