@@ -22,7 +22,7 @@ def _cuda_extension_kwargs() -> dict:
         "pytorch_mqa._C",
         sources=["csrc/attention_with_kv_cache.cu", "csrc/bindings.cpp"],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3"],
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
         },
     )
