@@ -43,6 +43,7 @@ compile() {  # file arch
         echo "ok   $src (sm_$arch)"
     else
         echo "FAIL $src (sm_$arch)"
+        touch "$log.failed"
         return 1
     fi
 }
@@ -64,10 +65,11 @@ status=$?
 for log in "$out"/*.log; do
     [ -s "$log" ] || continue
     name=$(basename "$log" .log)
-    if grep -q -E "error|FAIL" "$log"; then
-        echo "---- $name: nvcc output"
+    if [ -e "$log.failed" ]; then
+        echo "---- $name: FAILED, nvcc output:"
         cat "$log"
     else
+        grep -i "warning" "$log" && echo "---- $name: compiler warnings above"
         echo "---- $name: ptxas resource usage"
         # One line per kernel: demangled name, then registers / spills / shared memory.
         grep -E "Compiling entry function|Used [0-9]+ registers|spill stores" "$log" |

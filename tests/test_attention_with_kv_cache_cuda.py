@@ -136,7 +136,7 @@ def test_strided_inputs(layout, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("D", [64, 40])
+@pytest.mark.parametrize("D", [64, 40, 7])
 def test_guard_region(dtype, D):
     """Caches are views into a sentinel-filled buffer. Only rows [L_b, L_b + Tq) ∩ [0, S) of the
     view change; device lengths that overflow S (or are negative) write nothing outside."""
