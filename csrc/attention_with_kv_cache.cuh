@@ -20,10 +20,11 @@
 // merges them with LSE weights.
 //
 // Per tile of BLOCK_N keys: K/V rows to shared memory (16-byte vector loads when the launcher
-// found the rows aligned, element loads otherwise); scores by groups of lanes that each hold a
-// slice of the head dim and reduce with warp shuffles; an online softmax (one warp per row,
-// shuffle max/sum, base-2 exponentials); P @ V with each thread owning 16-byte slices of output
-// rows in registers.
+// found the rows aligned, element loads otherwise); scores with one thread per (key, group of
+// rows), so each K chunk is converted once and used for every row it serves; an online softmax
+// (one warp per row, shuffle max/sum reductions, base-2 exponentials); P @ V with each thread
+// owning one 16-byte column slice of a few output rows in registers, so each V chunk is
+// converted once per thread for all of them.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -71,10 +72,11 @@ struct KvCacheParams {
   bool kv_vectorized;  // every K/V row (cache and new) is 16-byte aligned with unit last stride
 };
 
-// Tile sizes of one instantiation. K and V tiles are kept in the input dtype.
+// Tile sizes of one instantiation. q, K and V tiles are kept in the input dtype; K/V rows are
+// padded by 16 bytes so that lanes reading the same chunk of consecutive rows hit distinct banks.
 constexpr int block_n_for(int row_bytes) {
   int n = 64;
-  while (n > 8 && kRowsPerBlock * row_bytes + 2 * n * row_bytes + kRowsPerBlock * (n + 1) * 4 +
+  while (n > 8 && kRowsPerBlock * row_bytes + 2 * n * (row_bytes + 16) + kRowsPerBlock * (n + 1) * 4 +
                           3 * kRowsPerBlock * 4 >
                       kSmemBudget) {
     n /= 2;
@@ -88,12 +90,16 @@ struct TileConfig {
   static constexpr int kChunks = D_MAX / kVec;                   // chunks per row
   static constexpr int kRowBytes = D_MAX * static_cast<int>(sizeof(T));
   static constexpr int kBlockN = block_n_for(kRowBytes);
-  static constexpr int kLanesPerDot = kChunks < 32 ? kChunks : 32;
-  static constexpr int kChunksPerLane = kChunks / kLanesPerDot;
-  static constexpr int kDotsPerWarp = 32 / kLanesPerDot;
-  static constexpr int kItems = (kRowsPerBlock * kChunks + kThreads - 1) / kThreads;
+  static constexpr int kKvStride = D_MAX + kVec;  // elements per padded K/V row in shared memory
+  // Scores: thread (key n, row group); rows rg, rg + kRowGroups, ... of the block.
+  static constexpr int kRowGroups = kThreads / kBlockN;
+  static constexpr int kRowsPerThread = kRowsPerBlock / kRowGroups;
+  // P @ V and output: thread (chunk c, first row r0); rows r0, r0 + kRowStep, ...
+  static constexpr int kRowStep = kThreads / kChunks;
+  static constexpr int kItems = (kRowsPerBlock + kRowStep - 1) / kRowStep;
   static_assert(D_MAX % kVec == 0, "head dim bound must be a multiple of the vector width");
-  static_assert(kChunks % kLanesPerDot == 0, "chunks must split evenly over lanes");
+  static_assert(kThreads % kBlockN == 0 && kRowsPerBlock % kRowGroups == 0, "score mapping");
+  static_assert(kThreads % kChunks == 0, "P @ V mapping");
 };
 
 // ------------------------------------------------------------------------------------------
@@ -178,15 +184,16 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int CHUNKS = Cfg::kChunks;
   constexpr int BLOCK_N = Cfg::kBlockN;
   constexpr int R = kRowsPerBlock;
-  constexpr int LPD = Cfg::kLanesPerDot;
-  constexpr int CPL = Cfg::kChunksPerLane;
-  constexpr int DPW = Cfg::kDotsPerWarp;
+  constexpr int KV_STRIDE = Cfg::kKvStride;
+  constexpr int NRG = Cfg::kRowGroups;
+  constexpr int RPT = Cfg::kRowsPerThread;
+  constexpr int RSTEP = Cfg::kRowStep;
   constexpr int ITEMS = Cfg::kItems;
   constexpr int SP_STRIDE = BLOCK_N + 1;  // padding: rows of P fall in different banks
 
   __shared__ __align__(16) T q_s[R * D_MAX];
-  __shared__ __align__(16) T k_s[BLOCK_N * D_MAX];
-  __shared__ __align__(16) T v_s[BLOCK_N * D_MAX];
+  __shared__ __align__(16) T k_s[BLOCK_N * KV_STRIDE];
+  __shared__ __align__(16) T v_s[BLOCK_N * KV_STRIDE];
   __shared__ float sp_s[R * SP_STRIDE];  // scores, then probabilities, of the current tile
   __shared__ float m_s[R];               // running max (base 2)
   __shared__ float l_s[R];               // running sum of exponentials
@@ -276,8 +283,8 @@ __global__ void __launch_bounds__(kThreads)
             vv = *reinterpret_cast<const uint4*>(v_cache + vc_off);
           }
         }
-        *reinterpret_cast<uint4*>(&k_s[n * D_MAX + c * VEC]) = kv;
-        *reinterpret_cast<uint4*>(&v_s[n * D_MAX + c * VEC]) = vv;
+        *reinterpret_cast<uint4*>(&k_s[n * KV_STRIDE + c * VEC]) = kv;
+        *reinterpret_cast<uint4*>(&v_s[n * KV_STRIDE + c * VEC]) = vv;
       }
     } else {
       for (int i = tid; i < BLOCK_N * D_MAX; i += kThreads) {
@@ -302,42 +309,46 @@ __global__ void __launch_bounds__(kThreads)
             vv = v_cache[vc_off];
           }
         }
-        k_s[i] = kv;
-        v_s[i] = vv;
+        k_s[n * KV_STRIDE + d] = kv;
+        v_s[n * KV_STRIDE + d] = vv;
       }
     }
     __syncthreads();
 
-    // ---- scores: a group of LPD lanes per (row, key) dot product, reduced with shuffles.
+    // ---- scores: thread (key n, row group rg) takes rows rg, rg + NRG, ...; each K chunk is
+    // converted once, q chunks are shared-memory broadcasts within a warp.
     {
-      const int group_in_warp = lane / LPD;
-      const int lane_in_group = lane % LPD;
-      const int n_dots = rows * BLOCK_N;
-      for (int base = warp * DPW; base < n_dots; base += kWarps * DPW) {  // warp-uniform bound
-        const int i = base + group_in_warp;
-        const int r = i / BLOCK_N;
-        const int n = i % BLOCK_N;
-        float dot = 0.f;
-        if (i < n_dots) {
+      const int n = tid % BLOCK_N;
+      const int rg = tid / BLOCK_N;
+      float dots[RPT];
 #pragma unroll
-          for (int cc = 0; cc < CPL; ++cc) {
-            const int c = lane_in_group + cc * LPD;
-            if (EXACT_D || c * VEC < D) {
-              float qf[VEC], kf[VEC];
+      for (int k = 0; k < RPT; ++k) dots[k] = 0.f;
+      if (n < n_valid) {
+#pragma unroll 2
+        for (int c = 0; c < CHUNKS; ++c) {
+          if (!EXACT_D && c * VEC >= D) break;
+          float kf[VEC];
+          unpack<T>(*reinterpret_cast<const uint4*>(&k_s[n * KV_STRIDE + c * VEC]), kf);
+#pragma unroll
+          for (int k = 0; k < RPT; ++k) {
+            const int r = rg + k * NRG;
+            if (r < rows) {
+              float qf[VEC];
               unpack<T>(*reinterpret_cast<const uint4*>(&q_s[r * D_MAX + c * VEC]), qf);
-              unpack<T>(*reinterpret_cast<const uint4*>(&k_s[n * D_MAX + c * VEC]), kf);
 #pragma unroll
-              for (int e = 0; e < VEC; ++e) dot = fmaf(qf[e], kf[e], dot);
+              for (int e = 0; e < VEC; ++e) dots[k] = fmaf(qf[e], kf[e], dots[k]);
             }
           }
         }
+      }
+      const int64_t j = tile + n;
 #pragma unroll
-        for (int off = LPD / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        if (i < n_dots && lane_in_group == 0) {
+      for (int k = 0; k < RPT; ++k) {
+        const int r = rg + k * NRG;
+        if (r < rows) {
           const int t = (row0 + r) / G;
-          const int64_t j = tile + n;
           const bool visible = n < n_valid && (!p.causal || j <= t + Lk - Tq);
-          sp_s[r * SP_STRIDE + n] = visible ? dot * p.scale_log2 : neg_inf();
+          sp_s[r * SP_STRIDE + n] = visible ? dots[k] * p.scale_log2 : neg_inf();
         }
       }
     }
@@ -368,23 +379,33 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-    // ---- acc = acc * alpha + P @ V: each thread owns fixed (row, 16-byte chunk) items.
+    // ---- acc = acc * alpha + P @ V: thread (chunk c, row r0) owns rows r0, r0 + RSTEP, ...
+    {
+      const int c = tid % CHUNKS;
+      const int r0 = tid / CHUNKS;
+      if (EXACT_D || c * VEC < D) {
 #pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-      const int item = tid + it * kThreads;
-      const int r = item / CHUNKS;
-      const int c = item % CHUNKS;
-      if (r < rows && (EXACT_D || c * VEC < D)) {
-        const float alpha = alpha_s[r];
+        for (int it = 0; it < ITEMS; ++it) {
+          const int r = r0 + it * RSTEP;
+          if (r < rows) {
+            const float alpha = alpha_s[r];
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[it][e] *= alpha;
-#pragma unroll 4
+            for (int e = 0; e < VEC; ++e) acc[it][e] *= alpha;
+          }
+        }
+#pragma unroll 2
         for (int n = 0; n < n_valid; ++n) {
-          const float pr = sp_s[r * SP_STRIDE + n];
           float vf[VEC];
-          unpack<T>(*reinterpret_cast<const uint4*>(&v_s[n * D_MAX + c * VEC]), vf);
+          unpack<T>(*reinterpret_cast<const uint4*>(&v_s[n * KV_STRIDE + c * VEC]), vf);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[it][e] = fmaf(pr, vf[e], acc[it][e]);
+          for (int it = 0; it < ITEMS; ++it) {
+            const int r = r0 + it * RSTEP;
+            if (r < rows) {
+              const float pr = sp_s[r * SP_STRIDE + n];
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) acc[it][e] = fmaf(pr, vf[e], acc[it][e]);
+            }
+          }
         }
       }
     }
@@ -395,9 +416,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t lse_rows = static_cast<int64_t>(p.batch) * p.heads_q * Tq;  // per split
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    const int item = tid + it * kThreads;
-    const int r = item / CHUNKS;
-    const int c = item % CHUNKS;
+    const int r = tid / CHUNKS + it * RSTEP;
+    const int c = tid % CHUNKS;
     if (r < rows && (EXACT_D || c * VEC < D)) {
       const float l = l_s[r];
       const float inv = l > 0.f ? 1.f / l : 0.f;

@@ -261,7 +261,7 @@ def _block_n(D, dtype):
     row_bytes = d_max * torch.tensor([], dtype=dtype).element_size()
     n = 64
     while n > 8 and (
-        _ROWS_PER_BLOCK * row_bytes + 2 * n * row_bytes + _ROWS_PER_BLOCK * (n + 1) * 4 + 3 * _ROWS_PER_BLOCK * 4
+        _ROWS_PER_BLOCK * row_bytes + 2 * n * (row_bytes + 16) + _ROWS_PER_BLOCK * (n + 1) * 4 + 3 * _ROWS_PER_BLOCK * 4
         > _SMEM_BUDGET
     ):
         n //= 2
