@@ -40,9 +40,9 @@ compile() {  # file arch
     if "$NVCC" -c "$src" -o "$out/$(basename "$src").$arch.o" -std=c++17 -O3 \
         -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DTORCH_EXTENSION_NAME=pytorch_mqa_check \
         -Xcompiler -fPIC $gencode $flags >"$log" 2>&1; then
-        echo "ok   $src (sm_$arch)"
+        echo "ok   $src (${gencode:+sm_}$arch)"
     else
-        echo "FAIL $src (sm_$arch)"
+        echo "FAIL $src (${gencode:+sm_}$arch)"
         touch "$log.failed"
         return 1
     fi

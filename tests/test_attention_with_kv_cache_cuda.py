@@ -11,7 +11,7 @@ import torch
 from helpers import DTYPES, KV_CACHE_SHAPES, assert_close, kv_cache_inputs, randn, seeded
 
 import pytorch_mqa
-from pytorch_mqa import reference
+from pytorch_mqa import _build, reference
 
 # Beyond the shared matrix: the general head-dim paths (D not 64/128, D = 256, D not a multiple of
 # the 16-byte vector), G*Tq > 16 (several row chunks), G = 32, and caches long enough for many splits.
@@ -219,7 +219,7 @@ def test_cuda_graph_capture():
 @pytest.mark.parametrize("with_new", [True, False], ids=["append", "no_append"])
 def test_opcheck(with_new):
     q, k_cache, v_cache, k, v, seqlens = _on("cuda", kv_cache_inputs(KV_CACHE_SHAPES[1], torch.bfloat16, with_new=with_new))
-    pytorch_mqa._build.load_extension()
+    _build.load_extension()
     torch.library.opcheck(
         torch.ops.pytorch_mqa.attention_with_kv_cache_cuda.default,
         (q, k_cache, v_cache, k, v, seqlens, True, 0.125),
@@ -231,7 +231,7 @@ def test_opcheck(with_new):
 def test_rejects_bad_arguments_in_cpp():
     """The C++ launcher checks its own arguments (the op can be called directly)."""
     q, k_cache, v_cache, k, v, seqlens = _on("cuda", kv_cache_inputs(KV_CACHE_SHAPES[0], torch.float16))
-    pytorch_mqa._build.load_extension()
+    _build.load_extension()
     op = torch.ops.pytorch_mqa.attention_with_kv_cache_cuda
     with pytest.raises(RuntimeError, match="cache_seqlens: expected dtype int32"):
         op(q, k_cache, v_cache, k, v, seqlens.long(), True, 0.125)
