@@ -201,13 +201,15 @@ def _combine_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     denom = tl.zeros([BLOCK_M], dtype=tl.float32)
     part_row = OutPart + b * stride_pb + t64[:, None] * stride_pt + h[:, None] * stride_ph + offs_d[None, :] * stride_pd
-    for s in range(NUM_SPLITS):
-        s64 = tl.full([], s, tl.int64)
-        lse_s = tl.load(lse_row + s64 * stride_qs, mask=row_ok, other=float("-inf"))
+    for _ in range(NUM_SPLITS):
+        lse_s = tl.load(lse_row, mask=row_ok, other=float("-inf"))
         w = tl.math.exp2((lse_s - m_safe) * 1.4426950408889634)
-        o_s = tl.load(part_row + s64 * stride_ps, mask=od_mask, other=0.0)
+        o_s = tl.load(part_row, mask=od_mask, other=0.0)
         acc += w[:, None] * o_s
         denom += w
+        # Step the pointers (64-bit) rather than forming split * stride in 32 bits.
+        lse_row += stride_qs
+        part_row += stride_ps
     seen = denom > 0.0
     out = acc / tl.where(seen, denom, 1.0)[:, None]
     lse = tl.where(seen, m_safe + tl.log(tl.where(seen, denom, 1.0)), float("-inf"))
