@@ -55,6 +55,14 @@ def _configs() -> list[triton.Config]:
     ]
 
 
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose K/V stages cannot fit in about 200 KB of shared memory. Keeps at least one."""
+    args = {**named_args, **kwargs}
+    elem = 4 if args["DOT_PRECISION"] == "ieee" else 2
+    fits = [c for c in configs if c.num_stages * 2 * c.kwargs["BLOCK_N"] * args["BLOCK_D"] * elem <= 200 * 1024]
+    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.num_stages)]
+
+
 @triton.jit
 def _append_kernel(
     K, V, KC, VC, SEQLENS,
@@ -81,7 +89,11 @@ def _append_kernel(
     tl.store(VC + b * stride_vcb + hk * stride_vch + pos[:, None] * stride_vcs + offs_d[None, :] * stride_vcd, v, mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["s_bucket", "BLOCK_M", "G", "BLOCK_D", "CAUSAL", "DOT_PRECISION"])
+@triton.autotune(
+    configs=_configs(),
+    key=["s_bucket", "BLOCK_M", "G", "BLOCK_D", "CAUSAL", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _decode_split_kernel(
     Q, KC, VC, SEQLENS, Out, Lse,

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+import triton
 
 import pytorch_mqa
 from helpers import ATTENTION_SHAPES, DTYPES, assert_close, attention_inputs, random_case, seeded
@@ -134,6 +135,19 @@ def test_scale_and_fp32_exactness():
     out = pytorch_mqa.attention(q, k, v, scale=0.05, backend="triton")
     ref, _ = reference.attention(q, k, v, scale=0.05)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+
+
+def test_config_pruning_keeps_fitting_tiles():
+    from pytorch_mqa.kernels import attention as kernel
+
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in kernel.FWD_CONFIGS
+    ]
+    fp16_d128 = kernel._prune(configs, {}, BLOCK_D=128, DOT_PRECISION="tf32")
+    assert len(fp16_d128) == len(configs)
+    fp32_d256 = kernel._prune(configs, {}, BLOCK_D=256, DOT_PRECISION="ieee")
+    assert 1 <= len(fp32_d256) < len(configs)
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in fp32_d256)
 
 
 def test_opcheck():
