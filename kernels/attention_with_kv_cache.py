@@ -21,7 +21,8 @@ Three launches, in stream order:
 The split count depends only on static shapes (B, Hkv, Tq * G, S and the device's SM count), so
 the launch is the same for every step and works under torch.compile and CUDA graph capture;
 lengths are read on the device only. With one split the attention kernel writes the final
-output directly and the combine is skipped.
+output directly and the combine is skipped. The split kernel is autotuned on its first call per
+(capacity bucket, row block, head dim): make one call before capturing a CUDA graph.
 """
 
 from __future__ import annotations
