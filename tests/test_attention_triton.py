@@ -203,3 +203,16 @@ def test_cpu_without_interpreter_raises():
     env["CUDA_VISIBLE_DEVICES"] = ""
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu():
+    """Lower the kernels to sm_90 cubins (Triton ships ptxas): catches what only a GPU compiler rejects."""
+    _compile_check("attention")
+
+
+def _compile_check(op):
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
+    res = subprocess.run([sys.executable, script, op], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
