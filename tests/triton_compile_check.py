@@ -1,7 +1,8 @@
 """Compile the Triton kernels for a GPU target on a machine without one (Triton ships ptxas).
 
-The interpreter accepts programs a GPU compiler rejects (dot tiles under 16, type mismatches in
-loops, ...), so the tests also lower each kernel to a cubin for sm_90. Must run without
+The interpreter accepts programs a GPU compiler rejects (a dot with K < 16, loop-carried values
+that change type, layouts ptxas cannot take, ...), so the tests also lower each kernel to a cubin
+for sm_90. Must run without
 TRITON_INTERPRET (the tests call it in a subprocess):
 
     python tests/triton_compile_check.py attention attention_with_kv_cache
