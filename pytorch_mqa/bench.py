@@ -162,7 +162,7 @@ def synchronize(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def calibrate(device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
+def calibrate(device: torch.device, dtype: torch.dtype, quick: bool, sizes: dict | None = None) -> dict:
     """Copy bandwidth (bytes read + written per second) and matmul throughput on `device`.
 
     GPU: a 1 GiB device-to-device copy and an 8192^3 matmul in `dtype` (bf16 by default).
@@ -174,6 +174,8 @@ def calibrate(device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
         copy_bytes, n, mm_dtype = 2**30, 8192, dtype
     else:
         copy_bytes, n, mm_dtype = 2**28, 1024 if quick else 2048, torch.float32
+    if sizes:  # smaller sizes for smoke tests
+        copy_bytes, n = sizes.get("copy_bytes", copy_bytes), sizes.get("matmul_n", n)
     src = torch.randn(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     t_copy = time_fn(lambda: dst.copy_(src), device, budget)
@@ -340,7 +342,8 @@ def run_bench(suites: Sequence[str], device: torch.device, dtype: torch.dtype, q
               cuda_graph: bool = False, shapes: dict | None = None, log=print) -> dict:
     """Calibrate, run the suites and return the result dict (what the JSON file holds).
 
-    `shapes` overrides the default shape lists per suite (see bench_ops / bench_generate)."""
+    `shapes` overrides the default shape lists per suite (see bench_ops / bench_generate) and,
+    under "calibration", the calibration sizes (`copy_bytes`, `matmul_n`)."""
     from pytorch_mqa import bench_generate, bench_ops
 
     shapes = shapes or {}
@@ -349,7 +352,7 @@ def run_bench(suites: Sequence[str], device: torch.device, dtype: torch.dtype, q
         f"dtype {str(dtype).replace('torch.', '')}{'  (quick)' if quick else ''}")
     if device.type == "cpu":
         log("CPU run: the reference path and PyTorch's CPU kernels, timed with time.perf_counter")
-    calib = calibrate(device, dtype, quick)
+    calib = calibrate(device, dtype, quick, shapes.get("calibration"))
     log(f"calibration: copy {calib['copy_gbs']:.1f} GB/s (read+write), "
         f"{calib['matmul_dtype']} matmul {calib['matmul_tflops']:.3f} TFLOP/s")
     if env["load_average_1min"] is not None and device.type == "cpu":

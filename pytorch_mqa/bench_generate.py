@@ -22,8 +22,9 @@ from pytorch_mqa import bench
 GENERATE_SHAPES = {
     "cpu": dict(n_layer=4, n_head=8, n_embd=256, vocab_size=4096, block_size=1024, prompt=16, new_tokens=256,
                 repeats=3, threads=2, mqa_kv_heads=(1,)),
-    "cpu_quick": dict(n_layer=4, n_head=8, n_embd=256, vocab_size=4096, block_size=1024, prompt=16, new_tokens=256,
-                      repeats=1, threads=2, mqa_kv_heads=(1,)),
+    # quick: 64 new tokens, since the uncached run costs the sum of all prefix lengths.
+    "cpu_quick": dict(n_layer=4, n_head=8, n_embd=256, vocab_size=4096, block_size=1024, prompt=16, new_tokens=64,
+                      repeats=3, threads=2, mqa_kv_heads=(1,)),
     "cuda": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16, new_tokens=256,
                  repeats=3, threads=None, mqa_kv_heads=(4, 1)),
     "cuda_quick": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16,
@@ -34,14 +35,18 @@ GENERATE_COLUMNS = [("provider", "provider"), ("n_kv_head", "n_kv_head"), ("new_
                     ("seconds", "s"), ("tokens_per_s", "tok/s"), ("same_tokens", "same tokens")]
 
 
-def _time_generation(fn, device, repeats: int) -> tuple[float, list]:
-    """Median seconds of `fn()` over `repeats` runs after one warm-up run; returns (s, last output)."""
-    out = fn()
+WARMUP_TOKENS = 8
+
+
+def _time_generation(fn, n_new: int, device, repeats: int) -> tuple[float, list]:
+    """Median seconds of `fn(n_new)` over `repeats` runs after a short warm-up run (prefill and a
+    few decode steps); returns (seconds, the last run's tokens)."""
+    fn(min(WARMUP_TOKENS, n_new))
     times = []
     for _ in range(repeats):
         bench.synchronize(device)
         t0 = time.perf_counter()
-        out = fn()
+        out = fn(n_new)
         bench.synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
@@ -60,9 +65,13 @@ def _build_models(shp: dict, device, dtype, workdir: str):
         ours = GPT(cfg).to(device=device, dtype=dtype).eval()
         ours.save_pretrained(workdir)
         return ours, None, f"transformers is not installed ({exc})"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    # No BOS/EOS: greedy decoding then runs the full length with nothing masked.
     hf_cfg = GPT2Config(vocab_size=shp["vocab_size"], n_positions=shp["block_size"], n_embd=shp["n_embd"],
                         n_layer=shp["n_layer"], n_head=shp["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0)
+                        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(hf_cfg).eval()
     hf.save_pretrained(workdir)
@@ -93,7 +102,7 @@ def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
             n_new = shp["new_tokens"]
 
             def ours_fn(model, use_cache):
-                return lambda: generate(model, prompt, n_new, temperature=0, use_cache=use_cache)[0]
+                return lambda n: generate(model, prompt, n, temperature=0, use_cache=use_cache)[0]
 
             providers = [("mqa.cached", shp["n_head"], ours_fn(ours, True)),
                          ("mqa.uncached", shp["n_head"], ours_fn(ours, False))]
@@ -103,9 +112,8 @@ def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
                     conv = GPT.from_pretrained(workdir, n_kv_head=n_kv, dtype=dtype, device=device).eval()
                     providers.append(("mqa.cached", n_kv, ours_fn(conv, True)))
             if hf is not None:
-                def hf_fn():
-                    out = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                      use_cache=True, pad_token_id=0)
+                def hf_fn(n):
+                    out = hf.generate(prompt, max_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
                     return out[0, prompt.shape[1]:].tolist()
 
                 providers.append(("hf.transformers", shp["n_head"], hf_fn))
@@ -114,7 +122,7 @@ def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
                                  reason=hf_reason))
             reference_tokens = None
             for name, n_kv, fn in providers:
-                seconds, tokens = _time_generation(fn, device, shp["repeats"])
+                seconds, tokens = _time_generation(fn, n_new, device, shp["repeats"])
                 row = dict(base, provider=name, n_kv_head=n_kv, seconds=seconds, tokens_per_s=n_new / seconds,
                            repeats=shp["repeats"])
                 if reference_tokens is None:

@@ -52,7 +52,10 @@ def _shapes(table: dict, device: torch.device, quick: bool, override: dict | Non
     return override or table[device.type + ("_quick" if quick else "")]
 
 
-def _budget(device: torch.device, quick: bool) -> float:
+def _budget(device: torch.device, quick: bool, shp: dict) -> float:
+    """Seconds of timed calls per case (after warm-up); a shapes override may set `budget_s`."""
+    if "budget_s" in shp:
+        return shp["budget_s"]
     if device.type == "cuda":
         return 0.1 if quick else 0.25
     return 0.15 if quick else 0.5
@@ -190,7 +193,7 @@ def _reference_too_big(device, B, Hq, T, mode) -> str | None:
 def run_attention(device, dtype, calib, quick, shapes=None) -> list[dict]:
     shp = _shapes(ATTENTION_SHAPES, device, quick, shapes)
     Hq, D = shp["Hq"], shp["D"]
-    budget = _budget(device, quick)
+    budget = _budget(device, quick, shp)
     backends, skipped = mqa_providers("attention", device)
     rows = [dict(suite="attention", op="attention", provider=f"mqa.{n}", case="all", ms=None, reason=r)
             for n, r in skipped]
@@ -279,7 +282,7 @@ def run_decode(device, dtype, calib, quick, cuda_graph=False, shapes=None) -> li
     The cache is allocated with exactly L+1 rows, so a provider that reads it whole is not penalised."""
     shp = _shapes(DECODE_SHAPES, device, quick, shapes)
     Hq, D = shp["Hq"], shp["D"]
-    budget = _budget(device, quick)
+    budget = _budget(device, quick, shp)
     backends, skipped = mqa_providers("attention_with_kv_cache", device)
     rows = [dict(suite="decode", op="attention_with_kv_cache", provider=f"mqa.{n}", case="all", ms=None, reason=r)
             for n, r in skipped]
