@@ -84,7 +84,7 @@ def time_cpu(fn: Callable[[], object], budget_s: float, min_reps: int = 3, max_r
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     med, p20, p80 = _quantiles(times)
-    return {"ms": med, "p20_ms": p20, "p80_ms": p80, "reps": len(times)}
+    return {"ms": med, "p20_ms": p20, "p80_ms": p80, "min_ms": min(times), "reps": len(times)}
 
 
 def time_cuda(fn: Callable[[], object], budget_s: float) -> dict:
@@ -99,8 +99,8 @@ def time_cuda(fn: Callable[[], object], budget_s: float) -> dict:
     except ImportError:
         do_bench = None
     if do_bench is not None:
-        med, p20, p80 = do_bench(fn, warmup=rep_ms / 4, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return {"ms": float(med), "p20_ms": float(p20), "p80_ms": float(p80), "reps": None}
+        med, p20, p80, low = do_bench(fn, warmup=rep_ms / 4, rep=rep_ms, quantiles=[0.5, 0.2, 0.8, 0.0])
+        return {"ms": float(med), "p20_ms": float(p20), "p80_ms": float(p80), "min_ms": float(low), "reps": None}
     fn()
     torch.cuda.synchronize()
     t_end = time.perf_counter() + rep_ms / 4e3
@@ -116,7 +116,7 @@ def time_cuda(fn: Callable[[], object], budget_s: float) -> dict:
         e1.synchronize()
         times.append(e0.elapsed_time(e1))
     med, p20, p80 = _quantiles(times)
-    return {"ms": med, "p20_ms": p20, "p80_ms": p80, "reps": len(times)}
+    return {"ms": med, "p20_ms": p20, "p80_ms": p80, "min_ms": min(times), "reps": len(times)}
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, budget_s: float) -> dict:
@@ -165,7 +165,7 @@ def synchronize(device: torch.device) -> None:
 def calibrate(device: torch.device, dtype: torch.dtype, quick: bool, sizes: dict | None = None) -> dict:
     """Copy bandwidth (bytes read + written per second) and matmul throughput on `device`.
 
-    GPU: a 1 GiB device-to-device copy and an 8192^3 matmul in `dtype` (bf16 by default).
+    Each is the fastest of its timed repeats. GPU: a 1 GiB device-to-device copy and an 8192^3 matmul in `dtype` (bf16 by default).
     CPU: a 256 MiB memcpy and a float32 matmul of 2048^3 (1024^3 with quick; half-precision
     matmuls are not what the CPU reference path runs: it computes in float32).
     """
@@ -179,19 +179,22 @@ def calibrate(device: torch.device, dtype: torch.dtype, quick: bool, sizes: dict
     src = torch.randn(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     t_copy = time_fn(lambda: dst.copy_(src), device, budget)
-    del src, dst
+    src = dst = None  # free before the matmul
     a = torch.randn(n, n, device=device, dtype=mm_dtype)
     b = torch.randn(n, n, device=device, dtype=mm_dtype)
     t_mm = time_fn(lambda: a @ b, device, budget)
-    del a, b
+    a = b = None
+    # A peak is what the device can do: the fastest repeat, not the median.
     return {
         "copy_bytes": copy_bytes,
-        "copy_ms": t_copy["ms"],
-        "copy_gbs": 2 * copy_bytes / (t_copy["ms"] * 1e-3) / 1e9,
+        "copy_ms": t_copy["min_ms"],
+        "copy_median_ms": t_copy["ms"],
+        "copy_gbs": 2 * copy_bytes / (t_copy["min_ms"] * 1e-3) / 1e9,
         "matmul_n": n,
         "matmul_dtype": str(mm_dtype).replace("torch.", ""),
-        "matmul_ms": t_mm["ms"],
-        "matmul_tflops": 2 * n**3 / (t_mm["ms"] * 1e-3) / 1e12,
+        "matmul_ms": t_mm["min_ms"],
+        "matmul_median_ms": t_mm["ms"],
+        "matmul_tflops": 2 * n**3 / (t_mm["min_ms"] * 1e-3) / 1e12,
     }
 
 
@@ -292,6 +295,27 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_report(result: dict) -> str:
+    """The run's environment, calibration and tables in Markdown."""
+    from pytorch_mqa import bench_generate, bench_ops
+
+    env, cal = result["environment"], result["calibration"]
+    lines = [f"Device: {env['device_name']}; torch {env['torch']}, triton {env['triton'] or '-'}, "
+             f"git {env['git_revision'] or '-'}, {env['time_utc']}; dtype {result['dtype']}"
+             f"{'; --quick' if result['quick'] else ''}; 1-minute load average at start "
+             f"{env['load_average_1min']} on {env['cpu_count']} CPUs.", "",
+             f"Calibration: copy {cal['copy_gbs']:.2f} GB/s (bytes read + written, {cal['copy_bytes'] >> 20} MiB), "
+             f"{cal['matmul_dtype']} matmul {cal['matmul_tflops']:.4f} TFLOP/s ({cal['matmul_n']}^3).", ""]
+    columns = {"attention": bench_ops.ATTENTION_COLUMNS, "decode": bench_ops.DECODE_COLUMNS,
+               "generate": bench_generate.GENERATE_COLUMNS}
+    for suite, secs in result.get("suite_seconds", {}).items():
+        rows = [r for r in result["rows"] if r["suite"] == suite]
+        lines += [f"### {suite} ({secs:.0f} s)", "", markdown_table(rows, columns[suite]), ""]
+        if suite == "generate" and bench_generate.summary(rows):
+            lines += [bench_generate.summary(rows).replace("\n", "  \n"), ""]
+    return "\n".join(lines)
+
+
 def write_plots(result: dict, out_dir: str) -> list[str]:
     """One PNG per suite that ran (matplotlib, Agg backend)."""
     import matplotlib
@@ -325,6 +349,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="attention/decode dtype (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--cuda-graph", action="store_true", help="decode: capture each timed call in a CUDA graph")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU: torch threads for every suite (default: torch's choice; generate uses 2)")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -339,14 +365,28 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def run_bench(suites: Sequence[str], device: torch.device, dtype: torch.dtype, quick: bool,
-              cuda_graph: bool = False, shapes: dict | None = None, log=print) -> dict:
+              cuda_graph: bool = False, shapes: dict | None = None, log=print, threads: int | None = None) -> dict:
     """Calibrate, run the suites and return the result dict (what the JSON file holds).
 
     `shapes` overrides the default shape lists per suite (see bench_ops / bench_generate) and,
     under "calibration", the calibration sizes (`copy_bytes`, `matmul_n`)."""
+    from pytorch_mqa import bench_generate
+
+    shapes = dict(shapes or {})
+    old_threads = torch.get_num_threads()
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+        gen_shapes = dict(shapes.get("generate") or bench_generate.GENERATE_SHAPES["cpu_quick" if quick else "cpu"])
+        shapes["generate"] = dict(gen_shapes, threads=threads)
+    try:
+        return _run_suites(suites, device, dtype, quick, cuda_graph, shapes, log)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_suites(suites, device, dtype, quick, cuda_graph, shapes, log) -> dict:
     from pytorch_mqa import bench_generate, bench_ops
 
-    shapes = shapes or {}
     env = environment(device)
     log(f"pytorch-mqa bench on {env['device_name']}  torch {env['torch']}  triton {env['triton'] or '-'}  "
         f"dtype {str(dtype).replace('torch.', '')}{'  (quick)' if quick else ''}")
@@ -390,13 +430,18 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--cuda-graph: expected a CUDA device, got cpu")
     suites = SUITES if args.suite == "all" else (args.suite,)
     start = time.perf_counter()
-    result = run_bench(suites, device, dtype, args.quick, args.cuda_graph)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads: expected a positive number, got {args.threads}")
+    result = run_bench(suites, device, dtype, args.quick, args.cuda_graph, threads=args.threads)
     result["total_seconds"] = round(time.perf_counter() - start, 2)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\nwrote {path}  ({result['total_seconds']:.1f} s in all)")
+    md = os.path.join(args.out, "bench.md")
+    with open(md, "w") as f:
+        f.write(markdown_report(result))
+    print(f"\nwrote {path} and {md}  ({result['total_seconds']:.1f} s in all)")
     if args.plot:
         for p in write_plots(result, args.out):
             print(f"wrote {p}")

@@ -22,8 +22,8 @@ from pytorch_mqa import bench
 GENERATE_SHAPES = {
     "cpu": dict(n_layer=4, n_head=8, n_embd=256, vocab_size=4096, block_size=1024, prompt=16, new_tokens=256,
                 repeats=3, threads=2, mqa_kv_heads=(1,)),
-    # quick: 64 new tokens, since the uncached run costs the sum of all prefix lengths.
-    "cpu_quick": dict(n_layer=4, n_head=8, n_embd=256, vocab_size=4096, block_size=1024, prompt=16, new_tokens=64,
+    # quick: 32 new tokens, since the uncached run costs the sum of all prefix lengths.
+    "cpu_quick": dict(n_layer=4, n_head=8, n_embd=256, vocab_size=4096, block_size=1024, prompt=16, new_tokens=32,
                       repeats=3, threads=2, mqa_kv_heads=(1,)),
     "cuda": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16, new_tokens=256,
                  repeats=3, threads=None, mqa_kv_heads=(4, 1)),
@@ -38,18 +38,22 @@ GENERATE_COLUMNS = [("provider", "provider"), ("n_kv_head", "n_kv_head"), ("new_
 WARMUP_TOKENS = 8
 
 
-def _time_generation(fn, n_new: int, device, repeats: int) -> tuple[float, list]:
-    """Median seconds of `fn(n_new)` over `repeats` runs after a short warm-up run (prefill and a
-    few decode steps); returns (seconds, the last run's tokens)."""
-    fn(min(WARMUP_TOKENS, n_new))
-    times = []
+def _time_round_robin(providers, n_new: int, device, repeats: int) -> list[tuple[list[float], list]]:
+    """Per provider: (seconds of each of `repeats` runs, the last run's tokens), after a short
+    warm-up run each (prefill and a few decode steps). The runs go round-robin over the
+    providers, so a change in machine load hits all of them alike."""
+    for _, _, fn in providers:
+        fn(min(WARMUP_TOKENS, n_new))
+    times: list[list[float]] = [[] for _ in providers]
+    tokens: list = [None] * len(providers)
     for _ in range(repeats):
-        bench.synchronize(device)
-        t0 = time.perf_counter()
-        out = fn(n_new)
-        bench.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for i, (_, _, fn) in enumerate(providers):
+            bench.synchronize(device)
+            t0 = time.perf_counter()
+            tokens[i] = fn(n_new)
+            bench.synchronize(device)
+            times[i].append(time.perf_counter() - t0)
+    return list(zip(times, tokens))
 
 
 def _build_models(shp: dict, device, dtype, workdir: str):
@@ -121,10 +125,11 @@ def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
                 rows.append(dict(base, provider="hf.transformers", n_kv_head=shp["n_head"], seconds=None,
                                  reason=hf_reason))
             reference_tokens = None
-            for name, n_kv, fn in providers:
-                seconds, tokens = _time_generation(fn, n_new, device, shp["repeats"])
+            timed = _time_round_robin(providers, n_new, device, shp["repeats"])
+            for (name, n_kv, _), (times, tokens) in zip(providers, timed):
+                seconds = statistics.median(times)
                 row = dict(base, provider=name, n_kv_head=n_kv, seconds=seconds, tokens_per_s=n_new / seconds,
-                           repeats=shp["repeats"])
+                           best_seconds=min(times), repeats=len(times))
                 if reference_tokens is None:
                     reference_tokens = tokens
                 elif n_kv == shp["n_head"]:

@@ -78,12 +78,15 @@ def mqa_providers(op: str, device: torch.device) -> tuple[list[str], list[tuple[
 
 
 def _first_error(exc: BaseException, caught: list) -> str:
-    """The exception, plus the first warning SDPA gave about why it refused the case."""
+    """Why a provider refused a case: SDPA's first warning saying why a kernel was not used, if
+    any (it gives the reason; the exception only says that no kernel was left), then the error."""
     msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     for w in caught:
         text = str(w.message)
         if "not used because" in text or "requires" in text or "Expected" in text:
-            return f"{msg} ({text.splitlines()[0][:160]})"
+            return f"{text.splitlines()[0][:160]} ({msg})"
+    if "No viable backend" in msg:
+        return f"this SDPA backend has no kernel for the case on this device ({msg})"
     return msg
 
 
