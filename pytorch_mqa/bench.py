@@ -326,7 +326,7 @@ def write_plots(result: dict, out_dir: str) -> list[str]:
     paths = []
     for suite, plot in (("attention", bench_ops.plot_attention), ("decode", bench_ops.plot_decode),
                         ("generate", bench_generate.plot_generate)):
-        rows = [r for r in result["rows"] if r["suite"] == suite and r.get("ms") is not None]
+        rows = [r for r in result["rows"] if r["suite"] == suite and (r.get("ms") or r.get("tokens_per_s"))]
         if rows:
             path = os.path.join(out_dir, f"bench_{suite}.png")
             plot(rows, result, path)

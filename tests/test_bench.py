@@ -3,6 +3,7 @@
 Nothing here checks a timing: benchmarks are never timed tests (DESIGN §6).
 """
 
+import importlib.util
 import json
 
 import pytest
@@ -87,9 +88,12 @@ def test_ops_rows_side_by_side(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_rows():
+def test_generate_rows(tmp_path):
     pytest.importorskip("safetensors")
     rows = bench_generate.run_generate(torch.device("cpu"), True, TINY["generate"])
+    if importlib.util.find_spec("matplotlib") is not None:
+        result = {"rows": rows, "environment": {"device_name": "cpu"}}
+        assert [p.rsplit("/", 1)[1] for p in bench.write_plots(result, str(tmp_path))] == ["bench_generate.png"]
     by = {(r["provider"], r["n_kv_head"]): r for r in rows}
     cached, uncached = by[("mqa.cached", 2)], by[("mqa.uncached", 2)]
     assert cached["tokens_per_s"] > 0 and uncached["same_tokens"] is True
