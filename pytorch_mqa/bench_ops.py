@@ -132,6 +132,22 @@ def _graphed(fn, sets, device):
     return bench.Rotating(lambda g: g.replay(), graphs)
 
 
+def _collapse_skips(rows: list[dict], suite: str, op: str) -> list[dict]:
+    """A provider that refused every case for the same reason gets one `case="all"` row."""
+    out, done = [], set()
+    for r in rows:
+        name = r["provider"]
+        mine = [x for x in rows if x["provider"] == name and x.get("case") != "all"]
+        if mine and all(x.get("ms") is None for x in mine) and len({x.get("reason") for x in mine}) == 1:
+            if name not in done:
+                done.add(name)
+                out.append(dict(suite=suite, op=op, provider=name, case="all", ms=None,
+                                reason=f"{mine[0].get('reason')} [all {len(mine)} cases]"))
+            continue
+        out.append(r)
+    return out
+
+
 def _max_err(ref):
     if ref is None:
         return None
@@ -255,7 +271,7 @@ def run_attention(device, dtype, calib, quick, shapes=None) -> list[dict]:
                         rows.append(row)
                     del sets, ref_out
                     _release(device)
-    return rows
+    return _collapse_skips(rows, "attention", "attention")
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +346,7 @@ def run_decode(device, dtype, calib, quick, cuda_graph=False, shapes=None) -> li
                     rows.append(row)
                 del sets, ref_out
                 _release(device)
-    return rows
+    return _collapse_skips(rows, "decode", "attention_with_kv_cache")
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +368,8 @@ def _grid(rows, row_key, col_key, x_key, y_key, title, ylabel, xlabel, path, env
                 pts = sorted((r[x_key], r[y_key]) for r in sub if r["provider"] == prov)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{row_key}={rv}  {col_key}={cv}", fontsize=9)
+            ax.set_title(f"{'' if row_key.startswith('_') else row_key + '='}{rv}  {col_key}={cv}", fontsize=9)
+            ax.set_ylim(bottom=0)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
