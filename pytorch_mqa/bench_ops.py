@@ -180,6 +180,9 @@ def _mqa(name, causal):
 def _flex(causal, T, device):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # Every case is a new static shape; a fresh dynamo cache keeps the recompile limit from
+    # silently sending later cases to the eager (unfused) path.
+    torch._dynamo.reset()
     compiled = torch.compile(flex_attention, dynamic=False)
     mask = None
     if causal:
