@@ -303,7 +303,7 @@ def markdown_report(result: dict) -> str:
     lines = [f"Device: {env['device_name']}; torch {env['torch']}, triton {env['triton'] or '-'}, "
              f"git {env['git_revision'] or '-'}, {env['time_utc']}; dtype {result['dtype']}"
              f"{'; --quick' if result['quick'] else ''}; 1-minute load average at start "
-             f"{env['load_average_1min']} on {env['cpu_count']} CPUs.", "",
+             f"{env['load_average_1min'] or 0:.1f} on {env['cpu_count']} CPUs.", "",
              f"Calibration: copy {cal['copy_gbs']:.2f} GB/s (bytes read + written, {cal['copy_bytes'] >> 20} MiB), "
              f"{cal['matmul_dtype']} matmul {cal['matmul_tflops']:.4f} TFLOP/s ({cal['matmul_n']}^3).", ""]
     columns = {"attention": bench_ops.ATTENTION_COLUMNS, "decode": bench_ops.DECODE_COLUMNS,

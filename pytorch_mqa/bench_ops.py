@@ -80,7 +80,8 @@ def mqa_providers(op: str, device: torch.device) -> tuple[list[str], list[tuple[
 def _first_error(exc: BaseException, caught: list) -> str:
     """Why a provider refused a case: SDPA's first warning saying why a kernel was not used, if
     any (it gives the reason; the exception only says that no kernel was left), then the error."""
-    msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else ""
+    msg = f"{type(exc).__name__}: {first}"
     for w in caught:
         text = str(w.message)
         if "not used because" in text or "requires" in text or "Expected" in text:
