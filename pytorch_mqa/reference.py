@@ -80,7 +80,7 @@ def _softmax_out(s, v, Tq, G, cdt, out_dtype):
     lse = torch.where(l > 0, m + torch.log(l), torch.full_like(l, float("-inf")))
     p = p / torch.where(l > 0, l, torch.ones_like(l))
     o = torch.matmul(p.to(cdt), v.to(cdt).transpose(1, 2))  # v: (B, Tk, Hkv, D) -> (B, Hkv, Tk, D)
-    out = _ungroup(o, Tq, G).to(out_dtype)
+    out = _ungroup(o, Tq, G).to(out_dtype).contiguous()
     lse = lse.reshape(B, Hkv, G, Tq).reshape(B, Hkv * G, Tq)
     return out, lse
 
@@ -94,7 +94,7 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, upcast:
     mask = causal_mask(Tq, Tk, q.device)[None, None] if causal else None
     s = _scores(q, k, scale, Hkv, cdt, mask)
     out, lse = _softmax_out(s, v, Tq, Hq // Hkv, cdt, q.dtype)
-    return out, lse.to(torch.promote_types(q.dtype, torch.float32))
+    return out, lse.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
 
 
 def attention_backward(dout, q, k, v, lse, delta, causal: bool = False, scale: float | None = None):
@@ -123,7 +123,7 @@ def attention_backward(dout, q, k, v, lse, delta, causal: bool = False, scale: f
     qg = _group_q(q.to(cdt), Hkv)
     dk = (torch.matmul(ds.transpose(-1, -2), qg) * scale).transpose(1, 2)  # (B, Tk, Hkv, D)
     dv = torch.matmul(p.transpose(-1, -2), do).transpose(1, 2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
 def append_to_cache(cache: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor) -> None:
@@ -193,4 +193,4 @@ def attention_with_kv_cache(
     cdt = _compute_dtype(q.dtype, upcast)
     s = _scores(q, kc, scale, Hkv, cdt, vis[:, None])
     out, lse = _softmax_out(s, vc, Tq, Hq // Hkv, cdt, q.dtype)
-    return out, lse.to(torch.promote_types(q.dtype, torch.float32))
+    return out, lse.to(torch.promote_types(q.dtype, torch.float32)).contiguous()

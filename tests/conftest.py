@@ -6,7 +6,11 @@ before anything imports pytorch_mqa.kernels.
 
 import os
 
-import torch
+# numpy's OpenBLAS threads (used by the interpreter's tl.dot) fight torch's threads for the cores
+# and slow interpreted kernels down several-fold; one BLAS thread is fastest for these small tiles.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,443 @@
+"""Triton MQA/GQA attention: forward (online softmax, exp2) and backward (dQ, dK, dV).
+
+Layout is BSHD: q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D), any strides; query head h reads KV head
+h // G with G = Hq // Hkv. Every program works on one KV head and packs the G query heads of
+that KV head into the M dimension of its tiles: packed row r of KV head hk is query position
+t = r // G of query head hk * G + r % G, so each K/V tile is loaded once for the whole group
+and K/V are never expanded.
+
+Causal masking is bottom-right aligned (query t sees key j iff j <= t + Tk - Tq). The key loop
+of a row block is split in two: key blocks every row of the block sees in full run without
+masks, the diagonal band (and the ragged last block) runs with masks. Rows that see no key
+give zeros and lse = -inf.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(gpu: list[tuple[int, int, int, int]], interpreter: tuple[int, int]) -> list[triton.Config]:
+    """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages); one large config in the interpreter.
+
+    The interpreter cannot benchmark, so it gets a single config (autotune then skips timing);
+    large blocks also run fastest there.
+    """
+    if _interpreting():
+        bm, bn = interpreter
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
+
+
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+BWD_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1), (128, 64, 8, 2)]
+# Keys of the autotune cache: power-of-two buckets of the lengths, never the raw lengths.
+TUNE_KEY = ["tq_bucket", "tk_bucket", "G", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
+
+
+@triton.jit
+def _key_ranges(row0, Tq, Tk, G: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges of the packed rows [row0, row0 + BLOCK_M): (full_end, masked_end).
+
+    Keys [0, full_end) are visible to every row of the block and full_end is a multiple of
+    BLOCK_N (no masks needed); keys [full_end, masked_end) need the causal / length mask.
+    """
+    if CAUSAL:
+        t_lo = row0 // G
+        t_hi = tl.minimum((row0 + BLOCK_M - 1) // G, Tq - 1)
+        lo = tl.minimum(tl.maximum(t_lo + (Tk - Tq) + 1, 0), Tk)
+        hi = tl.minimum(tl.maximum(t_hi + (Tk - Tq) + 1, 0), Tk)
+    else:
+        lo = Tk
+        hi = Tk
+    full_end = (lo // BLOCK_N) * BLOCK_N
+    return full_end, hi
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    t, start, end, Tq, Tk, qk_scale, offs_d,
+    D: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Online-softmax update over key blocks [start, end) (start a multiple of BLOCK_N)."""
+    d_ok = offs_d < D
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Tk
+        kt_ptrs = k_base + offs_n.to(tl.int64)[None, :] * stride_kt + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + offs_n.to(tl.int64)[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        if MASK:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        if MASK:
+            visible = n_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= t[:, None] + (Tk - Tq))
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no key yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs(FWD_CONFIGS, (128, 128)), key=TUNE_KEY)
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_lt,
+    Tq, Tk, Hkv, qk_scale, tq_bucket, tk_bucket,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (packed row block, batch * KV head).
+
+    Q (B, Tq, Hq, D), K/V (B, Tk, Hkv, D) -> Out (B, Tq, Hq, D), Lse (B, Hq, Tq) fp32 natural log.
+    qk_scale = scale * log2(e).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    t = rows // G
+    h = hk * G + rows % G
+    row_ok = t < Tq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    q_ptrs = Q + b * stride_qb + t.to(tl.int64)[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    full_end, masked_end = _key_ranges(row0, Tq, Tk, G, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        t, 0, full_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        t, full_end, masked_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N,
+    )
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_ptrs = Out + b * stride_ob + t.to(tl.int64)[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + b * stride_lb + h * stride_lh + t.to(tl.int64) * stride_lt, lse, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+    stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
+    offs_n, start, end, Tq, Tk, qk_scale, offs_d,
+    G: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Accumulate dK, dV of one key block over the packed rows [start, end)."""
+    d_ok = offs_d < D
+    for r0 in range(start, end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        t = rows // G
+        h = (rows % G).to(tl.int64)
+        row_ok = t < Tq
+        t64 = t.to(tl.int64)
+        q = tl.load(q_base + t64[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(do_base + t64[:, None] * stride_dot + h[:, None] * stride_doh + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_base + h * stride_lh + t64 * stride_lt, mask=row_ok, other=float("-inf"))
+        delta = tl.load(delta_base + h * stride_lh + t64 * stride_lt, mask=row_ok, other=0.0)
+        # Rows that saw no key (or padding rows) have lse = -inf and P = 0: use +inf so exp2 gives 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        pt = tl.math.exp2(qkt * qk_scale - lse2[None, :])
+        if MASK:
+            if CAUSAL:
+                pt = tl.where(offs_n[:, None] <= t[None, :] + (Tk - Tq), pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(BWD_CONFIGS, (128, 128)), key=TUNE_KEY)
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_lb, stride_lh, stride_lt,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    Tq, Tk, Hkv, qk_scale, scale, tq_bucket, tk_bucket,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (key block, batch * KV head): dK, dV summed over the G query heads.
+
+    Q, DO (B, Tq, Hq, D); K, V (B, Tk, Hkv, D); Lse, Delta (B, Hq, Tq) fp32 with
+    Delta = rowsum(dO * O) - dLse -> DK, DV (B, Tk, Hkv, D). Lse and Delta share strides.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Tk
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    n64 = offs_n.to(tl.int64)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + n64[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + n64[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    q_base = Q + b * stride_qb + hk * G * stride_qh
+    do_base = DO + b * stride_dob + hk * G * stride_doh
+    lse_base = Lse + b * stride_lb + hk * G * stride_lh
+    delta_base = Delta + b * stride_lb + hk * G * stride_lh
+    R = Tq * G
+    if CAUSAL:
+        # Rows before t = n0 - (Tk - Tq) see no key of this block; rows from t = n_last - (Tk - Tq)
+        # on see all of it.
+        n_last = tl.minimum(n0 + BLOCK_N, Tk) - 1
+        t_first = tl.maximum(n0 - (Tk - Tq), 0)
+        t_full = tl.minimum(tl.maximum(n_last - (Tk - Tq), 0), Tq)
+        start = tl.minimum((t_first * G // BLOCK_M) * BLOCK_M, R)
+        full_start = tl.maximum(tl.minimum(tl.cdiv(t_full * G, BLOCK_M) * BLOCK_M, R), start)
+    else:
+        start = 0
+        full_start = 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+        stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
+        offs_n, start, full_start, Tq, Tk, qk_scale, offs_d, G, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_M,
+    )
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+        stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
+        offs_n, full_start, R, Tq, Tk, qk_scale, offs_d, G, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_M,
+    )
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + n64[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + n64[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    t, start, end, Tq, Tk, qk_scale, offs_d,
+    D: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Accumulate dQ of one packed row block over key blocks [start, end)."""
+    d_ok = offs_d < D
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Tk
+        n64 = offs_n.to(tl.int64)
+        k_ptrs = k_base + n64[:, None] * stride_kt + offs_d[None, :] * stride_kd
+        vt_ptrs = v_base + n64[None, :] * stride_vt + offs_d[:, None] * stride_vd
+        if MASK:
+            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            vt = tl.load(vt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            vt = vt.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASK:
+            visible = n_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= t[:, None] + (Tk - Tq))
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_configs(BWD_CONFIGS, (128, 128)), key=TUNE_KEY)
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_lb, stride_lh, stride_lt,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    Tq, Tk, Hkv, qk_scale, scale, tq_bucket, tk_bucket,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (packed row block, batch * KV head): dQ (B, Tq, Hq, D), no atomics."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    t = rows // G
+    t64 = t.to(tl.int64)
+    h = hk * G + rows % G
+    row_ok = t < Tq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + t64[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + t64[:, None] * stride_dot + h[:, None] * stride_doh + offs_d[None, :] * stride_dod,
+                 mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + t64 * stride_lt, mask=row_ok, other=float("-inf"))
+    delta = tl.load(Delta + b * stride_lb + h * stride_lh + t64 * stride_lt, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, masked_end = _key_ranges(row0, Tq, Tk, G, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   t, 0, full_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   t, full_end, masked_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N)
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + t64[:, None] * stride_dqt + h[:, None] * stride_dqh + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers.
+# --------------------------------------------------------------------------------------------
+
+
+def _flags(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, DOT_PRECISION): bf16 tiles are computed in fp32 under the interpreter (its bf16
+    is broken); fp32 dots use exact "ieee" products, 16-bit ones the hardware default."""
+    upcast = dtype == torch.bfloat16 and _interpreting()
+    return upcast, "ieee" if dtype == torch.float32 or upcast else "tf32"
+
+
+def _store_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    """The interpreter's fp32 -> bf16 cast truncates: there, results are stored in fp32 and rounded by torch."""
+    return torch.float32 if upcast else dtype
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def attention_forward(q, k, v, causal: bool, scale: float):
+    """q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D) -> out (B, Tq, Hq, D) in q.dtype, lse (B, Hq, Tq) fp32."""
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    upcast, precision = _flags(q.dtype)
+    out = torch.empty((B, Tq, Hq, D), dtype=_store_dtype(q.dtype, upcast), device=q.device)
+    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        return (triton.cdiv(Tq * G, meta["BLOCK_M"]), B * Hkv)
+
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        Tq, Tk, Hkv, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
+        G=G, D=D, BLOCK_D=_block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
+    )
+    return out.to(q.dtype), lse
+
+
+def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float):
+    """Gradients of attention: dout (B, Tq, Hq, D), lse/delta (B, Hq, Tq) fp32 -> (dq, dk, dv)."""
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    lse = lse.contiguous()
+    delta = delta.to(torch.float32).contiguous()
+    upcast, precision = _flags(q.dtype)
+    dq = torch.empty((B, Tq, Hq, D), dtype=_store_dtype(q.dtype, upcast), device=q.device)
+    dk = torch.empty((B, Tk, Hkv, D), dtype=_store_dtype(k.dtype, upcast), device=k.device)
+    dv = torch.empty((B, Tk, Hkv, D), dtype=_store_dtype(v.dtype, upcast), device=v.device)
+    common = dict(G=G, D=D, BLOCK_D=_block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision)
+    buckets = (triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
+
+    def grid_kv(meta):
+        return (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)
+
+    _attention_bwd_dkdv_kernel[grid_kv](
+        q, k, v, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
+        Tq, Tk, Hkv, scale * LOG2E, scale, *buckets, **common,
+    )
+
+    def grid_q(meta):
+        return (triton.cdiv(Tq * G, meta["BLOCK_M"]), B * Hkv)
+
+    _attention_bwd_dq_kernel[grid_q](
+        q, k, v, dout, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dq.stride(),
+        Tq, Tk, Hkv, scale * LOG2E, scale, *buckets, **common,
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,176 @@
+"""backend="triton" of `attention_with_kv_cache`: fused append + split-KV decode against the reference.
+
+Runs under the Triton interpreter on CPU (conftest); the same matrix runs on a GPU under the
+`cuda` mark. Outputs follow DESIGN §5; cache contents must match the reference bit for bit.
+"""
+
+import pytest
+import torch
+
+import pytorch_mqa
+from helpers import DTYPES, KV_CACHE_SHAPES, assert_close, kv_cache_inputs, randn, seeded
+from pytorch_mqa import reference
+from pytorch_mqa.kernels import attention_with_kv_cache as kernel
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+LABEL = "triton kv_cache"
+
+# Extra rows for this backend: G = 2, a cache already full without new rows (L = S), and a
+# sequence longer than one split with several key blocks per split.
+EXTRA_SHAPES = [
+    (2, 2, 96, 4, 2, 24, [96 - 2, 31]),
+    (2, 1, 64, 6, 3, 16, [64, 0]),
+]
+
+
+def _dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _run_all(case, dtype, device, with_new, causal, strided=False, seed=0):
+    """Run the triton op and both references on copies of the same inputs; return everything."""
+    q, k_cache, v_cache, k, v, seqlens = kv_cache_inputs(case, dtype, seed=seed, device=device, with_new=with_new)
+    if with_new and case[6][0] == case[2]:
+        pytest.skip("a cache already at capacity takes no new rows")
+    if strided:
+        # q, k, v as slices of one fused projection buffer.
+        B, Tq, Hq, D = q.shape
+        Hkv = k_cache.shape[2]
+        buf = randn((B, Tq, Hq + 2 * Hkv + 1, D), dtype, seeded(seed + 1), device)
+        buf[:, :, :Hq] = q
+        q = buf[:, :, :Hq]
+        if with_new:
+            buf[:, :, Hq : Hq + Hkv] = k
+            buf[:, :, Hq + Hkv : Hq + 2 * Hkv] = v
+            k, v = buf[:, :, Hq : Hq + Hkv], buf[:, :, Hq + Hkv : Hq + 2 * Hkv]
+    caches32 = (k_cache.float(), v_cache.float())
+    caches_lp = (k_cache.clone(), v_cache.clone())
+    new32 = (k.float(), v.float()) if with_new else (None, None)
+    out, lse = pytorch_mqa.attention_with_kv_cache(
+        q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=causal, return_lse=True, backend="triton"
+    )
+    ref32, lse32 = reference.attention_with_kv_cache(q.float(), *caches32, *new32, seqlens, causal=causal)
+    ref_lp, lse_lp = reference.attention_with_kv_cache(
+        q, *caches_lp, k, v, seqlens, causal=causal, upcast=False
+    )
+    return (out, lse), (ref32, lse32), (ref_lp, lse_lp), (k_cache, v_cache), caches_lp
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("with_new", [True, False], ids=["append", "no_new"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("case", KV_CACHE_SHAPES + EXTRA_SHAPES, ids=str)
+def test_decode(case, dtype, with_new, causal, device):
+    # Strided q/k/v on the non-causal half of the matrix.
+    got, r32, rlp, caches, caches_ref = _run_all(case, dtype, device, with_new, causal, strided=not causal)
+    assert got[0].dtype == dtype and got[0].is_contiguous() and got[1].dtype == torch.float32
+    assert_close(got[0], r32[0], rlp[0], dtype, "out", LABEL)
+    assert_close(got[1], r32[1], rlp[1], dtype, "lse", LABEL)
+    assert torch.equal(caches[0], caches_ref[0]) and torch.equal(caches[1], caches_ref[1])
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
+def test_forced_split_counts(num_splits):
+    # S = 1000 with 2 splits gives 4 key blocks per split; 8 splits leave some splits empty for
+    # the shorter sequence.
+    case = (2, 3, 1000, 4, 1, 16, [997, 200])
+    q, k_cache, v_cache, k, v, seqlens = kv_cache_inputs(case, torch.float32, seed=9)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out, lse = kernel.attention_with_kv_cache(q, k_cache, v_cache, k, v, seqlens, True, 0.25, num_splits=num_splits)
+    ref, ref_lse = reference.attention_with_kv_cache(q, kc, vc, k, v, seqlens, causal=True, scale=0.25)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=0)
+
+
+def test_split_rule_is_static_and_bounded():
+    # Depends on shapes and the SM count only; splits tile S and each is >= SPLIT_ALIGN rows.
+    assert kernel.num_splits_for(1, 1, 8, 64, 132) == 1
+    assert kernel.MAX_SPLITS // 2 < kernel.num_splits_for(1, 1, 8, 100_000, 132) <= kernel.MAX_SPLITS
+    n = kernel.num_splits_for(4, 8, 4, 4096, 132)  # 32 programs per split -> about 2 waves
+    assert 2 <= n <= 32
+    assert kernel.num_splits_for(512, 8, 8, 4096, 132) == 1  # enough work without splitting
+    for S in (1, 127, 128, 300, 1000, 4097):
+        n = kernel.num_splits_for(1, 1, 1, S, 132)
+        per = kernel._split_len(S, n)
+        assert per % kernel.SPLIT_ALIGN == 0 and (n - 1) * per < S <= n * per
+
+
+@pytest.mark.parametrize("with_new", [True, False], ids=["append", "no_new"])
+def test_guard_region(with_new):
+    """The caches are views into a larger sentinel-filled buffer: only rows [L_b, L_b + Tq) change."""
+    B, Tq, S, Hq, Hkv, D = 3, 2, 40, 4, 2, 24
+    sentinel = 7.0
+    buf_k = torch.full((B + 1, S + 6, Hkv + 1, D + 5), sentinel)
+    buf_v = torch.full((B + 1, S + 6, Hkv + 1, D + 5), sentinel)
+    k_cache = buf_k[:B, 3 : 3 + S, 1:, 2 : 2 + D]
+    v_cache = buf_v[:B, 3 : 3 + S, 1:, 2 : 2 + D]
+    gen = seeded(11)
+    k_cache.copy_(torch.randn(k_cache.shape, generator=gen))
+    v_cache.copy_(torch.randn(v_cache.shape, generator=gen))
+    q = torch.randn((B, Tq, Hq, D), generator=gen)
+    k = torch.randn((B, Tq, Hkv, D), generator=gen) if with_new else None
+    v = torch.randn((B, Tq, Hkv, D), generator=gen) if with_new else None
+    seqlens = torch.tensor([0, 17, S - Tq], dtype=torch.int32)
+    before_k, before_v = buf_k.clone(), buf_v.clone()
+    pytorch_mqa.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, backend="triton")
+    expect_k, expect_v = before_k.clone(), before_v.clone()
+    if with_new:
+        for b, L in enumerate(seqlens.tolist()):
+            expect_k[b, 3 + L : 3 + L + Tq, 1:, 2 : 2 + D] = k[b]
+            expect_v[b, 3 + L : 3 + L + Tq, 1:, 2 : 2 + D] = v[b]
+    assert torch.equal(buf_k, expect_k) and torch.equal(buf_v, expect_v)
+
+
+def test_device_lengths_past_capacity_write_nothing_outside():
+    """Lengths that live on the device are not checked on the host: L_b + Tq > S (and L_b < 0)
+    must still write only inside the cache. The launcher is called directly, as the op does on
+    a GPU where the host cannot see the lengths."""
+    B, Tq, S, Hq, Hkv, D = 4, 3, 20, 2, 1, 16
+    buf_k = torch.full((B, S + 8, Hkv, D), 7.0)
+    buf_v = torch.full((B, S + 8, Hkv, D), 7.0)
+    k_cache, v_cache = buf_k[:, 4 : 4 + S], buf_v[:, 4 : 4 + S]
+    gen = seeded(12)
+    k_cache.copy_(torch.randn(k_cache.shape, generator=gen))
+    v_cache.copy_(torch.randn(v_cache.shape, generator=gen))
+    q = torch.randn((B, Tq, Hq, D), generator=gen)
+    k = torch.randn((B, Tq, Hkv, D), generator=gen)
+    v = torch.randn((B, Tq, Hkv, D), generator=gen)
+    seqlens = torch.tensor([S - 1, S + 5, -2, S - Tq], dtype=torch.int32)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    before_k, before_v = buf_k.clone(), buf_v.clone()
+    out, lse = kernel.attention_with_kv_cache(q, k_cache, v_cache, k, v, seqlens, True, 0.25)
+    ref, ref_lse = reference.attention_with_kv_cache(q, kc_ref, vc_ref, k, v, seqlens, causal=True, scale=0.25)
+    # Outside the cache view: untouched. Inside: the reference's masked append.
+    assert torch.equal(buf_k[:, :4], before_k[:, :4]) and torch.equal(buf_k[:, 4 + S :], before_k[:, 4 + S :])
+    assert torch.equal(buf_v[:, :4], before_v[:, :4]) and torch.equal(buf_v[:, 4 + S :], before_v[:, 4 + S :])
+    assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=0)
+
+
+def test_opcheck():
+    q, k_cache, v_cache, k, v, seqlens = kv_cache_inputs((2, 2, 40, 4, 2, 16, [0, 21]), torch.float32, seed=13)
+    torch.library.opcheck(
+        torch.ops.pytorch_mqa.attention_with_kv_cache.default,
+        (q, k_cache, v_cache, k, v, seqlens, True, 0.25, "triton"),
+    )
+    torch.library.opcheck(
+        torch.ops.pytorch_mqa.attention_with_kv_cache.default,
+        (q, k_cache, v_cache, None, None, seqlens, False, 0.25, "triton"),
+    )
+
+
+def test_torch_compile_fullgraph():
+    case = (2, 1, 300, 8, 2, 32, [299, 130])  # several splits
+    q, k_cache, v_cache, k, v, seqlens = kv_cache_inputs(case, torch.float32, seed=14)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+
+    def step(q, k_cache, v_cache, k, v, seqlens):
+        return pytorch_mqa.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, backend="triton")
+
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k_cache, v_cache, k, v, seqlens)
+    ref, _ = reference.attention_with_kv_cache(q, kc_ref, vc_ref, k, v, seqlens)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+    assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)

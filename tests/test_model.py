@@ -1,0 +1,232 @@
+"""GPT: logits equal Hugging Face GPT-2 on the same weights (every checkpoint format), loss,
+gradients, MHA -> GQA/MQA conversion, save/load round trip, clear loading errors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_helpers import tiny_gpt, tiny_hf_gpt2, to_scratch_layout
+from pytorch_mqa import GPT, GPTConfig, generate
+
+transformers = pytest.importorskip("transformers")
+safetensors = pytest.importorskip("safetensors")
+
+IDX = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """(HF model, directory written by save_pretrained)."""
+    hf = tiny_hf_gpt2()
+    d = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(d)
+    return hf, d
+
+
+def hf_logits(hf, idx=IDX):
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def assert_logits_match(model, hf, idx=IDX):
+    with torch.no_grad():
+        got = model(idx)
+    ref = hf_logits(hf, idx)
+    err = (got - ref).abs().max().item()
+    assert err <= 1e-4, f"max |logits - HF| = {err:.2e}"
+
+
+# ---- config and forward -------------------------------------------------------------------------
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, n_kv_head=3, n_embd=16)
+    with pytest.raises(ValueError, match="n_embd"):
+        GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=3, n_kv_head=1, n_embd=16)
+    with pytest.raises(ValueError, match="vocab_size"):
+        GPTConfig(vocab_size=0, block_size=8, n_layer=1, n_head=1, n_kv_head=1, n_embd=16)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_shapes_params_and_tied_head(n_kv_head):
+    model = tiny_gpt(n_kv_head)
+    assert model(IDX).shape == (2, 11, 97)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    D = 32 // 4
+    assert model.transformer.h[0].attn.c_attn.weight.shape == ((4 + 2 * n_kv_head) * D, 32)
+
+
+def test_no_bias_config():
+    model = tiny_gpt(2, bias=False)
+    assert all(not n.endswith("bias") for n, _ in model.named_parameters())
+    assert model(IDX).shape == (2, 11, 97)
+
+
+def test_loss_and_gradients():
+    model = tiny_gpt(2).train()
+    targets = IDX.roll(-1, 1).clone()
+    targets[:, -1] = -100
+    targets[0, 3] = -100
+    logits, loss = model(IDX, targets)
+    keep = targets != -100
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_too_long_input():
+    model = tiny_gpt(2, block_size=8)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="2-D"):
+        model(torch.zeros(9, dtype=torch.long))
+
+
+# ---- Hugging Face GPT-2 -------------------------------------------------------------------------
+
+
+def test_hf_directory_safetensors(hf_dir):
+    hf, d = hf_dir
+    model = GPT.from_pretrained(d)
+    assert model.config.n_head == 4 and model.config.n_kv_head == 4 and model.config.block_size == 64
+    assert_logits_match(model, hf)
+
+
+def test_hf_bin_file_and_directory(hf_dir, tmp_path):
+    hf, d = hf_dir
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # carries the tied lm_head too
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    assert_logits_match(GPT.from_pretrained(tmp_path), hf)
+    assert_logits_match(GPT.from_pretrained(tmp_path / "pytorch_model.bin"), hf)
+    # A bare weights file with no config.json beside it needs n_head.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    torch.save(hf.state_dict(), bare / "weights.bin")
+    with pytest.raises(ValueError, match="n_head"):
+        GPT.from_pretrained(bare / "weights.bin")
+    assert_logits_match(GPT.from_pretrained(bare / "weights.bin", n_head=4), hf)
+
+
+def test_hf_safetensors_file_without_prefix(hf_dir, tmp_path):
+    """GPT2Model-style keys (no `transformer.` prefix), as in the original GPT-2 checkpoints."""
+    from safetensors.torch import save_file
+
+    hf, _ = hf_dir
+    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, tmp_path / "model.safetensors")
+    assert_logits_match(GPT.from_pretrained(tmp_path / "model.safetensors", n_head=4), hf)
+
+
+def test_hf_greedy_generation_matches(hf_dir):
+    hf, d = hf_dir
+    model = GPT.from_pretrained(d)
+    prompt = IDX[:1, :6]
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False)
+    ref = ref[0, 6:].tolist()
+    assert generate(model, prompt, 16, temperature=0) == [ref]
+    assert generate(model, prompt, 16, temperature=0, use_cache=False) == [ref]
+    assert len(set(ref)) > 3
+
+
+def test_scratch_layout(hf_dir, tmp_path):
+    hf, d = hf_dir
+    sd = to_scratch_layout(GPT.from_pretrained(d))
+    torch.save({"model_state_dict": sd, "epoch": 3}, tmp_path / "model.pth")
+    assert_logits_match(GPT.from_pretrained(tmp_path / "model.pth", n_head=4), hf)
+    cfg = {"vocab_size": 97, "context_length": 64, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "qkv_bias": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert_logits_match(GPT.from_pretrained(tmp_path / "model.pth"), hf)
+    with pytest.raises(ValueError, match="config.json says 4"):
+        GPT.from_pretrained(tmp_path / "model.pth", n_head=2)
+
+
+def test_scratch_layout_untied_head_is_refused(hf_dir, tmp_path):
+    sd = to_scratch_layout(GPT.from_pretrained(hf_dir[1]))
+    sd["out_head.weight"] = sd["out_head.weight"] + 1.0
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(ValueError, match="out_head.weight differs from the token embedding"):
+        GPT.from_pretrained(tmp_path / "m.pth", n_head=4)
+
+
+def test_loading_errors_name_the_keys(hf_dir, tmp_path):
+    hf, _ = hf_dir
+    sd = dict(hf.state_dict())
+    sd["transformer.h.0.attn.extra.weight"] = torch.zeros(3)
+    del sd["transformer.h.1.mlp.c_fc.bias"]
+    torch.save(sd, tmp_path / "a.bin")
+    with pytest.raises(ValueError, match=r"missing keys \['transformer.h.1.mlp.c_fc.bias'\].*unknown keys \['transformer.h.0.attn.extra.weight'\]"):
+        GPT.from_pretrained(tmp_path / "a.bin", n_head=4)
+    sd = dict(hf.state_dict())
+    sd["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(32, 100)
+    torch.save(sd, tmp_path / "b.bin")
+    with pytest.raises(ValueError, match=r"transformer.h.0.mlp.c_fc.weight has shape \(32, 100\), expected \(32, 128\)"):
+        GPT.from_pretrained(tmp_path / "b.bin", n_head=4)
+    with pytest.raises(FileNotFoundError):
+        GPT.from_pretrained(tmp_path / "nope")
+
+
+def test_hf_config_variants_refused(tmp_path):
+    hf = tiny_hf_gpt2(activation_function="relu")
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="activation_function"):
+        GPT.from_pretrained(tmp_path)
+
+
+# ---- MHA -> GQA / MQA, dtype, round trip --------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_kv_head_conversion(hf_dir, n_kv_head):
+    _, d = hf_dir
+    mha = GPT.from_pretrained(d)
+    gqa = GPT.from_pretrained(d, n_kv_head=n_kv_head)
+    assert gqa.config.n_kv_head == n_kv_head
+    D, G = 8, 4 // n_kv_head
+    w_old, w_new = mha.transformer.h[1].attn.c_attn.weight, gqa.transformer.h[1].attn.c_attn.weight
+    b_old, b_new = mha.transformer.h[1].attn.c_attn.bias, gqa.transformer.h[1].attn.c_attn.bias
+    assert w_new.shape == ((4 + 2 * n_kv_head) * D, 32)
+    assert torch.equal(w_new[:32], w_old[:32])  # queries unchanged
+    for part in (1, 2):  # K, then V
+        old = w_old[32 * part : 32 * (part + 1)].reshape(4, D, 32)
+        new = w_new[32 + (part - 1) * n_kv_head * D :][: n_kv_head * D].reshape(n_kv_head, D, 32)
+        for j in range(n_kv_head):
+            torch.testing.assert_close(new[j], old[j * G : (j + 1) * G].mean(0))
+        oldb = b_old[32 * part : 32 * (part + 1)].reshape(4, D)
+        newb = b_new[32 + (part - 1) * n_kv_head * D :][: n_kv_head * D].reshape(n_kv_head, D)
+        torch.testing.assert_close(newb[0], oldb[:G].mean(0))
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    assert generate(gqa, prompts, 10, temperature=0) == generate(gqa, prompts, 10, temperature=0, use_cache=False)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPT.from_pretrained(d, n_kv_head=3)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 1])
+def test_save_pretrained_round_trip_exact(tmp_path, n_kv_head):
+    model = tiny_gpt(n_kv_head, bias=n_kv_head == 1)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["n_kv_head"] == n_kv_head and cfg["format"] == "pytorch_mqa.GPT"
+    again = GPT.from_pretrained(tmp_path)
+    assert again.config == model.config
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(again(IDX), model(IDX))
+    assert again.lm_head.weight is again.transformer.wte.weight
+    # Converting a saved GQA model further (4 -> 2 KV heads) works too.
+    if n_kv_head == 4:
+        assert GPT.from_pretrained(tmp_path, n_kv_head=2).config.n_kv_head == 2
+
+
+def test_dtype_and_bf16_round_trip(tmp_path):
+    model = tiny_gpt(2).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    again = GPT.from_pretrained(tmp_path)
+    assert again.transformer.wte.weight.dtype == torch.bfloat16
+    assert torch.equal(again(IDX), model(IDX))
+    as32 = GPT.from_pretrained(tmp_path, dtype="float32")
+    assert as32.transformer.wte.weight.dtype == torch.float32

@@ -1,0 +1,94 @@
+"""The reference itself against a plain float64 loop, before it is trusted as the oracle."""
+
+import pytest
+import torch
+from helpers import attention_inputs, kv_cache_inputs, random_case
+from oracle import attention_loop
+
+from pytorch_mqa import reference
+
+SMALL_SHAPES = [
+    (1, 1, 1, 1, 1, 4),
+    (2, 5, 7, 4, 1, 8),  # MQA
+    (1, 7, 3, 6, 2, 5),  # G=3, Tq > Tk, odd D
+    (2, 4, 9, 8, 8, 16),  # MHA
+    (1, 3, 6, 8, 1, 3),  # G=8
+]
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES + [random_case(s) for s in range(3)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_matches_float64_loop(shape, causal):
+    q, k, v = attention_inputs(shape, torch.float64, seed=1)
+    if shape[1] > 40 or shape[2] > 40:  # the loop is slow; trim drawn shapes
+        q, k, v = q[:, :40], k[:, :40], v[:, :40]
+    out, lse = reference.attention(q, k, v, causal=causal, scale=0.3)
+    out_l, lse_l = attention_loop(q, k, v, causal=causal, scale=0.3)
+    torch.testing.assert_close(out, out_l, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, lse_l, rtol=0, atol=1e-12)
+
+
+def test_reference_fp32_close_to_loop():
+    q, k, v = attention_inputs((2, 9, 13, 4, 2, 24), torch.float32, seed=2)
+    out, lse = reference.attention(q, k, v, causal=True)
+    out_l, lse_l = attention_loop(q, k, v, causal=True)
+    assert (out.double() - out_l).abs().max() < 1e-6
+    assert (lse.double() - lse_l).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_backward_matches_float64_autograd(causal):
+    q, k, v = attention_inputs((2, 6, 9, 6, 2, 8), torch.float64, seed=3)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    out, lse = attention_loop(q, k, v, causal=causal)
+    gen = torch.Generator().manual_seed(0)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    dlse = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
+    finite = torch.isfinite(lse)
+    ((out * dout).sum() + (torch.where(finite, lse, 0) * dlse).sum()).backward()
+    with torch.no_grad():
+        delta = (dout * out).sum(-1).transpose(1, 2) - dlse
+        dq, dk, dv = reference.attention_backward(dout, q, k, v, lse, delta, causal=causal)
+    for got, x in zip((dq, dk, dv), (q, k, v)):
+        torch.testing.assert_close(got, x.grad, rtol=0, atol=1e-10)
+
+
+def test_rows_without_keys_are_zero_with_minus_inf_lse():
+    # Tq > Tk with causal: the first Tq - Tk query rows see no key.
+    q, k, v = attention_inputs((1, 6, 2, 2, 1, 8), torch.float32, seed=4)
+    out, lse = reference.attention(q, k, v, causal=True)
+    assert torch.all(out[:, :4] == 0) and torch.all(torch.isneginf(lse[:, :, :4]))
+    assert torch.isfinite(out).all() and torch.isfinite(lse[:, :, 4:]).all()
+
+
+@pytest.mark.parametrize("with_new", [True, False])
+def test_reference_kv_cache_matches_loop(with_new):
+    case = (3, 2, 12, 4, 2, 8, [0, 5, 10])
+    q, kc, vc, k, v, lens = kv_cache_inputs(case, torch.float64, seed=5, with_new=with_new)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out, lse = reference.attention_with_kv_cache(q, kc, vc, k, v, lens, causal=True)
+    # Build the expected cache by hand, then attend with the loop.
+    Tq = q.shape[1]
+    for b, L in enumerate(lens.tolist()):
+        if with_new:
+            kc0[b, L : L + Tq] = k[b]
+            vc0[b, L : L + Tq] = v[b]
+    torch.testing.assert_close(kc, kc0, rtol=0, atol=0)
+    torch.testing.assert_close(vc, vc0, rtol=0, atol=0)
+    key_len = lens + (Tq if with_new else 0)
+    out_l, lse_l = attention_loop(q, kc0, vc0, causal=True, key_len=key_len)
+    torch.testing.assert_close(out, out_l, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, lse_l, rtol=0, atol=1e-12)
+
+
+def test_append_masks_out_of_range_rows():
+    # Lengths that overflow (as they could on a device, unchecked) write nothing outside [0, S).
+    S = 5
+    buf = torch.full((2, S + 4, 1, 2), -7.0)
+    cache = buf[:, 2 : 2 + S]
+    new = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 1, 2)
+    reference.append_to_cache(cache, new, torch.tensor([3, 9]))
+    assert torch.all(buf[:, :2] == -7) and torch.all(buf[:, 2 + S :] == -7)
+    assert torch.equal(cache[0, 3:5], new[0, :2])  # rows 3, 4 written; the third is dropped
+    assert torch.all(cache[0, :3] == -7) and torch.all(cache[1] == -7)
