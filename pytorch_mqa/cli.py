@@ -13,6 +13,7 @@ import sys
 # command -> (module, one-line help)
 COMMANDS = {
     "info": ("pytorch_mqa.info", "versions, devices and which backends this machine has"),
+    "bench": ("pytorch_mqa.bench", "microbenchmarks of both ops and end-to-end generation tokens/s"),
 }
 
 
