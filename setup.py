@@ -2,12 +2,32 @@
 
 `kernels/` (Triton) is installed as `pytorch_mqa.kernels`; the CUDA sources in `csrc/` ship as
 package data (`pytorch_mqa.csrc`) so the JIT build in `pytorch_mqa/_build.py` finds them in an
-installed copy. Nothing is compiled at install time.
+installed copy. Nothing is compiled at install time, unless PYTORCH_MQA_BUILD_CUDA=1 asks for an
+ahead-of-time build of csrc/ as `pytorch_mqa._C` (needs torch, nvcc and ninja in the build
+environment: `PYTORCH_MQA_BUILD_CUDA=1 pip install --no-build-isolation .`).
 """
 
 import os
 
 from setuptools import setup
+
+
+def _cuda_extension_kwargs() -> dict:
+    """ext_modules / cmdclass of the ahead-of-time CUDA build (same sources as pytorch_mqa/_build.py)."""
+    if os.environ.get("PYTORCH_MQA_BUILD_CUDA", "0") != "1":
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    ext = CUDAExtension(
+        "pytorch_mqa._C",
+        sources=["csrc/attention_with_kv_cache.cu", "csrc/bindings.cpp"],
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="pytorch_mqa",
@@ -34,4 +54,5 @@ setup(
         "test": ["pytest", "triton>=3.6", "ninja", "tiktoken", "transformers", "safetensors", "matplotlib"],
     },
     entry_points={"console_scripts": ["pytorch-mqa = pytorch_mqa.cli:main"]},
+    **_cuda_extension_kwargs(),
 )

@@ -39,6 +39,20 @@ def _configs(gpu: list[tuple[int, int, int, int]], interpreter: tuple[int, int])
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
 
 
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose K/V tiles cannot fit in shared memory (about 200 KB) or that are too large
+    for the FMA path of exact fp32 dots; they would only cost compile time. Keeps at least one."""
+    args = {**named_args, **kwargs}
+    elem = 4 if args["DOT_PRECISION"] == "ieee" else 2
+    fits = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        smem = c.num_stages * (bm + bn) * args["BLOCK_D"] * elem
+        if smem <= 200 * 1024 and (elem == 2 or bm * bn <= 64 * 64):
+            fits.append(c)
+    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+
+
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
 BWD_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1), (128, 64, 8, 2)]
 # Keys of the autotune cache: power-of-two buckets of the lengths, never the raw lengths.
@@ -104,7 +118,7 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(FWD_CONFIGS, (128, 128)), key=TUNE_KEY)
+@triton.autotune(configs=_configs(FWD_CONFIGS, (128, 128)), key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse,
@@ -202,7 +216,7 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=_configs(BWD_CONFIGS, (128, 128)), key=TUNE_KEY)
+@triton.autotune(configs=_configs(BWD_CONFIGS, (128, 128)), key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,
@@ -314,7 +328,7 @@ def _dq_inner(
     return dq
 
 
-@triton.autotune(configs=_configs(BWD_CONFIGS, (128, 128)), key=TUNE_KEY)
+@triton.autotune(configs=_configs(BWD_CONFIGS, (128, 128)), key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,

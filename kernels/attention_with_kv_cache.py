@@ -21,7 +21,8 @@ Three launches, in stream order:
 The split count depends only on static shapes (B, Hkv, Tq * G, S and the device's SM count), so
 the launch is the same for every step and works under torch.compile and CUDA graph capture;
 lengths are read on the device only. With one split the attention kernel writes the final
-output directly and the combine is skipped.
+output directly and the combine is skipped. The split kernel is autotuned on its first call per
+(capacity bucket, row block, head dim): make one call before capturing a CUDA graph.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def _configs() -> list[triton.Config]:
     ]
 
 
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose K/V stages cannot fit in about 200 KB of shared memory. Keeps at least one."""
+    args = {**named_args, **kwargs}
+    elem = 4 if args["DOT_PRECISION"] == "ieee" else 2
+    fits = [c for c in configs if c.num_stages * 2 * c.kwargs["BLOCK_N"] * args["BLOCK_D"] * elem <= 200 * 1024]
+    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.num_stages)]
+
+
 @triton.jit
 def _append_kernel(
     K, V, KC, VC, SEQLENS,
@@ -81,7 +90,11 @@ def _append_kernel(
     tl.store(VC + b * stride_vcb + hk * stride_vch + pos[:, None] * stride_vcs + offs_d[None, :] * stride_vcd, v, mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["s_bucket", "BLOCK_M", "G", "BLOCK_D", "CAUSAL", "DOT_PRECISION"])
+@triton.autotune(
+    configs=_configs(),
+    key=["s_bucket", "BLOCK_M", "G", "BLOCK_D", "CAUSAL", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _decode_split_kernel(
     Q, KC, VC, SEQLENS, Out, Lse,
@@ -201,13 +214,15 @@ def _combine_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     denom = tl.zeros([BLOCK_M], dtype=tl.float32)
     part_row = OutPart + b * stride_pb + t64[:, None] * stride_pt + h[:, None] * stride_ph + offs_d[None, :] * stride_pd
-    for s in range(NUM_SPLITS):
-        s64 = tl.full([], s, tl.int64)
-        lse_s = tl.load(lse_row + s64 * stride_qs, mask=row_ok, other=float("-inf"))
+    for _ in range(NUM_SPLITS):
+        lse_s = tl.load(lse_row, mask=row_ok, other=float("-inf"))
         w = tl.math.exp2((lse_s - m_safe) * 1.4426950408889634)
-        o_s = tl.load(part_row + s64 * stride_ps, mask=od_mask, other=0.0)
+        o_s = tl.load(part_row, mask=od_mask, other=0.0)
         acc += w[:, None] * o_s
         denom += w
+        # Step the pointers (64-bit) rather than forming split * stride in 32 bits.
+        lse_row += stride_qs
+        part_row += stride_ps
     seen = denom > 0.0
     out = acc / tl.where(seen, denom, 1.0)[:, None]
     lse = tl.where(seen, m_safe + tl.log(tl.where(seen, denom, 1.0)), float("-inf"))

@@ -17,6 +17,8 @@ ENV_VAR = "PYTORCH_MQA_BACKEND"
 
 # backend="auto" on CUDA tensors: the measured choice per op (see BENCHMARKS.md for the figures).
 # Until a GPU benchmark decides otherwise, both ops use Triton on CUDA.
+# attention_with_kv_cache: the csrc/ kernel (backend="cuda") is not the auto choice yet; which of
+# triton and cuda is faster for decoding is pending a GPU measurement.
 AUTO_CUDA_BACKEND = {"attention": "triton", "attention_with_kv_cache": "triton"}
 
 
@@ -35,6 +37,8 @@ def _cuda_reason() -> str | None:
         return "CUDA is not available (torch.cuda.is_available() is False)"
     if torch.version.cuda is None:
         return "this torch build has no CUDA support"
+    if importlib.util.find_spec("pytorch_mqa._C") is not None:
+        return None  # built ahead of time (PYTORCH_MQA_BUILD_CUDA=1): no nvcc or ninja needed
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         return "nvcc was not found on PATH and CUDA_HOME is not set (needed for the JIT build of csrc/)"
     if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:

@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": ("pytorch_mqa.generate_cli", "generate text from a checkpoint or Hugging Face GPT-2 directory"),
     "study": ("pytorch_mqa.study", "MHA vs GQA vs MQA quality/speed study with a Markdown report"),
     "finetune": ("pytorch_mqa.finetune", "instruction fine-tuning in the Alpaca format"),
+    "bench": ("pytorch_mqa.bench", "microbenchmarks of both ops and end-to-end generation tokens/s"),
 }
 
 

@@ -326,6 +326,21 @@ def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend):
     return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
 
 
+# The csrc/ kernel's op. Its schema is defined here, once, at import (no compile); the CUDA kernel
+# is registered by csrc/bindings.cpp when pytorch_mqa._build.load_extension() loads the library.
+torch.library.define(
+    "pytorch_mqa::attention_with_kv_cache_cuda",
+    "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens, "
+    "bool causal, float scale) -> (Tensor, Tensor)",
+)
+
+
+@torch.library.register_fake("pytorch_mqa::attention_with_kv_cache_cuda")
+def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale):
+    B, Tq, Hq, D = q.shape
+    return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # Public functions.
 # --------------------------------------------------------------------------------------------

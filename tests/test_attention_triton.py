@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+import triton
 
 import pytorch_mqa
 from helpers import ATTENTION_SHAPES, DTYPES, assert_close, attention_inputs, random_case, seeded
@@ -19,6 +20,11 @@ from pytorch_mqa import reference
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 LABEL = "triton attention"
+# Backward cases that take a few seconds in the interpreter (three kernels plus three references).
+SLOW_BACKWARD = {(2, 65, 31, 6, 2, 72), (1, 130, 130, 4, 4, 96)}
+BACKWARD_SHAPES = [
+    pytest.param(s, id=str(s), marks=[pytest.mark.slow] if s in SLOW_BACKWARD else []) for s in ATTENTION_SHAPES
+]
 
 
 def _dtype_id(dtype):
@@ -66,7 +72,7 @@ def _low_precision_reference(ref32, autograd_lp, op_lp):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES)
 def test_backward(shape, dtype, causal, device):
     q, k, v = attention_inputs(shape, dtype, seed=2, device=device, strided=not causal)
     gen = seeded(3)
@@ -131,6 +137,19 @@ def test_scale_and_fp32_exactness():
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
 
 
+def test_config_pruning_keeps_fitting_tiles():
+    from pytorch_mqa.kernels import attention as kernel
+
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in kernel.FWD_CONFIGS
+    ]
+    fp16_d128 = kernel._prune(configs, {}, BLOCK_D=128, DOT_PRECISION="tf32")
+    assert len(fp16_d128) == len(configs)
+    fp32_d256 = kernel._prune(configs, {}, BLOCK_D=256, DOT_PRECISION="ieee")
+    assert 1 <= len(fp32_d256) < len(configs)
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in fp32_d256)
+
+
 def test_opcheck():
     q, k, v = attention_inputs((1, 17, 20, 4, 2, 16), torch.float32, seed=6, strided=True)
     scale = 0.25
@@ -184,3 +203,16 @@ def test_cpu_without_interpreter_raises():
     env["CUDA_VISIBLE_DEVICES"] = ""
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu():
+    """Lower the kernels to sm_90 cubins (Triton ships ptxas): catches what only a GPU compiler rejects."""
+    _compile_check("attention")
+
+
+def _compile_check(op):
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
+    res = subprocess.run([sys.executable, script, op], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

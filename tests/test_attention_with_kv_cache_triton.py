@@ -4,6 +4,10 @@ Runs under the Triton interpreter on CPU (conftest); the same matrix runs on a G
 `cuda` mark. Outputs follow DESIGN §5; cache contents must match the reference bit for bit.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -174,3 +178,14 @@ def test_torch_compile_fullgraph():
     ref, _ = reference.attention_with_kv_cache(q, kc_ref, vc_ref, k, v, seqlens)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
     assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu():
+    """Lower the decode kernels to sm_90 cubins (Triton ships ptxas) without a GPU."""
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
+    res = subprocess.run(
+        [sys.executable, script, "attention_with_kv_cache"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

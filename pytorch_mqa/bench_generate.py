@@ -1,0 +1,180 @@
+"""The end-to-end benchmark of `pytorch-mqa bench generate`: greedy generation tokens/s of a
+GPT-2-shaped model with the KV cache, without it (the whole prefix recomputed each step), and
+Hugging Face `transformers` GPT2LMHeadModel on the same weights when it is installed.
+
+The weights are random: an HF `GPT2LMHeadModel` is built offline from a `GPT2Config`, written with
+`save_pretrained`, and loaded into our GPT with `GPT.from_pretrained`, so both run the same
+network. Without transformers our GPT is built from a GPTConfig and the HF row says why it is
+missing. The greedy tokens of every provider are compared with the cached run's.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import torch
+
+from pytorch_mqa import bench
+
+# CPU: a small GPT-2 on two threads; GPU: GPT-2 small (124M).
+GENERATE_SHAPES = {
+    "cpu": dict(n_layer=4, n_head=8, n_embd=256, vocab_size=4096, block_size=1024, prompt=16, new_tokens=256,
+                repeats=3, threads=2, mqa_kv_heads=(1,)),
+    # quick: 32 new tokens, since the uncached run costs the sum of all prefix lengths.
+    "cpu_quick": dict(n_layer=4, n_head=8, n_embd=256, vocab_size=4096, block_size=1024, prompt=16, new_tokens=32,
+                      repeats=3, threads=2, mqa_kv_heads=(1,)),
+    "cuda": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16, new_tokens=256,
+                 repeats=3, threads=None, mqa_kv_heads=(4, 1)),
+    "cuda_quick": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16,
+                       new_tokens=256, repeats=1, threads=None, mqa_kv_heads=(1,)),
+}
+
+GENERATE_COLUMNS = [("provider", "provider"), ("n_kv_head", "n_kv_head"), ("new_tokens", "new tokens"),
+                    ("seconds", "s"), ("tokens_per_s", "tok/s"), ("same_tokens", "same tokens")]
+
+
+WARMUP_TOKENS = 8
+
+
+def _time_round_robin(providers, n_new: int, device, repeats: int) -> list[tuple[list[float], list]]:
+    """Per provider: (seconds of each of `repeats` runs, the last run's tokens), after a short
+    warm-up run each (prefill and a few decode steps). The runs go round-robin over the
+    providers, so a change in machine load hits all of them alike."""
+    for _, _, fn in providers:
+        fn(min(WARMUP_TOKENS, n_new))
+    times: list[list[float]] = [[] for _ in providers]
+    tokens: list = [None] * len(providers)
+    for _ in range(repeats):
+        for i, (_, _, fn) in enumerate(providers):
+            bench.synchronize(device)
+            t0 = time.perf_counter()
+            tokens[i] = fn(n_new)
+            bench.synchronize(device)
+            times[i].append(time.perf_counter() - t0)
+    return list(zip(times, tokens))
+
+
+def _build_models(shp: dict, device, dtype, workdir: str):
+    """(our GPT, HF model or None, reason HF is missing or None) with the same random weights."""
+    from pytorch_mqa.model import GPT, GPTConfig
+
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as exc:
+        torch.manual_seed(0)
+        cfg = GPTConfig(vocab_size=shp["vocab_size"], block_size=shp["block_size"], n_layer=shp["n_layer"],
+                        n_head=shp["n_head"], n_kv_head=shp["n_head"], n_embd=shp["n_embd"])
+        ours = GPT(cfg).to(device=device, dtype=dtype).eval()
+        ours.save_pretrained(workdir)
+        return ours, None, f"transformers is not installed ({exc})"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    # No BOS/EOS: greedy decoding then runs the full length with nothing masked.
+    hf_cfg = GPT2Config(vocab_size=shp["vocab_size"], n_positions=shp["block_size"], n_embd=shp["n_embd"],
+                        n_layer=shp["n_layer"], n_head=shp["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(hf_cfg).eval()
+    hf.save_pretrained(workdir)
+    hf = hf.to(device=device, dtype=dtype)
+    ours = GPT.from_pretrained(workdir, dtype=dtype, device=device).eval()
+    return ours, hf, None
+
+
+def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
+    from pytorch_mqa.generate import generate
+    from pytorch_mqa.model import GPT
+
+    shp = shapes or GENERATE_SHAPES[device.type + ("_quick" if quick else "")]
+    dtype = dtype or torch.float32
+    old_threads = torch.get_num_threads()
+    if device.type == "cpu" and shp.get("threads"):
+        torch.set_num_threads(shp["threads"])
+    base = dict(suite="generate", op="generate", n_layer=shp["n_layer"], n_head=shp["n_head"],
+                n_embd=shp["n_embd"], vocab_size=shp["vocab_size"], prompt=shp["prompt"],
+                new_tokens=shp["new_tokens"], batch=1, dtype=str(dtype).replace("torch.", ""),
+                threads=torch.get_num_threads() if device.type == "cpu" else None)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
+            ours, hf, hf_reason = _build_models(shp, device, dtype, workdir)
+            gen = torch.Generator().manual_seed(0)
+            prompt = torch.randint(0, shp["vocab_size"], (1, shp["prompt"]), generator=gen).to(device)
+            n_new = shp["new_tokens"]
+
+            def ours_fn(model, use_cache):
+                return lambda n: generate(model, prompt, n, temperature=0, use_cache=use_cache)[0]
+
+            providers = [("mqa.cached", shp["n_head"], ours_fn(ours, True)),
+                         ("mqa.uncached", shp["n_head"], ours_fn(ours, False))]
+            for n_kv in shp.get("mqa_kv_heads", ()):
+                if n_kv != shp["n_head"]:
+                    # The same weights with K/V heads mean-pooled per group: the tokens differ.
+                    conv = GPT.from_pretrained(workdir, n_kv_head=n_kv, dtype=dtype, device=device).eval()
+                    providers.append(("mqa.cached", n_kv, ours_fn(conv, True)))
+            if hf is not None:
+                def hf_fn(n):
+                    out = hf.generate(prompt, max_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
+                    return out[0, prompt.shape[1]:].tolist()
+
+                providers.append(("hf.transformers", shp["n_head"], hf_fn))
+            else:
+                rows.append(dict(base, provider="hf.transformers", n_kv_head=shp["n_head"], seconds=None,
+                                 reason=hf_reason))
+            reference_tokens = None
+            timed = _time_round_robin(providers, n_new, device, shp["repeats"])
+            for (name, n_kv, _), (times, tokens) in zip(providers, timed):
+                seconds = statistics.median(times)
+                row = dict(base, provider=name, n_kv_head=n_kv, seconds=seconds, tokens_per_s=n_new / seconds,
+                           best_seconds=min(times), repeats=len(times))
+                if reference_tokens is None:
+                    reference_tokens = tokens
+                elif n_kv == shp["n_head"]:
+                    row["same_tokens"] = tokens == reference_tokens
+                if name == "hf.transformers":
+                    row["attn_implementation"] = getattr(hf.config, "_attn_implementation", None)
+                rows.append(row)
+    finally:
+        torch.set_num_threads(old_threads)
+    _add_ratios(rows, shp["n_head"])
+    return rows
+
+
+def _add_ratios(rows: list[dict], n_head: int) -> None:
+    """On the MHA cached row: cached/uncached and cached/HF tokens-per-second ratios."""
+    by = {r["provider"]: r for r in rows if r.get("n_kv_head") == n_head and r.get("tokens_per_s")}
+    cached = by.get("mqa.cached")
+    if cached is None:
+        return
+    for key, other in (("x_vs_uncached", "mqa.uncached"), ("x_vs_hf", "hf.transformers")):
+        if other in by:
+            cached[key] = cached["tokens_per_s"] / by[other]["tokens_per_s"]
+
+
+def summary(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        if "x_vs_uncached" in r:
+            lines.append(f"cached / uncached: {r['x_vs_uncached']:.2f}x")
+        if "x_vs_hf" in r:
+            lines.append(f"cached / HF transformers: {r['x_vs_hf']:.2f}x")
+    return "\n".join(lines)
+
+
+def plot_generate(rows, result, path):
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['provider']}\n(n_kv_head={r['n_kv_head']})" for r in rows]
+    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 3.5))
+    ax.bar(labels, [r["tokens_per_s"] for r in rows])
+    ax.set_ylabel("tokens/s")
+    r0 = rows[0]
+    ax.set_title(f"greedy generation, {r0['n_layer']} layers, {r0['n_embd']} wide, {r0['new_tokens']} new tokens"
+                 f" — {result['environment']['device_name']}", fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
