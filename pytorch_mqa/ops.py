@@ -176,61 +176,11 @@ def _attention_backward(dout, q, k, v, lse, delta, causal, scale, backend):
     raise RuntimeError(f"backend: {backend!r} has no attention backward implementation")
 
 
-def _decode_one_row(q, k, v, scale):
-    """reference.attention for one query row and Tk >= 1 visible keys (no mask), in few ops.
-
-    q (B, 1, Hq, D), k/v (B, Tk, Hkv, D) -> out (B, 1, Hq, D), lse (B, Hq, 1); float32 math.
-    """
-    B, _, Hq, D = q.shape
-    Hkv = k.shape[2]
-    acc = torch.promote_types(q.dtype, torch.float32)
-    qg = q.reshape(B, Hkv, Hq // Hkv, D).to(acc)  # one row: the G heads of a KV head are the rows
-    s = torch.matmul(qg, k.to(acc).permute(0, 2, 3, 1)) * scale  # (B, Hkv, G, Tk)
-    m = s.amax(dim=-1, keepdim=True)
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)
-    o = torch.matmul(p / l, v.to(acc).transpose(1, 2))  # (B, Hkv, G, D)
-    return o.reshape(B, 1, Hq, D).to(q.dtype), (m + torch.log(l)).reshape(B, Hq, 1)
-
-
-def _kv_cache_forward_host(q, k_cache, v_cache, k, v, lengths: list, causal, scale):
-    """The reference on CPU tensors whose lengths are on the host (and validated: in range).
-
-    Same math as reference.attention_with_kv_cache, less work per decode step (it was ~1 ms per
-    call at B=1 on a 2-core CPU, most of a GPT decode step): the append is one slice copy per
-    sequence instead of the sync-free masked scatter, and sequences of equal length attend
-    their own prefix through reference.attention (bottom-right causal, the cache's alignment),
-    with no masks to build.
-    """
-    Tq = q.shape[1]
-    uniform = len(set(lengths)) == 1
-    if k is not None:
-        if uniform:
-            k_cache[:, lengths[0] : lengths[0] + Tq] = k
-            v_cache[:, lengths[0] : lengths[0] + Tq] = v
-        else:
-            for b, L in enumerate(lengths):
-                k_cache[b, L : L + Tq] = k[b]
-                v_cache[b, L : L + Tq] = v[b]
-        lengths = [L + Tq for L in lengths]
-    causal = causal and Tq > 1  # a single query row sees its whole prefix either way
-    if uniform:
-        Lk = lengths[0]
-        if Tq == 1 and Lk > 0:
-            return _decode_one_row(q, k_cache[:, :Lk], v_cache[:, :Lk], scale)
-        return reference.attention(q, k_cache[:, :Lk], v_cache[:, :Lk], causal=causal, scale=scale)
-    parts = [
-        reference.attention(q[b : b + 1], k_cache[b : b + 1, :L], v_cache[b : b + 1, :L], causal=causal, scale=scale)
-        for b, L in enumerate(lengths)
-    ]
-    return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
-
-
 def _kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend):
     if backend == "reference" and q.device.type == "cpu" and q.shape[0] > 0 and q.shape[1] > 0:
         L = _host_lengths(cache_seqlens)
         if L is not None:
-            return _kv_cache_forward_host(q, k_cache, v_cache, k, v, L.tolist(), causal, scale)
+            return reference.attention_with_kv_cache_host(q, k_cache, v_cache, k, v, L.tolist(), causal, scale)
     cache_seqlens = cache_seqlens.to(q.device, non_blocking=True)
     if backend == "reference" or q.shape[0] == 0 or q.shape[1] == 0:
         # Tq == 0 appends nothing and attends nothing: the reference returns empty results.
