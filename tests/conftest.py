@@ -21,6 +21,15 @@ import pytest  # noqa: E402
 from helpers import ERROR_RATIOS  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny models train faster without a second contended thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
     if not torch.cuda.is_available():

@@ -50,7 +50,7 @@ def tiny_hf_gpt2(seed=0, n_head=4, **kw):
 def to_scratch_layout(model) -> dict:
     """A GPT's weights renamed into the from-scratch GPT-2 layout (tok_emb, trf_blocks, ...)."""
     sd = model.state_dict()
-    C, H = model.config.n_embd, model.config.n_head
+    C = model.config.n_embd
     out = {"tok_emb.weight": sd["transformer.wte.weight"], "pos_emb.weight": sd["transformer.wpe.weight"]}
     for i in range(model.config.n_layer):
         s, d = f"transformer.h.{i}.", f"trf_blocks.{i}."

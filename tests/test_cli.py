@@ -13,12 +13,8 @@ CORPUS = ("A class definition defines a class object. The with statement wraps a
           "context manager. Names refer to objects, and names are introduced by name binding. ") * 25
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small models on a shared 2-core machine run fastest on one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

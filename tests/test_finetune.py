@@ -16,12 +16,8 @@ from pytorch_mqa.train import lm_loss
 DATA = os.path.join(os.path.dirname(__file__), "data", "instructions.json")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small models on a shared 2-core machine run fastest on one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(block=256):

@@ -15,12 +15,8 @@ CORPUS = ("The for statement iterates over the items of a sequence. The while st
           "while an expression is true. A function returns the value of its expression list. ") * 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small models on a shared 2-core machine run fastest on one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_kv_variants():

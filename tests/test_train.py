@@ -14,12 +14,8 @@ from pytorch_mqa.train import (LMBatches, TrainConfig, configure_optimizer, fit,
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small models on a shared 2-core machine run fastest on one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(vocab, n_kv_head=2, block=16):
