@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pytorch_mqa.cache import KVCache
-from pytorch_mqa.ops import attention, attention_with_kv_cache
+from pytorch_mqa.ops import attention, attention_with_kv_cache, decode_one_row_functional
 
 
 @dataclass
@@ -217,6 +217,35 @@ class GPT(nn.Module):
             x = x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
         ln_f = self.transformer.ln_f
         return F.linear(F.layer_norm(x, (C,), ln_f.weight, ln_f.bias, ln_f.eps), self.lm_head.weight)
+
+    def decode_step(self, idx, k_cache, v_cache, cache_seqlens):
+        """One decode step that leaves the cache untouched, for `torch.compile(fullgraph=True)`.
+
+        idx (B, 1); k_cache, v_cache, cache_seqlens: a KVCache's buffers and lengths. Returns
+        logits (B, V) and this step's keys and values, each (n_layer, B, 1, Hkv, D), for
+        KVCache.append. Nothing reads a host-side length, so every step has the same graph.
+        """
+        B, T = idx.shape
+        wte, wpe = self.transformer.wte, self.transformer.wpe
+        x = F.embedding(idx, wte.weight) + F.embedding(cache_seqlens[:, None], wpe.weight)
+        C = x.shape[-1]
+        ks, vs = [], []
+        for i, block in enumerate(self.transformer.h):
+            attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
+            h = F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps)
+            q, k, v = F.linear(h, attn.c_attn.weight, attn.c_attn.bias).split(attn.split, dim=-1)
+            k = k.view(B, T, attn.n_kv_head, attn.head_dim)
+            v = v.view(B, T, attn.n_kv_head, attn.head_dim)
+            y = decode_one_row_functional(q.view(B, T, attn.n_head, attn.head_dim), k_cache[i], v_cache[i], k, v, cache_seqlens)
+            ks.append(k)
+            vs.append(v)
+            x = x + F.linear(y.view(B, T, C), attn.c_proj.weight, attn.c_proj.bias)
+            h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps)
+            h = F.gelu(F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias), approximate="tanh")
+            x = x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
+        ln_f = self.transformer.ln_f
+        logits = F.linear(F.layer_norm(x[:, -1], (C,), ln_f.weight, ln_f.bias, ln_f.eps), self.lm_head.weight)
+        return logits, torch.stack(ks), torch.stack(vs)
 
     # ---- checkpoints (see checkpoints.py) --------------------------------------------------------
 
