@@ -32,7 +32,8 @@ GENERATE_SHAPES = {
 }
 
 GENERATE_COLUMNS = [("provider", "provider"), ("n_kv_head", "n_kv_head"), ("new_tokens", "new tokens"),
-                    ("seconds", "s"), ("tokens_per_s", "tok/s"), ("same_tokens", "same tokens")]
+                    ("seconds", "s"), ("tokens_per_s", "tok/s"), ("same_tokens", "same tokens"),
+                    ("compile_seconds", "compile s")]
 
 
 WARMUP_TOKENS = 8
@@ -84,7 +85,9 @@ def _build_models(shp: dict, device, dtype, workdir: str):
     return ours, hf, None
 
 
-def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
+def run_generate(device, quick, shapes=None, dtype=None, compile=False) -> list[dict]:
+    """Rows per provider; compile=True adds "mqa.compiled", generate(compile=True), whose one-time
+    compilation (its first call) is timed apart as compile_seconds and left out of tok/s."""
     from pytorch_mqa.generate import generate
     from pytorch_mqa.model import GPT
 
@@ -105,11 +108,19 @@ def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
             prompt = torch.randint(0, shp["vocab_size"], (1, shp["prompt"]), generator=gen).to(device)
             n_new = shp["new_tokens"]
 
-            def ours_fn(model, use_cache):
-                return lambda n: generate(model, prompt, n, temperature=0, use_cache=use_cache)[0]
+            def ours_fn(model, use_cache, compile=False):
+                return lambda n: generate(model, prompt, n, temperature=0, use_cache=use_cache, compile=compile)[0]
 
             providers = [("mqa.cached", shp["n_head"], ours_fn(ours, True)),
                          ("mqa.uncached", shp["n_head"], ours_fn(ours, False))]
+            compile_seconds = None
+            if compile:
+                providers.append(("mqa.compiled", shp["n_head"], ours_fn(ours, True, compile=True)))
+                bench.synchronize(device)
+                t0 = time.perf_counter()
+                providers[-1][2](2)  # one decode step: compiles the graph
+                bench.synchronize(device)
+                compile_seconds = time.perf_counter() - t0
             for n_kv in shp.get("mqa_kv_heads", ()):
                 if n_kv != shp["n_head"]:
                     # The same weights with K/V heads mean-pooled per group: the tokens differ.
@@ -134,6 +145,8 @@ def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
                     reference_tokens = tokens
                 elif n_kv == shp["n_head"]:
                     row["same_tokens"] = tokens == reference_tokens
+                if name == "mqa.compiled":
+                    row["compile_seconds"] = compile_seconds
                 if name == "hf.transformers":
                     row["attn_implementation"] = getattr(hf.config, "_attn_implementation", None)
                 rows.append(row)
@@ -152,15 +165,23 @@ def _add_ratios(rows: list[dict], n_head: int) -> None:
     for key, other in (("x_vs_uncached", "mqa.uncached"), ("x_vs_hf", "hf.transformers")):
         if other in by:
             cached[key] = cached["tokens_per_s"] / by[other]["tokens_per_s"]
+    compiled = by.get("mqa.compiled")
+    if compiled is not None:
+        for key, other in (("x_vs_uncached", "mqa.uncached"), ("x_vs_hf", "hf.transformers")):
+            if other in by:
+                compiled[key] = compiled["tokens_per_s"] / by[other]["tokens_per_s"]
 
 
 def summary(rows: list[dict]) -> str:
     lines = []
     for r in rows:
+        name = "compiled" if r["provider"] == "mqa.compiled" else "cached"
         if "x_vs_uncached" in r:
-            lines.append(f"cached / uncached: {r['x_vs_uncached']:.2f}x")
+            lines.append(f"{name} / uncached: {r['x_vs_uncached']:.2f}x")
         if "x_vs_hf" in r:
-            lines.append(f"cached / HF transformers: {r['x_vs_hf']:.2f}x")
+            lines.append(f"{name} / HF transformers: {r['x_vs_hf']:.2f}x")
+        if r.get("compile_seconds") is not None:
+            lines.append(f"compile (once, not in tok/s): {r['compile_seconds']:.1f} s")
     return "\n".join(lines)
 
 
