@@ -135,10 +135,17 @@ def _decode_step(model, tokens: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
 @functools.cache
 def compiled_decode_step():
     """`_decode_step` under torch.compile: one graph for every step (static shapes, positions and
-    lengths read from the device tensor), compiled on first use per model shape. Freezing lets
-    inductor pack the weights for its CPU matmuls; with modules inlined, parameters stay graph
-    inputs, so another model of the same shapes reuses the graph with its own weights."""
-    return torch.compile(_decode_step, fullgraph=True, dynamic=False, options={"freezing": True})
+    lengths read from the device tensor), compiled on a model's first call (see _freezing)."""
+    return torch.compile(_decode_step, fullgraph=True, dynamic=False)
+
+
+def _freezing():
+    """Inductor freezing, scoped to the compiled call (compile options do not reach it): the
+    weights become constants, so inductor packs them for its CPU matmuls (~30% of a step here).
+    Each model gets its own graph, and a weight changed in place afterwards is not seen."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True)
 
 
 class _Stepper:
@@ -170,7 +177,8 @@ class _Stepper:
     def decode(self, tokens: Tensor) -> Tensor:
         if self.step_fn is not None:
             c = self.cache
-            logits, k, v = self.step_fn(self.model, tokens, c.k, c.v, c.cache_seqlens)
+            with _freezing():
+                logits, k, v = self.step_fn(self.model, tokens, c.k, c.v, c.cache_seqlens)
             c.append(k, v)  # host-side lengths and the overflow check stay outside the graph
             return logits
         if self.use_cache:
@@ -276,9 +284,9 @@ def generate(
     A sequence stops after emitting eos_id (which is included in its output). seed makes
     sampling reproducible (a torch.Generator on the model's device). on_token(step, token_ids)
     is called after each step (see stream_generate). compile=True runs each decode step through
-    `torch.compile` (see compiled_decode_step); the first call for a model shape pays the
-    compilation (seconds), later ones reuse it; the model's weights must not change in place
-    between calls. Raises ValueError when a prompt plus
+    `torch.compile` (see compiled_decode_step); the first call for a model pays the compilation
+    (seconds), later ones with the same cache shape (batch, longest prompt + max_new_tokens) reuse it. The compiled step holds the weights as constants: after
+    changing them in place, call torch._dynamo.reset(). Raises ValueError when a prompt plus
     max_new_tokens is longer than the model's block_size.
     """
     kwargs = dict(
