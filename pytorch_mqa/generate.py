@@ -210,7 +210,9 @@ def _generate_steps(
     lists = _as_lists(prompts)
     _check_args(model, lists, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     if compile and not use_cache:
-        raise ValueError("compile: expected use_cache=True (the compiled step is the cached decode step), got use_cache=False")
+        raise ValueError(
+            "compile: expected use_cache=True (the compiled step is the cached decode step), got use_cache=False"
+        )
     if max_new_tokens == 0:
         return
     device = model.transformer.wte.weight.device
@@ -285,8 +287,9 @@ def generate(
     sampling reproducible (a torch.Generator on the model's device). on_token(step, token_ids)
     is called after each step (see stream_generate). compile=True runs each decode step through
     `torch.compile` (see compiled_decode_step); the first call for a model pays the compilation
-    (seconds), later ones with the same cache shape (batch, longest prompt + max_new_tokens) reuse it. The compiled step holds the weights as constants: after
-    changing them in place, call torch._dynamo.reset(). Raises ValueError when a prompt plus
+    (seconds), later ones with the same cache shape (batch, longest prompt + max_new_tokens)
+    reuse it. The compiled step holds the weights as constants: after changing them in place,
+    call torch._dynamo.reset(). Raises ValueError when a prompt plus
     max_new_tokens is longer than the model's block_size.
     """
     kwargs = dict(
