@@ -349,6 +349,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="attention/decode dtype (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--cuda-graph", action="store_true", help="decode: capture each timed call in a CUDA graph")
+    parser.add_argument("--compile", action="store_true",
+                        help="generate: also time generate(compile=True) (compile seconds reported apart)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU: torch threads for every suite (default: torch's choice; generate uses 2)")
 
@@ -365,7 +367,8 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def run_bench(suites: Sequence[str], device: torch.device, dtype: torch.dtype, quick: bool,
-              cuda_graph: bool = False, shapes: dict | None = None, log=print, threads: int | None = None) -> dict:
+              cuda_graph: bool = False, shapes: dict | None = None, log=print, threads: int | None = None,
+              compile: bool = False) -> dict:
     """Calibrate, run the suites and return the result dict (what the JSON file holds).
 
     `shapes` overrides the default shape lists per suite (see bench_ops / bench_generate) and,
@@ -379,12 +382,12 @@ def run_bench(suites: Sequence[str], device: torch.device, dtype: torch.dtype, q
         gen_shapes = dict(shapes.get("generate") or bench_generate.GENERATE_SHAPES["cpu_quick" if quick else "cpu"])
         shapes["generate"] = dict(gen_shapes, threads=threads)
     try:
-        return _run_suites(suites, device, dtype, quick, cuda_graph, shapes, log)
+        return _run_suites(suites, device, dtype, quick, cuda_graph, shapes, log, compile)
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _run_suites(suites, device, dtype, quick, cuda_graph, shapes, log) -> dict:
+def _run_suites(suites, device, dtype, quick, cuda_graph, shapes, log, compile=False) -> dict:
     from pytorch_mqa import bench_generate, bench_ops
 
     env = environment(device)
@@ -409,7 +412,7 @@ def _run_suites(suites, device, dtype, quick, cuda_graph, shapes, log) -> dict:
             table = format_table(rows, bench_ops.DECODE_COLUMNS)
         else:
             gen_dtype = dtype if device.type == "cuda" else torch.float32
-            rows = bench_generate.run_generate(device, quick, shapes.get("generate"), gen_dtype)
+            rows = bench_generate.run_generate(device, quick, shapes.get("generate"), gen_dtype, compile)
             table = format_table(rows, bench_generate.GENERATE_COLUMNS)
         result["rows"].extend(rows)
         result.setdefault("suite_seconds", {})[suite] = round(time.perf_counter() - t0, 2)
@@ -432,7 +435,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads: expected a positive number, got {args.threads}")
-    result = run_bench(suites, device, dtype, args.quick, args.cuda_graph, threads=args.threads)
+    result = run_bench(suites, device, dtype, args.quick, args.cuda_graph, threads=args.threads,
+                       compile=args.compile)
     result["total_seconds"] = round(time.perf_counter() - start, 2)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench.json")

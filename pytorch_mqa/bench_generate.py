@@ -32,18 +32,20 @@ GENERATE_SHAPES = {
 }
 
 GENERATE_COLUMNS = [("provider", "provider"), ("n_kv_head", "n_kv_head"), ("new_tokens", "new tokens"),
-                    ("seconds", "s"), ("tokens_per_s", "tok/s"), ("same_tokens", "same tokens")]
+                    ("seconds", "s"), ("tokens_per_s", "tok/s"), ("same_tokens", "same tokens"),
+                    ("compile_seconds", "compile s")]
 
 
 WARMUP_TOKENS = 8
 
 
-def _time_round_robin(providers, n_new: int, device, repeats: int) -> list[tuple[list[float], list]]:
+def _time_round_robin(providers, n_new: int, device, repeats: int, warmed=()) -> list[tuple[list[float], list]]:
     """Per provider: (seconds of each of `repeats` runs, the last run's tokens), after a short
-    warm-up run each (prefill and a few decode steps). The runs go round-robin over the
-    providers, so a change in machine load hits all of them alike."""
-    for _, _, fn in providers:
-        fn(min(WARMUP_TOKENS, n_new))
+    warm-up run each (prefill and a few decode steps) but those named in `warmed`. The runs go
+    round-robin over the providers, so a change in machine load hits all of them alike."""
+    for name, _, fn in providers:
+        if name not in warmed:
+            fn(min(WARMUP_TOKENS, n_new))
     times: list[list[float]] = [[] for _ in providers]
     tokens: list = [None] * len(providers)
     for _ in range(repeats):
@@ -84,7 +86,9 @@ def _build_models(shp: dict, device, dtype, workdir: str):
     return ours, hf, None
 
 
-def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
+def run_generate(device, quick, shapes=None, dtype=None, compile=False) -> list[dict]:
+    """Rows per provider; compile=True adds "mqa.compiled", generate(compile=True), whose one-time
+    compilation (its first call) is timed apart as compile_seconds and left out of tok/s."""
     from pytorch_mqa.generate import generate
     from pytorch_mqa.model import GPT
 
@@ -105,11 +109,20 @@ def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
             prompt = torch.randint(0, shp["vocab_size"], (1, shp["prompt"]), generator=gen).to(device)
             n_new = shp["new_tokens"]
 
-            def ours_fn(model, use_cache):
-                return lambda n: generate(model, prompt, n, temperature=0, use_cache=use_cache)[0]
+            def ours_fn(model, use_cache, compile=False):
+                return lambda n: generate(model, prompt, n, temperature=0, use_cache=use_cache, compile=compile)[0]
 
             providers = [("mqa.cached", shp["n_head"], ours_fn(ours, True)),
                          ("mqa.uncached", shp["n_head"], ours_fn(ours, False))]
+            first_call = None
+            if compile:
+                # The graph is specialised to the cache shape, so the warm-up is a full-length run.
+                providers.append(("mqa.compiled", shp["n_head"], ours_fn(ours, True, compile=True)))
+                bench.synchronize(device)
+                t0 = time.perf_counter()
+                providers[-1][2](n_new)
+                bench.synchronize(device)
+                first_call = time.perf_counter() - t0
             for n_kv in shp.get("mqa_kv_heads", ()):
                 if n_kv != shp["n_head"]:
                     # The same weights with K/V heads mean-pooled per group: the tokens differ.
@@ -125,7 +138,7 @@ def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
                 rows.append(dict(base, provider="hf.transformers", n_kv_head=shp["n_head"], seconds=None,
                                  reason=hf_reason))
             reference_tokens = None
-            timed = _time_round_robin(providers, n_new, device, shp["repeats"])
+            timed = _time_round_robin(providers, n_new, device, shp["repeats"], warmed=("mqa.compiled",))
             for (name, n_kv, _), (times, tokens) in zip(providers, timed):
                 seconds = statistics.median(times)
                 row = dict(base, provider=name, n_kv_head=n_kv, seconds=seconds, tokens_per_s=n_new / seconds,
@@ -134,6 +147,8 @@ def run_generate(device, quick, shapes=None, dtype=None) -> list[dict]:
                     reference_tokens = tokens
                 elif n_kv == shp["n_head"]:
                     row["same_tokens"] = tokens == reference_tokens
+                if name == "mqa.compiled":
+                    row["compile_seconds"] = first_call - seconds  # the first call less a timed run
                 if name == "hf.transformers":
                     row["attn_implementation"] = getattr(hf.config, "_attn_implementation", None)
                 rows.append(row)
@@ -152,15 +167,23 @@ def _add_ratios(rows: list[dict], n_head: int) -> None:
     for key, other in (("x_vs_uncached", "mqa.uncached"), ("x_vs_hf", "hf.transformers")):
         if other in by:
             cached[key] = cached["tokens_per_s"] / by[other]["tokens_per_s"]
+    compiled = by.get("mqa.compiled")
+    if compiled is not None:
+        for key, other in (("x_vs_uncached", "mqa.uncached"), ("x_vs_hf", "hf.transformers")):
+            if other in by:
+                compiled[key] = compiled["tokens_per_s"] / by[other]["tokens_per_s"]
 
 
 def summary(rows: list[dict]) -> str:
     lines = []
     for r in rows:
+        name = "compiled" if r["provider"] == "mqa.compiled" else "cached"
         if "x_vs_uncached" in r:
-            lines.append(f"cached / uncached: {r['x_vs_uncached']:.2f}x")
+            lines.append(f"{name} / uncached: {r['x_vs_uncached']:.2f}x")
         if "x_vs_hf" in r:
-            lines.append(f"cached / HF transformers: {r['x_vs_hf']:.2f}x")
+            lines.append(f"{name} / HF transformers: {r['x_vs_hf']:.2f}x")
+        if r.get("compile_seconds") is not None:
+            lines.append(f"compile (once, not in tok/s): {r['compile_seconds']:.1f} s")
     return "\n".join(lines)
 
 

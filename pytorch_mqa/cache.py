@@ -112,6 +112,21 @@ class KVCache:
         for b in range(self._lo, self._hi):
             self._host[b] += n
 
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Write one step's keys and values, each (n_layer, B, T, Hkv, D), after every sequence's
+        rows, and advance the lengths (what GPT.decode_step leaves to the caller)."""
+        T = k.shape[2]
+        self.check_room(T)
+        lens = self.lengths
+        if len(set(lens)) == 1:
+            self.k[:, :, lens[0] : lens[0] + T] = k
+            self.v[:, :, lens[0] : lens[0] + T] = v
+        else:
+            for b, L in enumerate(lens):
+                self.k[:, b, L : L + T] = k[:, b]
+                self.v[:, b, L : L + T] = v[:, b]
+        self.advance(T)
+
     def reset(self) -> None:
         """Forget every sequence (lengths back to 0); the buffers are reused, not cleared."""
         self.cache_seqlens.zero_()

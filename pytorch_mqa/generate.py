@@ -8,6 +8,7 @@ prefix every step, for comparison; both give the same greedy tokens.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -127,11 +128,32 @@ def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, repet
             )
 
 
+def _decode_step(model, tokens: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor):
+    return model.decode_step(tokens[:, None], k_cache, v_cache, cache_seqlens)
+
+
+@functools.cache
+def compiled_decode_step():
+    """`_decode_step` under torch.compile: one graph for every step (static shapes, positions and
+    lengths read from the device tensor), compiled on a model's first call (see _freezing)."""
+    return torch.compile(_decode_step, fullgraph=True, dynamic=False)
+
+
+def _freezing():
+    """Inductor freezing, scoped to the compiled call (compile options do not reach it): the
+    weights become constants, so inductor packs them for its CPU matmuls (~30% of a step here).
+    Each model gets its own graph, and a weight changed in place afterwards is not seen."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True)
+
+
 class _Stepper:
     """Produces next-token logits (B, V) for the running sequences, with or without a cache."""
 
-    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, use_cache: bool, device):
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, use_cache: bool, device, compile=False):
         self.model, self.use_cache, self.device = model, use_cache, device
+        self.step_fn = compiled_decode_step() if compile else None
         self.prompts = prompts
         self.same_length = len({len(p) for p in prompts}) == 1
         if use_cache:
@@ -153,6 +175,12 @@ class _Stepper:
         return self._recompute()
 
     def decode(self, tokens: Tensor) -> Tensor:
+        if self.step_fn is not None:
+            c = self.cache
+            with _freezing():
+                logits, k, v = self.step_fn(self.model, tokens, c.k, c.v, c.cache_seqlens)
+            c.append(k, v)  # host-side lengths and the overflow check stay outside the graph
+            return logits
         if self.use_cache:
             return self.model(tokens[:, None], cache=self.cache)[:, -1]
         self.seqs = [torch.cat([s, t[None]]) for s, t in zip(self.seqs, tokens)]
@@ -176,10 +204,15 @@ def _generate_steps(
     eos_id: Optional[int] = None,
     use_cache: bool = True,
     seed: Optional[int] = None,
+    compile: bool = False,
 ) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
     """Yields (tokens (B,), done_before (B,) bool or None) per step, on the model's device."""
     lists = _as_lists(prompts)
     _check_args(model, lists, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if compile and not use_cache:
+        raise ValueError(
+            "compile: expected use_cache=True (the compiled step is the cached decode step), got use_cache=False"
+        )
     if max_new_tokens == 0:
         return
     device = model.transformer.wte.weight.device
@@ -197,7 +230,7 @@ def _generate_steps(
     was_training = model.training
     model.eval()
     try:
-        stepper = _Stepper(model, lists, max_new_tokens, use_cache, device)
+        stepper = _Stepper(model, lists, max_new_tokens, use_cache, device, compile)
         logits = stepper.prefill()
         for step in range(max_new_tokens):
             if seen is not None:
@@ -242,6 +275,7 @@ def generate(
     eos_id: Optional[int] = None,
     use_cache: bool = True,
     seed: Optional[int] = None,
+    compile: bool = False,
     on_token: Optional[Callable[[int, list], None]] = None,
 ) -> list[list[int]]:
     """Generate up to max_new_tokens per prompt; returns the new ids per sequence (prompt excluded).
@@ -251,7 +285,11 @@ def generate(
     penalises every token already in the prompt or the output (see apply_repetition_penalty).
     A sequence stops after emitting eos_id (which is included in its output). seed makes
     sampling reproducible (a torch.Generator on the model's device). on_token(step, token_ids)
-    is called after each step (see stream_generate). Raises ValueError when a prompt plus
+    is called after each step (see stream_generate). compile=True runs each decode step through
+    `torch.compile` (see compiled_decode_step); the first call for a model pays the compilation
+    (seconds), later ones with the same cache shape (batch, longest prompt + max_new_tokens)
+    reuse it. The compiled step holds the weights as constants: after changing them in place,
+    call torch._dynamo.reset(). Raises ValueError when a prompt plus
     max_new_tokens is longer than the model's block_size.
     """
     kwargs = dict(
@@ -262,6 +300,7 @@ def generate(
         eos_id=eos_id,
         use_cache=use_cache,
         seed=seed,
+        compile=compile,
     )
     if on_token is not None or eos_id is not None:
         out: list[list[int]] = [[] for _ in range(len(_as_lists(prompts)))]

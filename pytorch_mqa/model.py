@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pytorch_mqa.cache import KVCache
-from pytorch_mqa.ops import attention, attention_with_kv_cache
+from pytorch_mqa.ops import attention, attention_with_kv_cache, decode_one_row_functional
 
 
 @dataclass
@@ -155,8 +155,6 @@ class GPT(nn.Module):
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"idx: expected at most block_size = {self.config.block_size} tokens, got T = {T}")
-            pos = torch.arange(T, device=idx.device)
-            x = wte(idx) + wpe(pos)
         else:
             if cache.batch_size != B:
                 raise ValueError(f"cache: expected batch size {B} (idx.shape[0]), got {cache.batch_size}")
@@ -169,50 +167,86 @@ class GPT(nn.Module):
                     f"idx: positions past block_size = {self.config.block_size}: the cache holds "
                     f"{max(cache.lengths)} positions and T = {T} more were given"
                 )
-            # Positions come from the device lengths, so a captured decode step stays valid.
-            pos = cache.cache_seqlens[:, None] + torch.arange(T, device=idx.device, dtype=torch.int32)
-            x = F.embedding(idx, wte.weight) + F.embedding(pos, wpe.weight)
-        if cache is None:
-            x = self.transformer.drop(x)
-            for block in self.transformer.h:
-                x = block(x)
-        else:
-            x = self._blocks_with_cache(x, cache)
+            logits = self.forward_cached(idx, cache.k, cache.v, cache.cache_seqlens)
             cache.advance(T)
+            return logits if targets is None else (logits, self._loss(logits, targets))
+        x = self.transformer.drop(wte(idx) + wpe(torch.arange(T, device=idx.device)))
+        for block in self.transformer.h:
+            x = block(x)
         ln_f = self.transformer.ln_f
         logits = F.linear(F.layer_norm(x, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps), self.lm_head.weight)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, self._loss(logits, targets)
 
-    def _blocks_with_cache(self, x, cache: KVCache):
-        """The blocks for cached inference: Block.forward's math with the functional calls inlined.
+    @staticmethod
+    def _loss(logits, targets):
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
-        Decoding runs one token at a time, so per-call overhead (module dispatch, dropout no-ops)
-        is a large share of a step on CPU; this path skips it. No dropout: a cache is for inference.
+    def forward_cached(self, idx, k_cache, v_cache, cache_seqlens):
+        """The cached forward without checks and without advancing the lengths (forward does both).
+
+        idx (B, T); k_cache, v_cache: a KVCache's (n_layer, B, S, Hkv, D) buffers; cache_seqlens
+        its int32 (B,) lengths -> logits (B, T, V). Block.forward's math with the functional calls
+        inlined: decoding runs one token at a time, so per-call overhead (module dispatch, dropout
+        no-ops) is a large share of a step on CPU. No dropout: a cache is for inference. Nothing
+        here reads a host-side length, so `torch.compile(fullgraph=True)` traces a decode step once.
         """
-        B, T, C = x.shape
-        seqlens = cache.cache_seqlens
+        B, T = idx.shape
+        wte, wpe = self.transformer.wte, self.transformer.wpe
+        # Positions come from the device lengths, so a captured decode step stays valid.
+        pos = cache_seqlens[:, None] + torch.arange(T, device=idx.device, dtype=torch.int32)
+        x = F.embedding(idx, wte.weight) + F.embedding(pos, wpe.weight)
+        C = x.shape[-1]
         for i, block in enumerate(self.transformer.h):
             attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
             h = F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps)
             q, k, v = F.linear(h, attn.c_attn.weight, attn.c_attn.bias).split(attn.split, dim=-1)
-            k_cache, v_cache = cache.layer(i)
             y = attention_with_kv_cache(
                 q.view(B, T, attn.n_head, attn.head_dim),
-                k_cache,
-                v_cache,
+                k_cache[i],
+                v_cache[i],
                 k.view(B, T, attn.n_kv_head, attn.head_dim),
                 v.view(B, T, attn.n_kv_head, attn.head_dim),
-                cache_seqlens=seqlens,
+                cache_seqlens=cache_seqlens,
                 causal=True,
             )
             x = x + F.linear(y.view(B, T, C), attn.c_proj.weight, attn.c_proj.bias)
             h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps)
             h = F.gelu(F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias), approximate="tanh")
             x = x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
-        return x
+        ln_f = self.transformer.ln_f
+        return F.linear(F.layer_norm(x, (C,), ln_f.weight, ln_f.bias, ln_f.eps), self.lm_head.weight)
+
+    def decode_step(self, idx, k_cache, v_cache, cache_seqlens):
+        """One decode step that leaves the cache untouched, for `torch.compile(fullgraph=True)`.
+
+        idx (B, 1); k_cache, v_cache, cache_seqlens: a KVCache's buffers and lengths. Returns
+        logits (B, V) and this step's keys and values, each (n_layer, B, 1, Hkv, D), for
+        KVCache.append. Nothing reads a host-side length, so every step has the same graph.
+        """
+        B, T = idx.shape
+        wte, wpe = self.transformer.wte, self.transformer.wpe
+        x = F.embedding(idx, wte.weight) + F.embedding(cache_seqlens[:, None], wpe.weight)
+        C = x.shape[-1]
+        ks, vs = [], []
+        for i, block in enumerate(self.transformer.h):
+            attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
+            h = F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps)
+            q, k, v = F.linear(h, attn.c_attn.weight, attn.c_attn.bias).split(attn.split, dim=-1)
+            k = k.view(B, T, attn.n_kv_head, attn.head_dim)
+            v = v.view(B, T, attn.n_kv_head, attn.head_dim)
+            q = q.view(B, T, attn.n_head, attn.head_dim)
+            y = decode_one_row_functional(q, k_cache[i], v_cache[i], k, v, cache_seqlens)
+            ks.append(k)
+            vs.append(v)
+            x = x + F.linear(y.view(B, T, C), attn.c_proj.weight, attn.c_proj.bias)
+            h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps)
+            h = F.gelu(F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias), approximate="tanh")
+            x = x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
+        ln_f = self.transformer.ln_f
+        logits = F.linear(F.layer_norm(x[:, -1], (C,), ln_f.weight, ln_f.bias, ln_f.eps), self.lm_head.weight)
+        return logits, torch.stack(ks), torch.stack(vs)
 
     # ---- checkpoints (see checkpoints.py) --------------------------------------------------------
 

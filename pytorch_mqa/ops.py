@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from pytorch_mqa import reference
+from pytorch_mqa.reference import decode_one_row_functional  # noqa: F401  (used by model.decode_step)
 from pytorch_mqa.backends import AUTO_CUDA_BACKEND, resolve_backend, unavailable_reason
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

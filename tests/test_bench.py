@@ -92,7 +92,7 @@ def test_ops_rows_side_by_side(tmp_path):
 @pytest.mark.slow
 def test_generate_rows(tmp_path):
     pytest.importorskip("safetensors")
-    rows = bench_generate.run_generate(torch.device("cpu"), True, TINY["generate"])
+    rows = bench_generate.run_generate(torch.device("cpu"), True, TINY["generate"], compile=True)
     if importlib.util.find_spec("matplotlib") is not None:
         result = {"rows": rows, "environment": {"device_name": "cpu"}}
         assert [p.rsplit("/", 1)[1] for p in bench.write_plots(result, str(tmp_path))] == ["bench_generate.png"]
@@ -101,6 +101,8 @@ def test_generate_rows(tmp_path):
     assert cached["tokens_per_s"] > 0 and uncached["same_tokens"] is True
     assert cached["x_vs_uncached"] == pytest.approx(cached["tokens_per_s"] / uncached["tokens_per_s"])
     assert by[("mqa.cached", 1)]["tokens_per_s"] > 0
+    compiled = by[("mqa.compiled", 2)]
+    assert compiled["same_tokens"] is True and compiled["compile_seconds"] > 0 and compiled["tokens_per_s"] > 0
     hf = by[("hf.transformers", 2)]
     try:
         import transformers

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model_helpers import tiny_gpt
-from pytorch_mqa import generate
+from pytorch_mqa import KVCache, generate
 from pytorch_mqa.generate import (
     apply_repetition_penalty,
     logits_to_probs,
@@ -161,3 +161,40 @@ def test_generate_restores_training_mode():
     model = tiny_gpt(2).train()
     generate(model, [[1, 2]], 3, temperature=0)
     assert model.training
+
+
+def test_decode_step_matches_cached_forward_ragged():
+    """GPT.decode_step (the graph that compile=True runs) == the cached forward, lengths differ."""
+    model = tiny_gpt(2)
+    cache, ref = KVCache.for_model(model, 3, 16), KVCache.for_model(model, 3, 16)
+    tokens = torch.tensor([[4], [50], [7]])
+    with torch.no_grad():
+        for c in (cache, ref):
+            for b, p in enumerate(PROMPTS):
+                model(torch.tensor([p]), cache=c.rows(b, b + 1))
+        want = model(tokens, cache=ref)[:, -1]
+        got, k, v = model.decode_step(tokens, cache.k, cache.v, cache.cache_seqlens)
+        cache.append(k, v)
+    torch.testing.assert_close(got, want)
+    assert cache.lengths == ref.lengths == [8, 3, 5]
+    torch.testing.assert_close(cache.k, ref.k)
+    torch.testing.assert_close(cache.v, ref.v)
+
+
+@pytest.mark.slow
+def test_compiled_greedy_equals_eager_and_compiles_once():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_gpt(2)
+    eager = generate(model, PROMPTS, 40, temperature=0)
+    assert generate(model, PROMPTS, 40, temperature=0, compile=True) == eager
+    assert counters["stats"]["unique_graphs"] == 1  # 39 decode steps, one graph: no recompiles
+    assert generate(model, PROMPTS, 40, temperature=0, compile=True) == eager
+    assert counters["stats"]["unique_graphs"] == 1  # a second call of the same cache shape reuses it
+    other = tiny_gpt(2, seed=1)  # same shapes, other weights (constants of the frozen graph): its own graph
+    assert generate(other, PROMPTS, 40, temperature=0, compile=True) == generate(other, PROMPTS, 40, temperature=0)
+    assert counters["stats"]["unique_graphs"] == 2
+    with pytest.raises(ValueError, match="use_cache"):
+        generate(model, PROMPTS, 4, compile=True, use_cache=False)
