@@ -79,6 +79,20 @@ def _key_ranges(row0, Tq, Tk, G: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
+def _online_softmax_step(acc, l_i, m_i, qk, v, DOT_PRECISION: tl.constexpr):
+    """Fold one key block into the running softmax: qk (M, N) scores in the log2 domain, masked
+    to -inf; v (N, D). Returns the updated (acc, l_i, m_i). Shared by the forward and decode kernels."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row that has seen no key yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
     t, start, end, Tq, Tk, qk_scale, offs_d,
@@ -107,14 +121,7 @@ def _fwd_inner(
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= t[:, None] + (Tk - Tq))
             qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row that has seen no key yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v, DOT_PRECISION)
     return acc, l_i, m_i
 
 

@@ -28,11 +28,12 @@ output directly and the combine is skipped. The split kernel is autotuned on its
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .attention import _interpreting, _online_softmax_step
 
 LOG2E = 1.4426950408889634
 # A split covers a multiple of this many cache rows (a multiple of every BLOCK_N below).
@@ -40,10 +41,6 @@ SPLIT_ALIGN = 128
 MAX_SPLITS = 64
 # SM count assumed for CPU tensors under the interpreter (no device to ask).
 INTERPRETER_SMS = 8
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs() -> list[triton.Config]:
@@ -164,13 +161,7 @@ def _decode_split_kernel(
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= t[:, None] + (Lk - Tq))
         qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v, DOT_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
