@@ -1,30 +1,30 @@
 """Packaging for pytorch_mqa.
 
 `kernels/` (Triton) is installed as `pytorch_mqa.kernels`; the CUDA sources in `csrc/` ship as
-package data (`pytorch_mqa.csrc`) so the JIT build in `pytorch_mqa/_build.py` finds them in an
+package data (`pytorch_mqa.csrc`) so the JIT build in `pytorch_mqa/ops/build.py` finds them in an
 installed copy. Nothing is compiled at install time, unless PYTORCH_MQA_BUILD_CUDA=1 asks for an
 ahead-of-time build of csrc/ as `pytorch_mqa._C` (needs torch, nvcc and ninja in the build
 environment: `PYTORCH_MQA_BUILD_CUDA=1 pip install --no-build-isolation .`).
 """
 
 import os
+import runpy
 
 from setuptools import setup
 
 
 def _cuda_extension_kwargs() -> dict:
-    """ext_modules / cmdclass of the ahead-of-time CUDA build (same sources as pytorch_mqa/_build.py)."""
+    """ext_modules / cmdclass of the ahead-of-time CUDA build (same sources as pytorch_mqa/ops/build.py)."""
     if os.environ.get("PYTORCH_MQA_BUILD_CUDA", "0") != "1":
         return {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    # The same sources and flags as the JIT build, read without importing the package.
+    flags = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pytorch_mqa", "ops", "build_flags.py"))
     ext = CUDAExtension(
         "pytorch_mqa._C",
-        sources=["csrc/attention_with_kv_cache.cu", "csrc/bindings.cpp"],
-        extra_compile_args={
-            "cxx": ["-O3"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
-        },
+        sources=[f"csrc/{name}" for name in flags["SOURCES"]],
+        extra_compile_args={"cxx": flags["CXX_FLAGS"], "nvcc": flags["NVCC_FLAGS"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
@@ -36,7 +36,18 @@ setup(
     long_description=open(os.path.join(os.path.dirname(__file__), "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["pytorch_mqa", "pytorch_mqa.kernels", "pytorch_mqa.csrc"],
+    packages=[
+        "pytorch_mqa",
+        "pytorch_mqa.core",
+        "pytorch_mqa.ops",
+        "pytorch_mqa.model",
+        "pytorch_mqa.training",
+        "pytorch_mqa.study",
+        "pytorch_mqa.bench",
+        "pytorch_mqa.cli",
+        "pytorch_mqa.kernels",
+        "pytorch_mqa.csrc",
+    ],
     package_dir={
         "pytorch_mqa": "pytorch_mqa",
         "pytorch_mqa.kernels": "kernels",

@@ -2,5 +2,5 @@
 
 One module per op: `attention` (forward + backward) and `attention_with_kv_cache` (decode with
 fused cache append). Each holds @triton.jit kernels and a thin launcher; registration lives in
-pytorch_mqa/ops.py.
+pytorch_mqa/ops/library.py.
 """

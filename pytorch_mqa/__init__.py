@@ -2,15 +2,14 @@
 
 Importing registers the custom ops `torch.ops.pytorch_mqa.attention` and
 `torch.ops.pytorch_mqa.attention_with_kv_cache`; nothing is compiled and no GPU is needed.
+The layers, bottom to top: core, reference (the oracle), kernels/csrc, ops, model, training,
+study and bench, cli (DESIGN.md §2).
 """
 
-from pytorch_mqa.backends import available_backends
-from pytorch_mqa.ops import attention, attention_with_kv_cache
-from pytorch_mqa.cache import KVCache
-from pytorch_mqa.generate import generate
-from pytorch_mqa.model import GPT, GPTConfig
-
-__version__ = "0.1.0"
+from pytorch_mqa.model import GPT, GPTConfig, KVCache, generate
+from pytorch_mqa.model.hf import register_hf_attention
+from pytorch_mqa.ops import attention, attention_with_kv_cache, available_backends
+from pytorch_mqa.version import __version__
 
 __all__ = ["attention", "attention_with_kv_cache", "available_backends", "__version__"]
-__all__ += ["GPT", "GPTConfig", "KVCache", "generate"]
+__all__ += ["GPT", "GPTConfig", "KVCache", "generate", "register_hf_attention"]

@@ -13,7 +13,7 @@ SANITIZER=${SANITIZER:-compute-sanitizer}
 command -v "$SANITIZER" >/dev/null 2>&1 || { echo "sanitize_cuda: $SANITIZER not found on PATH" >&2; exit 1; }
 
 # Build (or load) the extension first, outside the sanitizer: nvcc under memcheck is slow.
-"$PYTHON" -c "import pytorch_mqa._build as b; b.load_extension()"
+"$PYTHON" -c "from pytorch_mqa.ops import build; build.load_extension()"
 
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
     "$PYTHON" -m pytest -q -x tests/test_attention_with_kv_cache_cuda.py -m cuda -k "not graph" -p no:cacheprovider "$@"

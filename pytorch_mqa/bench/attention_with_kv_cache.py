@@ -1,0 +1,99 @@
+"""`bench attention_with_kv_cache`: one decode step (Tq = 1) through `attention_with_kv_cache` on
+every backend, beside `sdpa+write`: what users do without the package, `k_cache[:, L] = k` then
+SDPA over the first L+1 rows."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+import pytorch_mqa.ops as mqa_ops
+from pytorch_mqa.bench import timing
+from pytorch_mqa.bench.common import (budget_for, collapse_skips, plot_grid, max_err, measure, release,
+                                      shapes_for, bhsd, mqa_providers)
+
+SHAPES = {
+    "cuda": dict(Hq=32, D=128, Hkv=(1, 8, 32), batch=(1, 16, 64), lengths=(1024, 4096, 16384)),
+    "cuda_quick": dict(Hq=32, D=128, Hkv=(1, 8, 32), batch=(1, 64), lengths=(1024, 16384)),
+    "cpu": dict(Hq=8, D=64, Hkv=(1, 2, 8), batch=(1, 16, 64), lengths=(1024, 4096, 16384)),
+    "cpu_quick": dict(Hq=8, D=64, Hkv=(1, 8), batch=(1, 16), lengths=(1024, 4096)),
+}
+COLUMNS = [("Hkv", "Hkv"), ("B", "B"), ("L", "L"), ("provider", "provider"), ("ms", "ms"),
+                  ("p20_ms", "p20"), ("p80_ms", "p80"), ("gbs", "GB/s"), ("pct_peak", "% peak")]
+
+
+def _mqa_decode(name):
+    def f(q, k_cache, v_cache, k, v, seqlens, L):
+        return mqa_ops.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, backend=name)
+
+    return f
+
+
+def _sdpa_decode(q, k_cache, v_cache, k, v, seqlens, L):
+    k_cache[:, L] = k[:, 0]
+    v_cache[:, L] = v[:, 0]
+    out = F.scaled_dot_product_attention(bhsd(q), bhsd(k_cache[:, : L + 1]), bhsd(v_cache[:, : L + 1]),
+                                         enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def run(device, dtype, calib, quick, shapes=None, cuda_graph=False, **options) -> list[dict]:
+    """Rows per (shape, provider); cuda_graph=True replays each timed call from a CUDA graph.
+
+    Each case has B sequences holding L rows each; the call appends row L and attends L+1 rows.
+    The cache is allocated with exactly L+1 rows, so a provider that reads it whole is not penalised."""
+    shp = shapes_for(SHAPES, device, quick, shapes)
+    Hq, D = shp["Hq"], shp["D"]
+    budget = budget_for(device, quick, shp)
+    backends, skipped = mqa_providers("attention_with_kv_cache", device)
+    rows = [dict(suite="attention_with_kv_cache", op="attention_with_kv_cache", provider=f"mqa.{n}", case="all", ms=None, reason=r)
+            for n, r in skipped]
+    gen = torch.Generator(device=device).manual_seed(1)
+    elt = torch.empty((), dtype=dtype).element_size()
+    for Hkv in shp["Hkv"]:
+        for B in shp["batch"]:
+            for L in shp["lengths"]:
+                S = L + 1
+                set_bytes = 2 * B * S * Hkv * D * elt
+                n_sets = timing.n_buffer_sets(set_bytes, device)
+                try:
+                    sets = []
+                    for _ in range(n_sets):
+                        q = torch.randn(B, 1, Hq, D, device=device, dtype=dtype, generator=gen)
+                        kc, vc = (torch.randn(B, S, Hkv, D, device=device, dtype=dtype, generator=gen) for _ in "kv")
+                        k, v = (torch.randn(B, 1, Hkv, D, device=device, dtype=dtype, generator=gen) for _ in "kv")
+                        # Lengths live on the device, as in a KVCache: no host transfer per call.
+                        seqlens = torch.full((B,), L, dtype=torch.int32, device=device)
+                        sets.append((q, kc, vc, k, v, seqlens, L))
+                except torch.OutOfMemoryError as exc:
+                    rows.append(dict(suite="attention_with_kv_cache", op="attention_with_kv_cache", provider="all", B=B, L=L, Hkv=Hkv,
+                                     ms=None, reason=f"inputs do not fit: {str(exc).splitlines()[0][:120]}"))
+                    release(device)
+                    continue
+                base = dict(suite="attention_with_kv_cache", op="attention_with_kv_cache", case=f"B{B} L{L} Hq{Hq} Hkv{Hkv} D{D}",
+                            B=B, L=L, Tq=1, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype).replace("torch.", ""),
+                            buffer_sets=n_sets, cuda_graph=cuda_graph)
+                nbytes = timing.decode_bytes([L] * B, 1, Hq, Hkv, D, elt)
+                providers = [(f"mqa.{n}", _mqa_decode(n)) for n in backends] + [("sdpa+write", _sdpa_decode)]
+                ref_out = None
+                for name, fn in providers:
+                    row = dict(base, provider=name)
+                    if name == "mqa.reference":
+                        with torch.no_grad():
+                            ref_out = fn(*sets[0])
+                    check = max_err(ref_out) if name != "mqa.reference" else None
+                    row.update(measure(fn, contextlib.nullcontext, sets, device, budget, check, cuda_graph))
+                    if row.get("ms"):
+                        row["gbs"] = nbytes / (row["ms"] * 1e-3) / 1e9
+                        row["pct_peak"] = 100 * row["gbs"] / calib["copy_gbs"]
+                    rows.append(row)
+                del sets, ref_out
+                release(device)
+    return collapse_skips(rows, "attention_with_kv_cache", "attention_with_kv_cache")
+
+
+def plot(rows, result, path):
+    plot_grid(rows, "Hkv", "B", "L", "gbs", "attention_with_kv_cache GB/s", "GB/s", "cache length L",
+          path, result["environment"])

@@ -1,0 +1,38 @@
+"""GPTConfig: the model's shape, one commented field per line (nanoGPT's style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int  # tokens in the vocabulary (GPT-2: 50257)
+    block_size: int  # maximum sequence length (number of learned positions)
+    n_layer: int  # transformer blocks
+    n_head: int  # query heads per attention layer
+    n_kv_head: int  # key/value heads: 1 = MQA, n_head = MHA, a divisor in between = GQA
+    n_embd: int  # model width; head dim is n_embd // n_head
+    dropout: float = 0.0  # dropout on embeddings and residual branches (not on attention probs)
+    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2: True)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"GPTConfig.{name}: expected a positive int, got {val!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd: expected a multiple of n_head = {self.n_head}, got {self.n_embd}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"GPTConfig.n_kv_head: expected a divisor of n_head = {self.n_head}, got {self.n_kv_head}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout: expected a float in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+__all__ = ["GPTConfig"]

@@ -1,0 +1,64 @@
+"""What the registered ops run: one function per op and direction, switching on the backend.
+
+`backend` reaching here is concrete ("reference", "triton" or "cuda"). The Triton launchers are
+imported when first used (Triton is optional); csrc is built and loaded on first use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pytorch_mqa import reference
+from pytorch_mqa.ops import build, cpu
+from pytorch_mqa.ops.validation import host_lengths
+
+
+def _triton_attention():
+    from pytorch_mqa.kernels import attention as kernel
+
+    return kernel
+
+
+def _triton_attention_with_kv_cache():
+    from pytorch_mqa.kernels import attention_with_kv_cache as kernel
+
+    return kernel
+
+
+def attention_forward(q, k, v, causal, scale, backend):
+    if backend == "reference" or q.numel() == 0 or k.shape[1] == 0:
+        return reference.attention(q, k, v, causal=causal, scale=scale)
+    if backend == "triton":
+        return _triton_attention().attention_forward(q, k, v, causal, scale)
+    raise RuntimeError(f"backend: {backend!r} has no attention implementation")
+
+
+def attention_backward(dout, q, k, v, lse, delta, causal, scale, backend):
+    if backend == "reference" or q.numel() == 0 or k.shape[1] == 0:
+        return reference.attention_backward(dout, q, k, v, lse, delta, causal=causal, scale=scale)
+    if backend == "triton":
+        return _triton_attention().attention_backward(dout, q, k, v, lse, delta, causal, scale)
+    raise RuntimeError(f"backend: {backend!r} has no attention backward implementation")
+
+
+def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend):
+    if backend == "reference" and q.device.type == "cpu" and q.shape[0] > 0 and q.shape[1] > 0:
+        L = host_lengths(cache_seqlens)
+        if L is not None:
+            return cpu.attention_with_kv_cache_host(q, k_cache, v_cache, k, v, L.tolist(), causal, scale)
+    cache_seqlens = cache_seqlens.to(q.device, non_blocking=True)
+    if backend == "reference" or q.shape[0] == 0 or q.shape[1] == 0:
+        # Tq == 0 appends nothing and attends nothing: the reference returns empty results.
+        return reference.attention_with_kv_cache(
+            q, k_cache, v_cache, k, v, cache_seqlens, causal=causal, scale=scale
+        )
+    if backend == "triton":
+        return _triton_attention_with_kv_cache().attention_with_kv_cache(
+            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale
+        )
+    if backend == "cuda":
+        build.load_extension()
+        return torch.ops.pytorch_mqa.attention_with_kv_cache_cuda(
+            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale
+        )
+    raise RuntimeError(f"backend: {backend!r} has no attention_with_kv_cache implementation")

@@ -1,0 +1,129 @@
+"""Input validation of both ops (DESIGN §4): every message names the argument, the expected and
+the received value. Runs once per public call, before anything is launched."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _check_tensor(name: str, x, shape_doc: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor {shape_doc}, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor {shape_doc}, got shape {tuple(x.shape)}")
+
+
+def _check_same(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {x.device}")
+
+
+def _check_q_and_kv(q: Tensor, k: Tensor, k_name: str) -> None:
+    """Shared checks of q (B, Tq, Hq, D) against a K-like tensor (B, T, Hkv, D)."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q: expected dtype in (float16, bfloat16, float32), got {q.dtype}")
+    D = q.shape[3]
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got D={D}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"{k_name}: expected batch size {q.shape[0]} (q.shape[0]), got {k.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"{k_name}: expected head dim {D} (q.shape[3]), got {k.shape[3]}")
+    Hq, Hkv = q.shape[2], k.shape[2]
+    if Hkv < 1:
+        raise ValueError(f"{k_name}: expected at least one KV head, got shape {tuple(k.shape)}")
+    if Hq % Hkv != 0:
+        raise ValueError(
+            f"q: expected the number of query heads to be a multiple of the KV heads "
+            f"({k_name}.shape[2]={Hkv}), got Hq={Hq}"
+        )
+
+
+def _check_flags(causal, scale) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if scale is not None:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite float, got {scale}")
+
+
+def validate_attention(q, k, v, causal=False, scale=None) -> None:
+    _check_tensor("q", q, "(B, Tq, Hq, D)")
+    _check_tensor("k", k, "(B, Tk, Hkv, D)")
+    _check_tensor("v", v, "(B, Tk, Hkv, D)")
+    _check_same("k", k, "q", q)
+    _check_same("v", v, "q", q)
+    _check_q_and_kv(q, k, "k")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected shape {tuple(k.shape)} (the shape of k), got {tuple(v.shape)}")
+    _check_flags(causal, scale)
+
+
+def host_lengths(cache_seqlens: Tensor) -> Optional[Tensor]:
+    """The lengths if reading them costs no device sync (CPU tensor, not tracing), else None."""
+    if cache_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return cache_seqlens
+
+
+def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, scale=None) -> None:
+    _check_tensor("q", q, "(B, Tq, Hq, D)")
+    _check_tensor("k_cache", k_cache, "(B, S, Hkv, D)")
+    _check_tensor("v_cache", v_cache, "(B, S, Hkv, D)")
+    _check_same("k_cache", k_cache, "q", q)
+    _check_same("v_cache", v_cache, "q", q)
+    _check_q_and_kv(q, k_cache, "k_cache")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"v_cache: expected shape {tuple(k_cache.shape)} (the shape of k_cache), got {tuple(v_cache.shape)}"
+        )
+    if (k is None) != (v is None):
+        given, missing = ("k", "v") if v is None else ("v", "k")
+        raise ValueError(f"{missing}: expected a tensor because {given} is given (pass both or neither), got None")
+    B, Tq = q.shape[0], q.shape[1]
+    S, Hkv, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    if k is not None:
+        for name, x in (("k", k), ("v", v)):
+            _check_tensor(name, x, "(B, Tq, Hkv, D)")
+            _check_same(name, x, "q", q)
+            if tuple(x.shape) != (B, Tq, Hkv, D):
+                raise ValueError(f"{name}: expected shape {(B, Tq, Hkv, D)} (B, Tq, Hkv, D), got {tuple(x.shape)}")
+    if not isinstance(cache_seqlens, Tensor):
+        raise TypeError(f"cache_seqlens: expected an int32 tensor of shape ({B},) or an int, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens: expected dtype torch.int32, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens: expected shape ({B},) (one length per sequence), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device.type != "cpu" and cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens: expected device {q.device} or cpu, got {cache_seqlens.device}")
+    _check_flags(causal, scale)
+    L = host_lengths(cache_seqlens)
+    if L is not None and B > 0:
+        lens = L.tolist()  # one host read (cheaper than two reductions for a decode step)
+        lo = min(lens)
+        if lo < 0:
+            b = lens.index(lo)
+            raise ValueError(f"cache_seqlens: expected values >= 0, got {lo} for sequence {b}")
+        new = Tq if k is not None else 0
+        hi = max(lens)
+        if hi + new > S:
+            b = lens.index(hi)
+            raise ValueError(
+                f"cache_seqlens: expected cache_seqlens[b] + Tq <= S = {S} (cache capacity), got "
+                f"cache_seqlens[{b}] = {hi} with Tq = {new} new rows"
+            )
+
+
+
+__all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "host_lengths"]

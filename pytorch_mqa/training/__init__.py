@@ -1,0 +1,1 @@
+"""The training layer: corpora and batches, tokenizers, the training loop, instruction fine-tuning."""

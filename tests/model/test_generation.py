@@ -1,0 +1,194 @@
+"""Generation: sampling helpers on hand-worked logits, greedy cache == no cache, ragged batches,
+seeds, EOS, streaming, limits."""
+
+import math
+
+import pytest
+import torch
+
+from model_helpers import tiny_gpt
+from pytorch_mqa import KVCache, generate
+from pytorch_mqa.model.generation import stream_generate
+from pytorch_mqa.model.sampling import apply_repetition_penalty, logits_to_probs, sample, top_k_filter, top_p_filter
+
+INF = float("inf")
+
+# ---- sampling helpers ------------------------------------------------------------------------
+
+
+def test_top_k_filter():
+    x = torch.tensor([[1.0, 3.0, 2.0, 0.5], [0.0, 2.0, 2.0, -1.0]])
+    got = top_k_filter(x, 2)
+    assert got.tolist() == [[-INF, 3.0, 2.0, -INF], [-INF, 2.0, 2.0, -INF]]
+    assert top_k_filter(x, 1)[1].tolist() == [-INF, 2.0, 2.0, -INF]  # ties with the k-th stay
+    assert torch.equal(top_k_filter(x, 10), x)  # k larger than V keeps everything
+
+
+def test_top_p_filter():
+    # probabilities 0.5, 0.2, 0.3: sorted 0.5, 0.3, 0.2; mass strictly before them 0, 0.5, 0.8
+    x = torch.tensor([0.5, 0.2, 0.3]).log()
+    assert torch.isfinite(top_p_filter(x, 0.4)).tolist() == [True, False, False]
+    assert torch.isfinite(top_p_filter(x, 0.75)).tolist() == [True, False, True]
+    assert torch.isfinite(top_p_filter(x, 0.85)).tolist() == [True, True, True]
+    kept = top_p_filter(x, 0.75)
+    assert kept[0] == x[0] and kept[2] == x[2]  # kept logits are unchanged
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative():
+    x = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    seen = torch.tensor([True, True, False, False])
+    assert apply_repetition_penalty(x, seen, 2.0).tolist() == [1.0, -2.0, 0.5, -3.0]
+    assert torch.equal(apply_repetition_penalty(x, seen, 1.0), x)
+
+
+def test_logits_to_probs_temperature_and_filters():
+    x = torch.tensor([0.0, math.log(4.0)])
+    torch.testing.assert_close(logits_to_probs(x, temperature=2.0), torch.tensor([1 / 3, 2 / 3]))
+    torch.testing.assert_close(logits_to_probs(x, temperature=1.0), torch.tensor([0.2, 0.8]))
+    y = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    p = logits_to_probs(y, top_k=2)
+    e = torch.tensor([math.e**3, math.e**2])
+    torch.testing.assert_close(p, torch.tensor([0.0, e[0] / e.sum(), e[1] / e.sum(), 0.0]))
+    assert logits_to_probs(y, top_p=0.01).tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_sample_follows_probs():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert sample(probs, g).tolist() == [1, 2]
+    draws = sample(torch.tensor([[0.25, 0.75]]).expand(4000, 2), g)
+    assert abs(draws.float().mean().item() - 0.75) < 0.03
+
+
+# ---- generation --------------------------------------------------------------------------------
+
+PROMPTS = [[5, 17, 3, 9, 60, 2, 44], [12, 8], [70, 1, 33, 33]]
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_greedy_cache_equals_no_cache(n_kv_head):
+    model = tiny_gpt(n_kv_head)
+    cached = generate(model, PROMPTS, 12, temperature=0)
+    uncached = generate(model, PROMPTS, 12, temperature=0, use_cache=False)
+    assert cached == uncached
+    assert [len(x) for x in cached] == [12, 12, 12]
+    assert len({tuple(x) for x in cached}) == 3  # the sequences do differ
+
+
+def test_ragged_batch_equals_each_alone():
+    model = tiny_gpt(1)
+    batch = generate(model, PROMPTS, 10, temperature=0)
+    for prompt, got in zip(PROMPTS, batch):
+        assert got == generate(model, [prompt], 10, temperature=0)[0]
+
+
+def test_tensor_prompts_and_greedy_matches_argmax_loop():
+    model = tiny_gpt(2)
+    idx = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    got = generate(model, idx, 6, temperature=0)
+    seq = idx.clone()
+    for _ in range(6):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert got == seq[:, 5:].tolist()
+
+
+def test_seeded_sampling_reproducible():
+    model = tiny_gpt(2)
+    kw = dict(temperature=1.0, top_k=20, top_p=0.95, repetition_penalty=1.2)
+    a = generate(model, PROMPTS, 16, seed=123, **kw)
+    b = generate(model, PROMPTS, 16, seed=123, **kw)
+    c = generate(model, PROMPTS, 16, seed=124, **kw)
+    assert a == b and a != c
+    assert a == generate(model, PROMPTS, 16, seed=123, use_cache=False, **kw)
+
+
+def test_top_k_one_is_greedy():
+    model = tiny_gpt(2)
+    assert generate(model, PROMPTS, 8, top_k=1, seed=0) == generate(model, PROMPTS, 8, temperature=0)
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    model = tiny_gpt(1)
+    plain = generate(model, [[57]], 20, temperature=0)[0]
+    penal = generate(model, [[57]], 20, temperature=0, repetition_penalty=100.0)[0]
+    assert plain != penal
+    assert len(set(plain)) < 20 and len(set(penal)) == 20  # a huge penalty forbids any repeat
+
+
+def test_eos_stops_each_sequence_and_streams():
+    model = tiny_gpt(2)
+    full = generate(model, PROMPTS, 12, temperature=0)
+    eos = full[1][3]  # sequence 1 emits it at step 3 (maybe earlier)
+    stops = [x.index(eos) + 1 if eos in x else 12 for x in full]
+    got = generate(model, PROMPTS, 12, temperature=0, eos_id=eos)
+    assert got == [x[:n] for x, n in zip(full, stops)]
+    events = []
+    got2 = generate(model, PROMPTS, 12, temperature=0, eos_id=eos, on_token=lambda s, ids: events.append((s, ids)))
+    assert got2 == got
+    assert [s for s, _ in events] == list(range(len(events)))
+    assert len(events) == max(stops)
+    for s, ids in events:
+        for b, t in enumerate(ids):
+            assert t == (full[b][s] if s < stops[b] else None)
+    assert list(stream_generate(model, PROMPTS, 12, temperature=0, eos_id=eos)) == events
+
+
+def test_limits_and_bad_arguments():
+    model = tiny_gpt(2, block_size=16)
+    assert generate(model, [[1] * 10], 6, temperature=0)  # 10 + 6 == block_size is fine
+    with pytest.raises(ValueError, match="block_size"):
+        generate(model, [[1] * 10], 7, temperature=0)
+    with pytest.raises(ValueError, match="block_size"):
+        generate(model, [[1] * 17], 0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(model, [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="token ids"):
+        generate(model, [[1, 97]], 3)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, [[1]], 3, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1]], 3, top_p=0.0)
+    assert generate(model, [[1], [2, 3]], 0) == [[], []]
+
+
+def test_generate_restores_training_mode():
+    model = tiny_gpt(2).train()
+    generate(model, [[1, 2]], 3, temperature=0)
+    assert model.training
+
+
+def test_decode_step_matches_cached_forward_ragged():
+    """GPT.decode_step (the graph that compile=True runs) == the cached forward, lengths differ."""
+    model = tiny_gpt(2)
+    cache, ref = KVCache.for_model(model, 3, 16), KVCache.for_model(model, 3, 16)
+    tokens = torch.tensor([[4], [50], [7]])
+    with torch.no_grad():
+        for c in (cache, ref):
+            for b, p in enumerate(PROMPTS):
+                model(torch.tensor([p]), cache=c.rows(b, b + 1))
+        want = model(tokens, cache=ref)[:, -1]
+        got, k, v = model.decode_step(tokens, cache.k, cache.v, cache.cache_seqlens)
+        cache.append(k, v)
+    torch.testing.assert_close(got, want)
+    assert cache.lengths == ref.lengths == [8, 3, 5]
+    torch.testing.assert_close(cache.k, ref.k)
+    torch.testing.assert_close(cache.v, ref.v)
+
+
+@pytest.mark.slow
+def test_compiled_greedy_equals_eager_and_compiles_once():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_gpt(2)
+    eager = generate(model, PROMPTS, 40, temperature=0)
+    assert generate(model, PROMPTS, 40, temperature=0, compile=True) == eager
+    assert counters["stats"]["unique_graphs"] == 1  # 39 decode steps, one graph: no recompiles
+    assert generate(model, PROMPTS, 40, temperature=0, compile=True) == eager
+    assert counters["stats"]["unique_graphs"] == 1  # a second call of the same cache shape reuses it
+    other = tiny_gpt(2, seed=1)  # same shapes, other weights (constants of the frozen graph): its own graph
+    assert generate(other, PROMPTS, 40, temperature=0, compile=True) == generate(other, PROMPTS, 40, temperature=0)
+    assert counters["stats"]["unique_graphs"] == 2
+    with pytest.raises(ValueError, match="use_cache"):
+        generate(model, PROMPTS, 4, compile=True, use_cache=False)

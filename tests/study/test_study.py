@@ -1,0 +1,112 @@
+"""The MHA/GQA/MQA study: variants, parameter matching, a run smaller than --quick, the report."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from pytorch_mqa.study import metrics
+from pytorch_mqa.study import run as study
+from pytorch_mqa.model import GPTConfig
+from pytorch_mqa.study.report import explain, render_report
+
+CORPUS = ("The for statement iterates over the items of a sequence. The while statement repeats a suite "
+          "while an expression is true. A function returns the value of its expression list. ") * 30
+
+
+# Small models on a shared 2-core machine run fastest on one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_kv_variants():
+    assert study.kv_variants(4, None) == [("MHA", 4), ("GQA", 2), ("MQA", 1)]
+    assert study.kv_variants(8, None) == [("MHA", 8), ("GQA", 4), ("MQA", 1)]
+    assert study.kv_variants(8, 2) == [("MHA", 8), ("GQA", 2), ("MQA", 1)]
+    assert study.kv_variants(2, None) == [("MHA", 2), ("MQA", 1)]
+    with pytest.raises(ValueError, match="n_kv_head"):
+        study.kv_variants(8, 3)
+
+
+def test_matched_width_equalises_parameters():
+    mha = GPTConfig(vocab_size=100, block_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=64)
+    mqa = GPTConfig(vocab_size=100, block_size=64, n_layer=2, n_head=4, n_kv_head=1, n_embd=64)
+    target = study.count_params(mha)
+    width = study.matched_width(mqa, target)
+    assert width > 64 and width % 4 == 0
+    wide = study.count_params(GPTConfig(**{**mqa.__dict__, "n_embd": width}))
+    narrower = study.count_params(GPTConfig(**{**mqa.__dict__, "n_embd": width - 4}))
+    assert abs(wide - target) <= abs(narrower - target) and abs(wide - target) < 0.05 * target
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    corpus = out / "corpus.txt"
+    corpus.write_text(CORPUS)
+    torch.set_num_threads(1)
+    p = dict(tokenizer="char", n_layer=1, n_head=4, n_embd=32, block_size=32, batch_size=8, max_steps=12, lr=1e-2,
+             warmup_steps=2, eval_interval=6, eval_iters=1, seeds=2, gen_tokens=8)
+    results = study.run_study(p, str(out), corpus=str(corpus), progress=False, match_params=True)
+    return out, results
+
+
+@pytest.mark.slow
+def test_study_outputs(small_study):
+    out, results = small_study
+    assert {"report.md", "results.json", "loss_curves.png", "perplexity.png"} <= set(os.listdir(out))
+    saved = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in saved["variants"]] == ["MHA", "GQA", "MQA", "MQA-wide"]
+    keys = {"n_kv_head", "params", "val_perplexity_mean", "val_perplexity_std", "logprob_similar", "logprob_unrelated",
+            "kv_bytes_per_token", "tokens_per_s_cache", "tokens_per_s_no_cache", "max_abs_logit_diff",
+            "greedy_tokens_agree", "sample", "runs"}
+    for v in saved["variants"]:
+        assert keys <= set(v)
+        assert len(v["runs"]) == 2 and v["val_perplexity_std"] >= 0
+        assert v["logprob_similar"] < 0 and v["logprob_unrelated"] < 0
+        assert v["max_abs_logit_diff"] < 1e-3 and v["greedy_tokens_agree"]
+        assert v["sample"].startswith(metrics.SAMPLE_PROMPT)
+    mha, gqa, mqa, wide = saved["variants"]
+    # KV bytes per token: 2 (K and V) * layers * KV heads * head dim * 4 bytes (float32).
+    assert mha["kv_bytes_per_token"] == 2 * 1 * 4 * 8 * 4
+    assert mha["kv_bytes_per_token"] == 2 * gqa["kv_bytes_per_token"] == 4 * mqa["kv_bytes_per_token"]
+    assert mha["params"] > gqa["params"] > mqa["params"]
+    assert abs(wide["params"] - mha["params"]) < abs(mqa["params"] - mha["params"])
+    assert saved["study"]["wall_seconds"] > 0
+    report = (out / "report.md").read_text()
+    for text in ("| MHA |", "| MQA-wide |", "KV cache", "multi-query", "loss_curves.png", "perplexity.png"):
+        assert text in report
+
+
+@pytest.mark.slow
+def test_report_conclusions_follow_the_numbers(small_study):
+    _, results = small_study
+    r = copy.deepcopy(results)
+    by = {v["name"]: v for v in r["variants"]}
+    by["MHA"]["val_perplexity_mean"], by["MQA"]["val_perplexity_mean"] = 10.0, 12.0
+    by["MHA"]["val_perplexity_std"] = by["MQA"]["val_perplexity_std"] = 0.1
+    assert "larger than the seed-to-seed spread" in " ".join(explain(r))
+    by["MHA"]["val_perplexity_std"] = by["MQA"]["val_perplexity_std"] = 5.0
+    assert "within the seed-to-seed spread" in " ".join(explain(r))
+    for v in r["variants"]:
+        v["tokens_per_s_cache"], v["tokens_per_s_no_cache"] = 200.0, 100.0
+    assert "faster for every variant" in " ".join(explain(r))
+    by["MQA"]["tokens_per_s_cache"] = 50.0
+    assert "not faster for every variant" in " ".join(explain(r))
+    assert "2.00x (MHA)" in render_report(r)
+
+
+def test_heldout_loss_is_the_mean_over_fixed_windows():
+    torch.manual_seed(0)
+    from pytorch_mqa.model import GPT
+
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    val = torch.randint(0, 11, (50,))
+    got = metrics.heldout_loss(model, val, 8, "cpu", max_windows=3, batch=2)
+    stride = 49 // 3  # three windows spread over the whole split
+    windows = torch.stack([val[i * stride : i * stride + 9] for i in range(3)])
+    with torch.no_grad():
+        logits = model(windows[:, :-1])
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), windows[:, 1:].reshape(-1)).item()
+    assert got == pytest.approx(want, rel=1e-5)
