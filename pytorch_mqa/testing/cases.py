@@ -187,7 +187,7 @@ def attention_cases(quick: bool = False, dtypes=DTYPES, seed: int = 0) -> list[A
 
 
 def _resolve_lengths(row) -> tuple:
-    B, Tq, S = row[0], row[1], row[2]
+    Tq, S = row[1], row[2]
     return tuple(S - Tq if x == "full" else int(x) for x in row[6])
 
 

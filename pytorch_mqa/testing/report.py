@@ -80,6 +80,8 @@ class Report:
     def table(self, failures_only: bool = False) -> str:
         """A fixed-width table: one row per case with the worst tensor's error, tolerance and ratio."""
         rows = [r for r in self.results if not failures_only or not r.passed]
+        if not rows:
+            return "(no failing cases)" if failures_only else "(no cases)"
         width = max([len(r.name) for r in rows] + [4])
         lines = [f"{'case':<{width}}  {'tensor':<6} {'error':>10} {'tolerance':>10} {'ratio':>8}  status"]
         for r in rows:
