@@ -20,6 +20,7 @@ from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.dtypes import DTYPE_CHOICES, as_dtype
 from pytorch_mqa.ops.backends import OP_BACKENDS, unavailable_reason
 from pytorch_mqa.testing import DTYPES, Report, check_attention, check_attention_with_kv_cache, check_backend
+from pytorch_mqa.testing.backends import load_backend_plugins
 
 OPS = tuple(OP_BACKENDS)
 
@@ -81,6 +82,7 @@ def _print_report(report: Report, out_dir: str, failures_only: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    load_backend_plugins()
     for module in args.imports:
         importlib.import_module(module)
     dtypes = tuple(as_dtype(d) for d in args.dtype) if args.dtype else DTYPES

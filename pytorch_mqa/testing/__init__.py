@@ -13,7 +13,7 @@
 `pytorch-mqa check` runs the same checks from the command line.
 """
 
-from pytorch_mqa.testing.backends import register_backend, unregister_backend
+from pytorch_mqa.testing.backends import load_backend_plugins, register_backend, unregister_backend
 from pytorch_mqa.testing.cases import (
     ATTENTION_SHAPES,
     DTYPES,
@@ -40,5 +40,5 @@ __all__ = [
     "attention_cases", "kv_cache_cases", "seeded", "randn", "attention_inputs", "kv_cache_inputs", "random_case",
     "attention_loop", "attention_float64", "attention_with_kv_cache_float64",
     "check_attention", "check_attention_with_kv_cache", "check_backend", "backend_function",
-    "CaseResult", "Report", "register_backend", "unregister_backend",
+    "CaseResult", "Report", "register_backend", "unregister_backend", "load_backend_plugins",
 ]

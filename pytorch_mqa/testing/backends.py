@@ -23,6 +23,9 @@ Empty inputs (B, Tq or Tk = 0) never reach the callables: the ops answer them wi
 
 from __future__ import annotations
 
+import warnings
+from importlib.metadata import entry_points
+
 from pytorch_mqa.ops.backends import USER_BACKENDS, add_backend, remove_backend
 from pytorch_mqa.testing.cases import DTYPES
 from pytorch_mqa.testing.check import check_backend
@@ -76,6 +79,29 @@ def _restore(name: str, previous: dict | None) -> None:
                     attention_backward=previous["attention_backward"], device_types=previous["device_types"])
 
 
+ENTRY_POINT_GROUP = "pytorch_mqa.backends"
+
+
+def load_backend_plugins() -> list[str]:
+    """Run the `pytorch_mqa.backends` entry points of installed packages; return their names.
+
+    A package ships a backend to every `pytorch-mqa` command (info, check) by declaring, e.g. in
+    pyproject.toml, `[project.entry-points."pytorch_mqa.backends"] mine = "mypkg.mqa:register"`,
+    where `register()` calls `pytorch_mqa.register_backend(...)`. A plugin that fails to load is
+    reported with a warning and skipped.
+    """
+    loaded = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()()
+        except Exception as e:  # one broken plugin must not take the command down
+            warnings.warn(f"pytorch_mqa backend plugin {ep.name!r} ({ep.value}) failed to load: "
+                          f"{type(e).__name__}: {e}", stacklevel=2)
+            continue
+        loaded.append(ep.name)
+    return loaded
+
+
 def unregister_backend(name: str) -> None:
     """Remove a backend added by register_backend."""
     if name not in USER_BACKENDS:
@@ -83,4 +109,4 @@ def unregister_backend(name: str) -> None:
     remove_backend(name)
 
 
-__all__ = ["register_backend", "unregister_backend"]
+__all__ = ["register_backend", "unregister_backend", "load_backend_plugins", "ENTRY_POINT_GROUP"]
