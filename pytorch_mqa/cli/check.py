@@ -58,6 +58,8 @@ def load_callable(spec: str):
         module = importlib.util.module_from_spec(file_spec)
         file_spec.loader.exec_module(module)
     else:
+        if importlib.util.find_spec(module_name.partition(".")[0]) is None and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` would: modules in the current directory
         module = importlib.import_module(module_name)
     obj = module
     for part in attr.split("."):

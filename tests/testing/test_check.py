@@ -4,6 +4,7 @@ with the failing cases named."""
 import functools
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +33,7 @@ def sdpa_bottom_right(q, k, v, *, causal=False, scale=None):
     return out
 
 
+@pytest.mark.slow
 def test_the_package_reference_passes_with_lse_and_gradients():
     fn = functools.partial(pytorch_mqa.attention, backend="reference")
     report = check_attention(fn, quick=True, lse=True, grad=True, device="cpu")
@@ -41,6 +43,7 @@ def test_the_package_reference_passes_with_lse_and_gradients():
     assert 0 < report.worst_ratio < 1
 
 
+@pytest.mark.slow
 def test_a_correct_user_implementation_passes():
     report = check_attention(sdpa_bottom_right, dtypes=FP32)
     assert report.passed, report.failure_details()

@@ -177,3 +177,16 @@ def test_info_lists_registered_and_plugin_backends(registered, tmp_path, monkeyp
     finally:
         if "from_plugin" in pytorch_mqa.available_backends("cpu"):
             pytorch_mqa.unregister_backend("from_plugin")
+
+
+def test_compiles_fullgraph_with_a_user_backend(registered):
+    fn = Counting()
+    registered("mine", attention=fn)
+    f = torch.compile(lambda q, k, v: pytorch_mqa.attention(q, k, v, causal=True, backend="mine"),
+                      fullgraph=True, backend="aot_eager")
+    q, k, v = attention_inputs((1, 4, 6, 2, 1, 8), torch.float32, seed=6)
+    q.requires_grad_(True)
+    out = f(q, k, v)
+    out.sum().backward()
+    assert fn.calls == 1 and q.grad is not None
+    torch.testing.assert_close(out, reference.attention(q, k, v, causal=True)[0], rtol=0, atol=1e-5)
