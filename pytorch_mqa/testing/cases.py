@@ -145,6 +145,8 @@ class KVCacheCase:
             tags.append("L=0")
         if any(L + new == self.S for L in self.lengths):
             tags.append("fills S")
+        if self.causal and any(L + new != self.Tq for L in self.lengths if L + new > 0):
+            tags.append("causal bottom-right")
         if not self.with_new and (0 in self.lengths or (self.causal and min(self.lengths) < self.Tq)):
             tags.append("rows with no key")
         return tags + ([] if self.with_new else ["no new k/v"])

@@ -106,7 +106,9 @@ class Report:
         return {"op": self.op, "impl": self.impl, "device": self.device, "passed": self.passed,
                 "n_cases": len(self.results), "n_failed": len(self.failures),
                 "worst_passing_ratio": self.worst_ratio,
-                "failures": [r.name for r in self.failures], "cases": [r.to_dict() for r in self.results]}
+                "failures": [{"name": r.name, "case": r.case, "tags": r.tags, "messages": r.messages()}
+                             for r in self.failures],
+                "cases": [r.to_dict() for r in self.results]}
 
     def write_json(self, path: str) -> str:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
