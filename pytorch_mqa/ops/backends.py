@@ -1,6 +1,6 @@
 """Which backends this machine has, and how `backend=` / PYTORCH_MQA_BACKEND resolve.
 
-A backend name is one of BACKENDS. `unavailable_reason(name, device)` returns None when the
+A backend name is one of BACKENDS or a name registered with `add_backend` (USER_BACKENDS). `unavailable_reason(name, device)` returns None when the
 backend can run tensors of that device type, or a sentence saying why it cannot.
 """
 
@@ -142,7 +142,7 @@ def use_backend(name: str | None):
     touching the process environment. It takes precedence over PYTORCH_MQA_BACKEND.
     """
     if name is not None and name not in BACKEND_CHOICES and name not in USER_BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {name!r}")
+        raise ValueError(f"backend: expected one of {BACKEND_CHOICES + tuple(USER_BACKENDS)}, got {name!r}")
     token = _DEFAULT_BACKEND.set(None if name == "auto" else name)
     try:
         yield
@@ -160,7 +160,7 @@ def resolve_backend(op: str, backend: str, device_type: str) -> str:
         if backend == "auto":
             return AUTO_CUDA_BACKEND[op] if device_type == "cuda" else "reference"
     if backend not in BACKENDS and backend not in USER_BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
+        raise ValueError(f"backend: expected one of {BACKEND_CHOICES + tuple(USER_BACKENDS)}, got {backend!r}")
     reason = unavailable_reason(backend, device_type)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable for {device_type} tensors: {reason}")

@@ -29,7 +29,9 @@ def _triton_attention_with_kv_cache():
 def _user_result(backend, op, result):
     """A registered backend's (out, lse), checked for form (the op's outputs must be new tensors)."""
     if not (isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result)):
-        raise RuntimeError(f"backend {backend!r}: expected {op}(..., return_lse=True) to return (out, lse), got {type(result).__name__}")
+        raise RuntimeError(
+            f"backend {backend!r}: expected {op}(..., return_lse=True) to return (out, lse), got {type(result).__name__}"
+        )
     return tuple(result)
 
 
@@ -37,7 +39,8 @@ def attention_forward(q, k, v, causal, scale, backend):
     if backend == "reference" or q.numel() == 0 or k.shape[1] == 0:
         return reference.attention(q, k, v, causal=causal, scale=scale)
     if backend in USER_BACKENDS:
-        return _user_result(backend, "attention", USER_BACKENDS[backend]["attention"](q, k, v, causal=causal, scale=scale, return_lse=True))
+        fn = USER_BACKENDS[backend]["attention"]
+        return _user_result(backend, "attention", fn(q, k, v, causal=causal, scale=scale, return_lse=True))
     if backend == "triton":
         return _triton_attention().attention_forward(q, k, v, causal, scale)
     raise RuntimeError(f"backend: {backend!r} has no attention implementation")
