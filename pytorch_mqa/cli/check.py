@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad", action="store_true", help="--impl attention: also check dq, dk, dv (autograd)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (e.g. one that calls pytorch_mqa.register_backend; repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of the case matrix's inputs")
     parser.add_argument("--out", default="runs/check", help="directory for the JSON report")
     parser.add_argument("--failures-only", action="store_true", help="print only the failing cases' rows")
 
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"pytorch-mqa check: --op: backend {args.backend!r} implements {[o for o in OPS if args.backend in OP_BACKENDS[o]]}, "
                   f"got {args.op!r}", file=sys.stderr)
             return 2
-        reports = check_backend(args.backend, device=device, quick=args.quick, ops=ops, dtypes=dtypes)
+        reports = check_backend(args.backend, device=device, quick=args.quick, ops=ops, dtypes=dtypes, seed=args.seed)
     else:
         try:
             fn = load_callable(args.impl)
@@ -114,14 +115,14 @@ def run(args: argparse.Namespace) -> int:
         op = args.op or "attention"
         if op == "attention":
             reports = [check_attention(fn, device=device, quick=args.quick, dtypes=dtypes, lse=args.lse,
-                                       grad=args.grad, name=args.impl)]
+                                       grad=args.grad, name=args.impl, seed=args.seed)]
         else:
             if args.grad:
                 print("pytorch-mqa check: --grad: expected --op attention (the cache op is not differentiable), "
                       f"got --op {op}", file=sys.stderr)
                 return 2
             reports = [check_attention_with_kv_cache(fn, device=device, quick=args.quick, dtypes=dtypes,
-                                                     lse=args.lse, name=args.impl)]
+                                                     lse=args.lse, name=args.impl, seed=args.seed)]
     for report in reports:
         _print_report(report, args.out, args.failures_only)
     return 0 if all(r.passed for r in reports) else 1

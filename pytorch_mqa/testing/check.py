@@ -242,7 +242,7 @@ def backend_function(backend: str, op: str = "attention") -> Callable:
     return functools.partial(getattr(api, op), backend=backend)
 
 
-def check_backend(backend: str, *, device=None, quick: bool = False, ops=None, dtypes=DTYPES) -> list[Report]:
+def check_backend(backend: str, *, device=None, quick: bool = False, ops=None, dtypes=DTYPES, seed: int = 0) -> list[Report]:
     """Check the package's `backend` (built in or registered) on `device`, for every op it implements.
 
     The checks go through the public functions and the registered ops, with the LSE and (for
@@ -258,10 +258,10 @@ def check_backend(backend: str, *, device=None, quick: bool = False, ops=None, d
         fn = backend_function(backend, op)
         if op == "attention":
             reports.append(check_attention(fn, device=device, quick=quick, dtypes=dtypes, lse=True, grad=True,
-                                           name=f"backend={backend}"))
+                                           name=f"backend={backend}", seed=seed))
         else:
             reports.append(check_attention_with_kv_cache(fn, device=device, quick=quick, dtypes=dtypes, lse=True,
-                                                         name=f"backend={backend}"))
+                                                         name=f"backend={backend}", seed=seed))
     return reports
 
 

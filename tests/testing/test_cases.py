@@ -38,3 +38,15 @@ def test_quick_is_a_subset_and_inputs_are_seeded():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     kv = kv_cache_cases()[0]
     assert all(torch.equal(x, y) for x, y in zip(kv.inputs(), kv.inputs()) if x is not None)
+
+
+def test_the_tests_helpers_are_the_kit_not_a_copy():
+    import helpers
+    import oracle
+
+    from pytorch_mqa import testing
+
+    for name in ("ATTENTION_SHAPES", "KV_CACHE_SHAPES", "DTYPES", "ATOL", "attention_inputs", "kv_cache_inputs",
+                 "randn", "seeded", "random_case"):
+        assert getattr(helpers, name) is getattr(testing, name), name
+    assert oracle.attention_loop is testing.attention_loop
