@@ -31,16 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="a callable with the op's signature: module.path:name or path/to/file.py:name")
     what.add_argument("--backend", help="a backend of the package (reference, triton, cuda, or a registered one)")
     parser.add_argument("--op", choices=OPS, default=None,
-                        help="which op's signature --impl has (default attention); with --backend: only this op")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+                        help="the op --impl implements (None: attention); with --backend, check only this op (None: every op)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... or auto (cuda if available)")
     parser.add_argument("--quick", action="store_true", help="a smaller matrix (every feature once, short sequences)")
     parser.add_argument("--dtype", action="append", choices=DTYPE_CHOICES, default=None,
-                        help="check only this dtype (repeatable; default: float32, float16, bfloat16)")
+                        help="check only this dtype (repeatable; None: float32, float16 and bfloat16)")
     parser.add_argument("--lse", action="store_true",
                         help="--impl returns (out, lse) when called with return_lse=True: check the lse too")
     parser.add_argument("--grad", action="store_true", help="--impl attention: also check dq, dk, dv (autograd)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first (e.g. one that calls pytorch_mqa.register_backend; repeatable)")
+                        help="import MODULE first, e.g. one that calls pytorch_mqa.register_backend (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="base seed of the case matrix's inputs")
     parser.add_argument("--out", default="runs/check", help="directory for the JSON report")
     parser.add_argument("--failures-only", action="store_true", help="print only the failing cases' rows")
