@@ -40,6 +40,7 @@ setup(
         "pytorch_mqa",
         "pytorch_mqa.core",
         "pytorch_mqa.ops",
+        "pytorch_mqa.testing",
         "pytorch_mqa.model",
         "pytorch_mqa.training",
         "pytorch_mqa.study",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pytorch_mqa.cli import bench, finetune, generate, info, study, train
+from pytorch_mqa.cli import bench, check, finetune, generate, info, study, train
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -19,6 +19,7 @@ COMMANDS = {
     "study": (study, "MHA vs GQA vs MQA quality/speed study with a Markdown report"),
     "finetune": (finetune, "instruction fine-tuning in the Alpaca format"),
     "bench": (bench, "microbenchmarks of both ops and end-to-end generation tokens/s"),
+    "check": (check, "check an attention kernel or a backend against the oracle (DESIGN §5)"),
 }
 
 

@@ -8,7 +8,8 @@ import platform
 
 import torch
 
-from pytorch_mqa.ops.backends import BACKENDS, unavailable_reason
+from pytorch_mqa.ops.backends import backend_names, unavailable_reason
+from pytorch_mqa.testing.backends import load_backend_plugins
 from pytorch_mqa.version import __version__
 
 
@@ -28,7 +29,7 @@ def collect() -> dict:
             gpus.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
                          "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count})
     backends = {
-        dev: {b: unavailable_reason(b, dev) or "available" for b in BACKENDS} for dev in ("cpu", "cuda")
+        dev: {b: unavailable_reason(b, dev) or "available" for b in backend_names()} for dev in ("cpu", "cuda")
     }
     return {
         "pytorch_mqa": __version__,
@@ -47,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    load_backend_plugins()
     info = collect()
     if args.json:
         print(json.dumps(info, indent=2))

@@ -1,6 +1,6 @@
 """Which backends this machine has, and how `backend=` / PYTORCH_MQA_BACKEND resolve.
 
-A backend name is one of BACKENDS. `unavailable_reason(name, device)` returns None when the
+A backend name is one of BACKENDS or a name registered with `add_backend` (USER_BACKENDS). `unavailable_reason(name, device)` returns None when the
 backend can run tensors of that device type, or a sentence saying why it cannot.
 """
 
@@ -13,6 +13,8 @@ import os
 import shutil
 
 import torch
+
+from pytorch_mqa import reference
 
 BACKENDS = ("reference", "triton", "cuda")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -29,6 +31,47 @@ OP_BACKENDS = {
     "attention": ("reference", "triton"),
     "attention_with_kv_cache": ("reference", "triton", "cuda"),
 }
+
+
+# Backends registered at run time (pytorch_mqa.register_backend): name -> {"attention": fn or None,
+# "attention_backward": fn, "attention_with_kv_cache": fn or None, "device_types": tuple or None}.
+USER_BACKENDS: dict[str, dict] = {}
+
+
+def add_backend(name, *, attention=None, attention_with_kv_cache=None, attention_backward=None, device_types=None):
+    """Put user callables behind the ops as backend `name` (no checks of their results; see
+    pytorch_mqa.testing.register_backend). Without `attention_backward`, gradients run the reference."""
+    if not isinstance(name, str) or not name.isidentifier() or name in BACKEND_CHOICES:
+        raise ValueError(f"name: expected an identifier other than {BACKEND_CHOICES}, got {name!r}")
+    fns = {"attention": attention, "attention_with_kv_cache": attention_with_kv_cache}
+    for arg, fn in (*fns.items(), ("attention_backward", attention_backward)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{arg}: expected a callable or None, got {type(fn).__name__}")
+    if attention is None and attention_with_kv_cache is None:
+        raise ValueError("attention, attention_with_kv_cache: expected at least one callable, got None for both")
+    if device_types is not None:
+        device_types = (device_types,) if isinstance(device_types, str) else tuple(device_types)
+    remove_backend(name)
+    USER_BACKENDS[name] = dict(fns, attention_backward=attention_backward or _reference_backward, device_types=device_types)
+    for op, fn in fns.items():
+        if fn is not None:
+            OP_BACKENDS[op] = OP_BACKENDS[op] + (name,)
+
+
+def remove_backend(name: str) -> None:
+    """Forget a backend added with add_backend (no-op if there is none by that name)."""
+    if USER_BACKENDS.pop(name, None) is not None:
+        for op in OP_BACKENDS:
+            OP_BACKENDS[op] = tuple(b for b in OP_BACKENDS[op] if b != name)
+
+
+def _reference_backward(dout, q, k, v, lse, delta, causal, scale):
+    return reference.attention_backward(dout, q, k, v, lse, delta, causal=causal, scale=scale)
+
+
+def backend_names() -> tuple:
+    """The built-in backends, then the registered ones."""
+    return BACKENDS + tuple(USER_BACKENDS)
 
 
 def triton_interpreting() -> bool:
@@ -59,6 +102,9 @@ def unavailable_reason(name: str, device_type: str = "cuda") -> str | None:
     """None if backend `name` can run tensors on `device_type` here, else why not."""
     if name == "reference":
         return None
+    if name in USER_BACKENDS:
+        types = USER_BACKENDS[name]["device_types"]
+        return None if types is None or device_type in types else f"backend {name!r} was registered for {types} only"
     if name == "triton":
         reason = _triton_reason()
         if reason:
@@ -81,7 +127,7 @@ def available_backends(device_type: str | None = None) -> list[str]:
     """Backends that can run on `device_type` (default: cuda if present, else cpu)."""
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
+    return [b for b in backend_names() if unavailable_reason(b, device_type) is None]
 
 
 # The backend `use_backend` chose for calls that pass backend="auto" (None: no choice made).
@@ -95,8 +141,8 @@ def use_backend(name: str | None):
     This is how a program (the CLI's --backend) picks a backend for a whole model without
     touching the process environment. It takes precedence over PYTORCH_MQA_BACKEND.
     """
-    if name is not None and name not in BACKEND_CHOICES:
-        raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {name!r}")
+    if name is not None and name not in BACKEND_CHOICES and name not in USER_BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKEND_CHOICES + tuple(USER_BACKENDS)}, got {name!r}")
     token = _DEFAULT_BACKEND.set(None if name == "auto" else name)
     try:
         yield
@@ -113,8 +159,8 @@ def resolve_backend(op: str, backend: str, device_type: str) -> str:
         backend = _DEFAULT_BACKEND.get() or os.environ.get(ENV_VAR, "auto") or "auto"
         if backend == "auto":
             return AUTO_CUDA_BACKEND[op] if device_type == "cuda" else "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend not in BACKENDS and backend not in USER_BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKEND_CHOICES + tuple(USER_BACKENDS)}, got {backend!r}")
     reason = unavailable_reason(backend, device_type)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable for {device_type} tensors: {reason}")

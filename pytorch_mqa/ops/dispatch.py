@@ -10,6 +10,7 @@ import torch
 
 from pytorch_mqa import reference
 from pytorch_mqa.ops import build, cpu
+from pytorch_mqa.ops.backends import USER_BACKENDS
 from pytorch_mqa.ops.validation import host_lengths
 
 
@@ -25,9 +26,21 @@ def _triton_attention_with_kv_cache():
     return kernel
 
 
+def _user_result(backend, op, result):
+    """A registered backend's (out, lse), checked for form (the op's outputs must be new tensors)."""
+    if not (isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result)):
+        raise RuntimeError(
+            f"backend {backend!r}: expected {op}(..., return_lse=True) to return (out, lse), got {type(result).__name__}"
+        )
+    return tuple(result)
+
+
 def attention_forward(q, k, v, causal, scale, backend):
     if backend == "reference" or q.numel() == 0 or k.shape[1] == 0:
         return reference.attention(q, k, v, causal=causal, scale=scale)
+    if backend in USER_BACKENDS:
+        fn = USER_BACKENDS[backend]["attention"]
+        return _user_result(backend, "attention", fn(q, k, v, causal=causal, scale=scale, return_lse=True))
     if backend == "triton":
         return _triton_attention().attention_forward(q, k, v, causal, scale)
     raise RuntimeError(f"backend: {backend!r} has no attention implementation")
@@ -36,6 +49,8 @@ def attention_forward(q, k, v, causal, scale, backend):
 def attention_backward(dout, q, k, v, lse, delta, causal, scale, backend):
     if backend == "reference" or q.numel() == 0 or k.shape[1] == 0:
         return reference.attention_backward(dout, q, k, v, lse, delta, causal=causal, scale=scale)
+    if backend in USER_BACKENDS:
+        return USER_BACKENDS[backend]["attention_backward"](dout, q, k, v, lse, delta, causal, scale)
     if backend == "triton":
         return _triton_attention().attention_backward(dout, q, k, v, lse, delta, causal, scale)
     raise RuntimeError(f"backend: {backend!r} has no attention backward implementation")
@@ -52,6 +67,10 @@ def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, ca
         return reference.attention_with_kv_cache(
             q, k_cache, v_cache, k, v, cache_seqlens, causal=causal, scale=scale
         )
+    if backend in USER_BACKENDS:
+        fn = USER_BACKENDS[backend]["attention_with_kv_cache"]
+        return _user_result(backend, "attention_with_kv_cache", fn(
+            q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=causal, scale=scale, return_lse=True))
     if backend == "triton":
         return _triton_attention_with_kv_cache().attention_with_kv_cache(
             q, k_cache, v_cache, k, v, cache_seqlens, causal, scale
