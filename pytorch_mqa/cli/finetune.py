@@ -21,7 +21,7 @@ from pytorch_mqa.cli.common import (SIGNAL_EXIT, UserError, add_optim_arguments,
 from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.threads import set_threads
 from pytorch_mqa.ops.backends import BACKEND_CHOICES, use_backend
-from pytorch_mqa.training.data import format_prompt, load_instructions, split_examples
+from pytorch_mqa.training.data import ALPACA_PROMPT_WITH_INPUT, format_prompt, load_instructions, split_examples
 from pytorch_mqa.training.finetune import InstructionData, respond, response_budget
 from pytorch_mqa.training.loop import fit, load_trainer_state, plot_loss_curves, summarize
 from pytorch_mqa.training.pretrained import load_model_and_tokenizer
@@ -75,6 +75,10 @@ def _finetune(args: argparse.Namespace, device: str) -> int:
                                                 device=device,
                                                 tokenizer_kind="gpt2" if args.tokenizer == "gpt2" else None)
     model = model.float()
+    try:
+        tokenizer.check_text(ALPACA_PROMPT_WITH_INPUT.format(instruction="", input=""), "the Alpaca prompt template")
+    except ValueError as e:
+        raise UserError(args.init, str(e), usage=False) from None
     for i, r in enumerate(records):
         try:
             tokenizer.check_text(format_prompt(r) + r["output"], f"record {i}")

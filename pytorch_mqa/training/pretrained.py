@@ -17,6 +17,10 @@ def load_model(path: str, **kwargs) -> GPT:
     with the path in front.
     """
     check_model_files(path)
+    return _load_checked(path, **kwargs)
+
+
+def _load_checked(path: str, **kwargs) -> GPT:
     try:
         return GPT.from_pretrained(path, **kwargs)
     except (FileFormatError, FileNotFoundError):
@@ -35,8 +39,8 @@ def load_model_and_tokenizer(path: str, *, n_kv_head=None, device="cpu", dtype=N
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory or weights file; expected {MODEL_EXPECTED}")
+    check_model_files(path)  # cheap: a garbage or truncated file is named before anything else is tried
     directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    # The tokenizer first: it is cheap to read, and a broken one should not wait for the weights.
     if tokenizer_kind == "gpt2":
         tokenizer = GPT2Tokenizer()
     else:
@@ -44,7 +48,7 @@ def load_model_and_tokenizer(path: str, *, n_kv_head=None, device="cpu", dtype=N
             tokenizer = load_tokenizer(directory)
         except FileNotFoundError:
             tokenizer = GPT2Tokenizer()  # a bare GPT-2 checkpoint: raises a clear error if not cached
-    model = load_model(path, n_kv_head=n_kv_head, dtype=dtype, device=device)
+    model = _load_checked(path, n_kv_head=n_kv_head, dtype=dtype, device=device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the "
                          f"model's ({model.config.vocab_size}); expected the tokenizer saved with these weights")
