@@ -13,6 +13,8 @@ import signal
 import sys
 import threading
 
+from tqdm.auto import tqdm
+
 from pytorch_mqa.ops.backends import BACKEND_CHOICES
 from pytorch_mqa.training.files import OLD_SUFFIX, TMP_PREFIX, FileFormatError, stale_temporaries
 from pytorch_mqa.training.loop import TrainConfig
@@ -217,8 +219,8 @@ def stop_on_signals():
 
     def handler(signum, frame):
         if not received:
-            print(f"\n[{signal.Signals(signum).name}: finishing this step and writing a checkpoint ...]",
-                  file=sys.stderr, flush=True)
+            tqdm.write(f"[{signal.Signals(signum).name}: finishing this step and writing a checkpoint ...]",
+                       file=sys.stderr)
         received.append(signum)
 
     old = {s: signal.signal(s, handler) for s in SIGNAL_EXIT}

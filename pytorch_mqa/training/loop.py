@@ -287,7 +287,8 @@ def plot_loss_curves(curves: dict[str, dict], path: str, title: str = "loss") ->
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # no evaluation yet (an early interruption): no legend
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
