@@ -67,6 +67,10 @@ def _train(args: argparse.Namespace, device: str) -> int:
         if resume["step"] >= args.max_steps:
             raise UserError("--max-steps", f"the checkpoint in {ckpt} is already at step {resume['step']}; "
                                            f"pass a larger --max-steps to continue, got {args.max_steps}")
+        trained_on = resume.get("config", {}).get("extra", {}).get("corpus", args.corpus)
+        if trained_on != args.corpus:
+            raise UserError("--corpus", f"the run in {args.out} was trained on {trained_on or 'the embedded corpus'}; "
+                                        "pass the same --corpus to resume it")
         tokenizer = load_tokenizer(ckpt)
         model = load_model(ckpt, device=device)
         print(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")

@@ -331,15 +331,14 @@ def _ranks_from_tiktoken_cache() -> dict[bytes, int]:
     paths = gpt2_cache_paths()
     missing = list(GPT2_FILES) if paths is None else [n for n, p in paths.items() if not os.path.isfile(p)]
     if missing:
-        where = "\n".join(f"  {GPT2_FILES[n]}\n    -> {paths[n] if paths else '(caching disabled)'}" for n in missing)
+        where = (", ".join(f"{paths[n]} ({n} from {GPT2_FILES[n]})" for n in missing) if paths else
+                 "tiktoken's cache (caching is disabled: TIKTOKEN_CACHE_DIR is empty)")
         raise FileNotFoundError(
-            "the GPT-2 tokenizer needs tiktoken's cached GPT-2 files, and these are missing "
-            f"(TIKTOKEN_CACHE_DIR={tiktoken_cache_dir()!r}):\n{where}\n"
-            "Provide them without network access here: on a machine with network run\n"
-            "  TIKTOKEN_CACHE_DIR=/some/dir python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"\n"
-            "and copy that directory here, setting TIKTOKEN_CACHE_DIR to it (or download the two URLs above "
-            "and save each under the sha1 hex digest of its URL). A Hugging Face GPT-2 directory with "
-            "vocab.json and merges.txt works too. Or use --tokenizer bpe/char/word, which need no files."
+            f"{where}: missing; the GPT-2 tokenizer reads tiktoken's cached GPT-2 files and downloads nothing. "
+            "On a machine with network run `TIKTOKEN_CACHE_DIR=/some/dir python -c \"import tiktoken; "
+            "tiktoken.get_encoding('gpt2')\"` and copy that directory here, setting TIKTOKEN_CACHE_DIR to it "
+            "(or save each URL above under the sha1 hex digest of its URL); a Hugging Face GPT-2 directory with "
+            "vocab.json and merges.txt works too; or use --tokenizer bpe/char/word, which need no files"
         )
     for name, path in paths.items():
         with open(path, "rb") as f:

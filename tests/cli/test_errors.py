@@ -220,6 +220,8 @@ def test_resume_without_checkpoint_and_without_more_steps(ckpt, tmp_path, capsys
     copy_ckpt(src, run / "checkpoint")
     rc = cli.main(["train", "--corpus", str(corpus), *TINY, "--max-steps", "4", "--out", str(run), "--resume"])
     one_line_error(capsys, rc, "train", 2, "--max-steps", "already at step 4")
+    rc = cli.main(["train", *TINY, "--max-steps", "8", "--out", str(run), "--resume"])
+    one_line_error(capsys, rc, "train", 2, "--corpus", f"trained on {corpus}", "same --corpus")
 
 
 # ------------------------------------------------------------------------------------ tokenizers
