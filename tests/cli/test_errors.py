@@ -157,6 +157,12 @@ def test_overwrite_replaces_a_run_without_stale_files(ckpt, tmp_path, capsys):
     base = ["train", "--corpus", str(corpus), *TINY, "--max-steps", "2", "--eval-interval", "2", "--out", str(out)]
     assert cli.main(base + ["--tokenizer", "bpe", "--vocab-size", "260"]) == 0
     assert "tokenizer_mqa.tiktoken" in os.listdir(out / "checkpoint")
+    before = {n: (out / "checkpoint" / n).read_bytes() for n in os.listdir(out / "checkpoint")}
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff" + CORPUS.encode())
+    rc = cli.main(["train", "--corpus", str(bad), *TINY, "--out", str(out), "--overwrite"])
+    one_line_error(capsys, rc, "train", 1, bad, "byte offset 0")
+    assert {n: (out / "checkpoint" / n).read_bytes() for n in os.listdir(out / "checkpoint")} == before
     assert cli.main(base + ["--overwrite"]) == 0  # a char tokenizer now: no ranks file may remain
     assert "tokenizer_mqa.tiktoken" not in os.listdir(out / "checkpoint")
     assert json.loads((out / "checkpoint" / "tokenizer_mqa.json").read_text())["kind"] == "char"
