@@ -209,7 +209,8 @@ def stop_on_signals():
     """While the block runs, SIGINT and SIGTERM set a flag instead of killing the process.
 
     Yields `received`, a list that holds the signals seen; `fit(stop=lambda: bool(received))`
-    polls it after every step, writes a checkpoint and returns. Outside the main thread (where
+    polls it after every step, writes a checkpoint and returns. A third signal raises
+    KeyboardInterrupt at once (for a step or a write that hangs). Outside the main thread (where
     handlers cannot be installed) nothing changes.
     """
     received: list[int] = []
@@ -218,10 +219,12 @@ def stop_on_signals():
         return
 
     def handler(signum, frame):
-        if not received:
-            tqdm.write(f"[{signal.Signals(signum).name}: finishing this step and writing a checkpoint ...]",
-                       file=sys.stderr)
         received.append(signum)
+        if len(received) == 1:
+            tqdm.write(f"[{signal.Signals(signum).name}: finishing this step and writing a checkpoint; a third "
+                       "signal quits at once, keeping the last complete checkpoint]", file=sys.stderr)
+        elif len(received) >= 3:
+            raise KeyboardInterrupt  # checkpoints are atomic: the previous one stays whole
 
     old = {s: signal.signal(s, handler) for s in SIGNAL_EXIT}
     try:

@@ -68,7 +68,7 @@ class TrainConfig:
     desc: str = "train"  # progress bar label
     extra: dict = field(default_factory=dict)  # recorded in the checkpoint (model/tokenizer settings)
     # Set by `fit` when a resumed run's max_steps differs from the checkpoint's: from this step on, the
-    # decay restarts from the learning rate the run had reached, so the schedule never jumps.
+    # decay continues from the learning rate the run had reached, so the schedule never jumps.
     decay_from_step: Optional[int] = None
     decay_from_lr: Optional[float] = None
 

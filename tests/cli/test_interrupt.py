@@ -69,3 +69,28 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, mon
     assert resumed["eval"] == full["eval"]
     a = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert a["step"] == 12
+
+
+def test_finetune_interrupt_then_resume(tmp_path, capsys, monkeypatch):
+    from pytorch_mqa.training.data import format_prompt
+
+    record = {"instruction": "Name a colour", "output": "Red."}
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((format_prompt({**record, "input": "x"}) + record["output"] + " ") * 10)
+    tiny = ARGS[:ARGS.index("--block-size")] + ["--block-size", "128"] + ARGS[ARGS.index("--batch-size"):]
+    assert cli.main(["train", "--corpus", str(corpus), *tiny, "--max-steps", "1", "--out", str(tmp_path / "t")]) == 0
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([record] * 4))
+    base = ["finetune", "--data", str(data), "--init", str(tmp_path / "t" / "checkpoint"), "--max-steps", "6",
+            "--eval-interval", "3", "--eval-iters", "1", "--batch-size", "2", "--device", "cpu", "--no-progress",
+            "--checkpoint-minutes", "0"]
+    assert cli.main(base + ["--out", str(tmp_path / "full")]) == 0
+    capsys.readouterr()
+    signal_at_step(monkeypatch, signal.SIGINT, at=4)
+    assert cli.main(base + ["--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.undo()
+    printed = capsys.readouterr().out
+    assert "stopped by SIGINT at step 4 of 6" in printed
+    resume_line = next(line for line in printed.splitlines() if line.startswith("resume with: "))
+    assert cli.main(resume_line.removeprefix("resume with: pytorch-mqa ").split()) == 0
+    assert history(tmp_path / "cut")["loss"] == history(tmp_path / "full")["loss"]
