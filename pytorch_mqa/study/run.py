@@ -179,7 +179,7 @@ def _run_study(p, out_dir, corpus, device, progress, match_params, gqa_kv, base_
     tokenizer = get_tokenizer(p["tokenizer"], text if p["tokenizer"] != "gpt2" else None,
                               vocab_size=vocab_size or p.get("vocab_size"))
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    batches = LMBatches(ids, p["batch_size"], p["block_size"])
+    batches = LMBatches(ids, p["batch_size"], p["block_size"], source=corpus or "corpus")
     base = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=p["block_size"], n_layer=p["n_layer"],
                      n_head=p["n_head"], n_kv_head=p["n_head"], n_embd=p["n_embd"])
     variants = [(name, replace(base, n_kv_head=kv)) for name, kv in kv_variants(p["n_head"], gqa_kv)]
