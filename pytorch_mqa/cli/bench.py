@@ -16,6 +16,7 @@ import time
 import torch
 
 from pytorch_mqa.bench.report import markdown_report, write_plots
+from pytorch_mqa.cli.common import UserError
 from pytorch_mqa.bench.runner import run_bench
 from pytorch_mqa.bench.suites import ALIASES, SUITES
 from pytorch_mqa.core.devices import resolve_device
@@ -24,9 +25,9 @@ from pytorch_mqa.core.dtypes import DTYPE_CHOICES, as_dtype
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", nargs="?", default="all", choices=tuple(SUITES) + tuple(ALIASES) + ("all",),
-                        help="which benchmark to run (default: all)")
+                        help="which benchmark to run")
     parser.add_argument("--quick", action="store_true", help="small shape set (about two minutes on a 2-core CPU)")
-    parser.add_argument("--out", default="runs/bench", help="output directory for the JSON and plots (default: runs/bench)")
+    parser.add_argument("--out", default="runs/bench", help="output directory for the JSON and plots")
     parser.add_argument("--plot", action="store_true", help="also write PNG charts (needs matplotlib)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
@@ -42,14 +43,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
     except (ValueError, RuntimeError) as err:
-        raise SystemExit(f"--{err}") from None
+        raise UserError("--device", str(err).split(": ", 1)[-1]) from None
     dtype = as_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.cuda_graph and device.type != "cuda":
-        raise SystemExit("--cuda-graph: expected a CUDA device, got cpu")
+        raise UserError("--cuda-graph", "expected a CUDA device, got cpu")
     suites = tuple(SUITES) if args.suite == "all" else (args.suite,)
     start = time.perf_counter()
     if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"--threads: expected a positive number, got {args.threads}")
+        raise UserError("--threads", f"expected a positive number, got {args.threads}")
     result = run_bench(suites, device, dtype, args.quick, args.cuda_graph, threads=args.threads,
                        compile=args.compile)
     result["total_seconds"] = round(time.perf_counter() - start, 2)

@@ -1,50 +1,117 @@
-"""Flags and helpers shared by the training commands (train, study, finetune): DESIGN §3b."""
+"""Flags and helpers shared by the commands: DESIGN §3b flags, argument checks, the error boundary's
+mapping of exceptions to one-line messages, the --out policy and the interrupt handler."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import threading
+
+from tqdm.auto import tqdm
 
 from pytorch_mqa.ops.backends import BACKEND_CHOICES
+from pytorch_mqa.training.files import OLD_SUFFIX, TMP_PREFIX, FileFormatError, stale_temporaries
 from pytorch_mqa.training.loop import TrainConfig
 from pytorch_mqa.training.tokenizers import KINDS as TOKENIZER_KINDS
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
-    """DESIGN §3b flags shared by train, study and finetune."""
-    parser.add_argument("--corpus", default=None, help="UTF-8 text file (default: the embedded Python reference text)")
-    parser.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="char")
+class UserError(Exception):
+    """A mistake the user can fix, reported as `pytorch-mqa CMD: error: WHERE: WHAT` with no traceback.
+
+    `where` is the argument (e.g. "--n-kv-head") or the path at fault; `usage=True` (a bad command
+    line) exits 2, `usage=False` (a problem met while running) exits 1.
+    """
+
+    def __init__(self, where: str, what: str, usage: bool = True):
+        self.where, self.what, self.usage = where, what, usage
+        super().__init__(f"{where}: {what}")
+
+
+def error_line(err: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception that reached the command line."""
+    if isinstance(err, UserError):
+        code, msg = (2 if err.usage else 1), str(err)
+    elif isinstance(err, KeyboardInterrupt):
+        code, msg = 130, "interrupted (Ctrl-C)"
+    elif isinstance(err, UnicodeDecodeError):  # a read this package did not wrap: no path to give
+        code, msg = 1, f"a file is not UTF-8 text ({err}); convert it to UTF-8"
+    elif isinstance(err, json.JSONDecodeError):
+        code, msg = 1, f"a file is not valid JSON ({err}); check the JSON files given"
+    elif isinstance(err, OSError):
+        msg = str(err)
+        if err.filename and str(err.filename) not in msg:
+            msg = f"{err.filename}: {err.strerror or msg}"
+        elif err.filename and err.strerror and msg.startswith("["):  # "[Errno 2] No such file ...: 'x'"
+            msg = f"{err.filename}: {err.strerror}"
+        code = 1
+    elif isinstance(err, (ValueError, TypeError, RuntimeError, FileFormatError)):
+        code, msg = 1, str(err)
+    else:
+        code, msg = 1, f"unexpected {type(err).__name__}: {err} (rerun with --debug for the traceback)"
+    return code, " ".join(msg.split())
+
+
+# ---------------------------------------------------------------------------------- flags
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, out_default: str, *, tokenizer_default="char",
+                         helps: dict | None = None) -> None:
+    """DESIGN §3b flags shared by train, study and finetune (`helps`: help texts that differ, by dest)."""
+    h = {
+        "corpus": "UTF-8 text file to train on (default: the embedded Python language reference)",
+        "tokenizer": "char: one id per character; word: words with [UNK]; bpe: byte-level BPE trained on the corpus; "
+                     "gpt2: GPT-2's BPE from tiktoken's cache",
+        "n_kv_head": "KV heads, a divisor of --n-head: 1 = MQA, --n-head = MHA (default: --n-head)",
+        "threads": "torch CPU threads (default: torch's choice)",
+        **(helps or {}),
+    }
+    parser.add_argument("--corpus", default=None, help=h["corpus"])
+    parser.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default=tokenizer_default, help=h["tokenizer"])
     parser.add_argument("--vocab-size", type=int, default=None, help="bpe/word vocabulary size (default 2048 / 8192)")
-    parser.add_argument("--n-kv-head", type=int, default=None, help="KV heads: 1 = MQA, n_head = MHA (default)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--n-kv-head", type=int, default=None, help=h["n_kv_head"])
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto = cuda if available")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="attention backend of the model's ops (default: auto)")
-    parser.add_argument("--out", default=out_default, help=f"output directory (default {out_default})")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="attention backend of the model's ops")
+    parser.add_argument("--out", default=out_default, help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help=h["threads"])
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, n_layer=4, n_head=4, n_embd=128, block_size=128) -> None:
-    parser.add_argument("--n-layer", type=int, default=n_layer)
-    parser.add_argument("--n-head", type=int, default=n_head)
-    parser.add_argument("--n-embd", type=int, default=n_embd)
-    parser.add_argument("--block-size", type=int, default=block_size)
-    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--n-layer", type=int, default=n_layer, help="transformer blocks")
+    parser.add_argument("--n-head", type=int, default=n_head, help="query heads")
+    parser.add_argument("--n-embd", type=int, default=n_embd, help="model width, a multiple of --n-head")
+    parser.add_argument("--block-size", type=int, default=block_size, help="context length in tokens")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout while training (off at evaluation)")
 
 
 def add_optim_arguments(parser: argparse.ArgumentParser, *, max_steps=1000, lr=1e-3, batch_size=16,
                         eval_interval=100, warmup_steps=50) -> None:
-    parser.add_argument("--max-steps", type=int, default=max_steps)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr / 10)")
-    parser.add_argument("--warmup-steps", type=int, default=warmup_steps)
-    parser.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--eval-interval", type=int, default=eval_interval)
-    parser.add_argument("--eval-iters", type=int, default=10)
-    parser.add_argument("--checkpoint-interval", type=int, default=0, help="also checkpoint every N steps")
+    parser.add_argument("--max-steps", type=int, default=max_steps,
+                        help="optimizer steps in all (with --resume: continue up to this many)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    parser.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: --lr / 10)")
+    parser.add_argument("--warmup-steps", type=int, default=warmup_steps, help="linear warmup steps")
+    parser.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                        help="decay after warmup")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (2-D weights only)")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    parser.add_argument("--eval-interval", type=int, default=eval_interval, help="evaluate every this many steps")
+    parser.add_argument("--eval-iters", type=int, default=10, help="batches per split in one evaluation")
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0,
+                        help="write a checkpoint after this many minutes of training since the last (0 = off)")
+    parser.add_argument("--checkpoint-interval", type=int, default=0,
+                        help="also write a checkpoint every this many steps (0 = off)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs of an earlier run in --out instead of refusing")
 
 
 def train_config_from_args(args, device: str, checkpoint_dir: str | None, desc: str, extra: dict) -> TrainConfig:
@@ -53,5 +120,123 @@ def train_config_from_args(args, device: str, checkpoint_dir: str | None, desc: 
         warmup_steps=args.warmup_steps, schedule=args.schedule, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_iters=args.eval_iters, seed=args.seed,
         device=device, checkpoint_dir=checkpoint_dir, checkpoint_interval=args.checkpoint_interval,
-        progress=not args.no_progress, desc=desc, extra=extra,
+        checkpoint_minutes=args.checkpoint_minutes, progress=not args.no_progress, desc=desc, extra=extra,
     )
+
+
+# ------------------------------------------------------------------------------ argument checks
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_at_least(args, minimum, *names: str) -> None:
+    """UserError naming the flag unless every `args.<name>` that is set is >= minimum."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise UserError(flag(name), f"expected a number >= {minimum}, got {value}")
+
+
+def check_optim_args(args) -> None:
+    check_at_least(args, 1, "max_steps", "batch_size", "eval_interval", "eval_iters", "threads")
+    check_at_least(args, 0, "warmup_steps", "checkpoint_interval", "checkpoint_minutes", "weight_decay", "grad_clip",
+                   "min_lr")
+    if not args.lr > 0:
+        raise UserError("--lr", f"expected a learning rate > 0, got {args.lr}")
+
+
+def check_heads(n_head: int, n_kv_head: int | None, n_embd: int | None = None) -> None:
+    """Head counts the model can be built with, checked before any data is read."""
+    if n_head is not None and n_head < 1:
+        raise UserError("--n-head", f"expected a number >= 1, got {n_head}")
+    if n_kv_head is not None:
+        if n_kv_head < 1:
+            raise UserError("--n-kv-head", f"expected a number >= 1 (1 = MQA, --n-head = MHA), got {n_kv_head}")
+        if n_head is not None and n_head % n_kv_head:
+            raise UserError("--n-kv-head", f"expected a divisor of --n-head {n_head}, got {n_kv_head}")
+    if n_embd is not None and n_head is not None and n_embd % n_head:
+        raise UserError("--n-embd", f"expected a multiple of --n-head {n_head}, got {n_embd}")
+
+
+# ---------------------------------------------------------------------------------- --out policy
+
+RUN_OUTPUTS = ("checkpoint", "checkpoint" + OLD_SUFFIX, "loss.png", "metrics.json")
+
+
+def prepare_out(out: str, command: str, resume: bool, overwrite: bool) -> list[str]:
+    """Check --out against --resume/--overwrite before any work; returns the paths to delete before training.
+
+    A non-empty --out is refused unless --resume (continue the run in it) or --overwrite (replace
+    that run's outputs; files this command did not write are never deleted).
+    """
+    if resume and overwrite:
+        raise UserError("--overwrite", "cannot be combined with --resume (which continues the run in --out)")
+    if not os.path.exists(out):
+        return []
+    if not os.path.isdir(out):
+        raise UserError("--out", f"{out} is a file; expected a directory (new or empty)")
+    entries = sorted(os.listdir(out))
+    if resume or not entries:
+        return stale_temporaries(out) if resume else []
+    if not overwrite:
+        shown = ", ".join(entries[:4]) + (" ..." if len(entries) > 4 else "")
+        raise UserError("--out", f"{out} is not empty (holds {shown}); pass --resume to continue the run in it, "
+                                 "--overwrite to replace it, or choose a new --out")
+    foreign = [e for e in entries if e not in RUN_OUTPUTS and not e.startswith(TMP_PREFIX)]
+    if foreign:
+        raise UserError("--overwrite", f"{out} also holds files `{command}` does not write "
+                                       f"({', '.join(foreign[:4])}); not deleting them: choose a new --out")
+    return [os.path.join(out, e) for e in entries]
+
+
+def remove_paths(paths: list[str]) -> None:
+    for p in paths:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.remove(p)
+
+
+# ------------------------------------------------------------------------------- interruption
+
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While the block runs, SIGINT and SIGTERM set a flag instead of killing the process.
+
+    Yields `received`, a list that holds the signals seen; `fit(stop=lambda: bool(received))`
+    polls it after every step, writes a checkpoint and returns. A third signal raises
+    KeyboardInterrupt at once (for a step or a write that hangs). Outside the main thread (where
+    handlers cannot be installed) nothing changes.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        received.append(signum)
+        if len(received) == 1:
+            tqdm.write(f"[{signal.Signals(signum).name}: finishing this step and writing a checkpoint; a third "
+                       "signal quits at once, keeping the last complete checkpoint]", file=sys.stderr)
+        elif len(received) >= 3:
+            raise KeyboardInterrupt  # checkpoints are atomic: the previous one stays whole
+
+    old = {s: signal.signal(s, handler) for s in SIGNAL_EXIT}
+    try:
+        yield received
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def resume_command(argv: list[str] | None, command: str) -> str:
+    """The command line that continues an interrupted run: the same arguments, --resume, no --overwrite."""
+    args = [a for a in (argv or []) if a not in ("--overwrite", "--resume")]
+    if args and args[0] == command:
+        args = args[1:]
+    return shlex.join(["pytorch-mqa", command, *args, "--resume"])

@@ -10,39 +10,52 @@ import argparse
 import json
 import math
 import os
+import signal
+import sys
 
 import torch
+from tqdm.auto import tqdm
 
-from pytorch_mqa.cli.common import add_optim_arguments, train_config_from_args
+from pytorch_mqa.cli.common import (SIGNAL_EXIT, UserError, add_optim_arguments, check_heads, check_optim_args,
+                                    prepare_out, remove_paths, resume_command, stop_on_signals, train_config_from_args)
 from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.threads import set_threads
 from pytorch_mqa.ops.backends import BACKEND_CHOICES, use_backend
-from pytorch_mqa.training.data import load_instructions, split_examples
-from pytorch_mqa.training.finetune import InstructionData, respond
+from pytorch_mqa.training.data import ALPACA_PROMPT_WITH_INPUT, format_prompt, load_instructions, split_examples
+from pytorch_mqa.training.finetune import InstructionData, respond, response_budget
 from pytorch_mqa.training.loop import fit, load_trainer_state, plot_loss_curves, summarize
 from pytorch_mqa.training.pretrained import load_model_and_tokenizer
+
+RESPONSE_TOKENS = 64  # the example response printed at the end
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="JSON list (or JSON lines) of {instruction, input?, output}")
     parser.add_argument("--init", required=True, help="checkpoint directory (from train) or Hugging Face GPT-2 directory")
     parser.add_argument("--tokenizer", choices=("saved", "gpt2"), default="saved",
-                        help="the tokenizer saved with --init (default) or GPT-2's")
-    parser.add_argument("--n-kv-head", type=int, default=None, help="convert MHA weights to GQA/MQA before fine-tuning")
+                        help="the tokenizer saved with --init, or GPT-2's")
+    parser.add_argument("--n-kv-head", type=int, default=None,
+                        help="convert MHA weights to GQA/MQA before fine-tuning (default: keep the checkpoint's)")
     parser.add_argument("--max-len", type=int, default=None, help="tokens per example (default: the model's block_size)")
     parser.add_argument("--no-mask-prompt", action="store_true", help="also train on the prompt tokens")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
-    parser.add_argument("--out", default="runs/finetune")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the records held out for validation")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto = cuda if available")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="attention backend of the model's ops")
+    parser.add_argument("--out", default="runs/finetune", help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the batches")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from OUT/checkpoint")
     add_optim_arguments(parser, max_steps=200, lr=3e-4, batch_size=8, eval_interval=50, warmup_steps=20)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_optim_args(args)
+    check_heads(None, args.n_kv_head)
+    if not 0.0 < args.val_fraction < 1.0:
+        raise UserError("--val-fraction", f"expected a fraction in (0, 1), got {args.val_fraction}")
+    if args.max_len is not None and args.max_len < 2:
+        raise UserError("--max-len", f"expected at least 2 tokens, got {args.max_len}")
     set_threads(args.threads)
     device = str(resolve_device(args.device))
     with use_backend(args.backend):
@@ -51,29 +64,64 @@ def run(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace, device: str) -> int:
     ckpt = os.path.join(args.out, "checkpoint")
+    to_remove = prepare_out(args.out, "finetune", args.resume, args.overwrite)
+    records = load_instructions(args.data)  # the cheap check first: a bad data file fails before any loading
     resume = load_trainer_state(ckpt) if args.resume else None
+    if resume is not None and resume["step"] >= args.max_steps:
+        raise UserError("--max-steps", f"the checkpoint in {ckpt} is already at step {resume['step']}; "
+                                       f"pass a larger --max-steps to continue, got {args.max_steps}")
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(ckpt if args.resume else args.init, n_kv_head=args.n_kv_head,
                                                 device=device,
                                                 tokenizer_kind="gpt2" if args.tokenizer == "gpt2" else None)
     model = model.float()
-    records = load_instructions(args.data)
+    try:
+        tokenizer.check_text(ALPACA_PROMPT_WITH_INPUT.format(instruction="", input=""), "the Alpaca prompt template")
+    except ValueError as e:
+        raise UserError(args.init, str(e), usage=False) from None
+    for i, r in enumerate(records):
+        try:
+            tokenizer.check_text(format_prompt(r) + r["output"], f"record {i}")
+        except ValueError as e:
+            raise UserError(args.data, str(e), usage=False) from None
     train_recs, val_recs = split_examples(records, args.val_fraction, args.seed)
     max_len = min(args.max_len or model.config.block_size, model.config.block_size)
     data = InstructionData(train_recs, val_recs, tokenizer, args.batch_size, max_len, not args.no_mask_prompt)
+    cut = sum(len(tokenizer.encode(format_prompt(r) + r["output"])) + 1 > max_len + 1 for r in records)
     cfg = train_config_from_args(args, device, ckpt, "finetune", {"data": args.data, "init": args.init})
     print(f"model: {model.num_params(non_embedding=False):,} parameters, {model.config}")
     print(f"data: {len(train_recs)} train / {len(val_recs)} val examples ({tokenizer.kind} tokenizer)  device: {device}")
-    history = fit(model, data, cfg, tokenizer=tokenizer, resume=resume,
-                  on_eval=lambda s, l: print(f"step {s}: train {l['train']:.4f}  val {l['val']:.4f}  "
-                                             f"val ppl {math.exp(l['val']):.2f}", flush=True))
+    if cut:
+        print(f"[warning: {cut} of {len(records)} examples are longer than {max_len} tokens: their prompt loses its "
+              "beginning (or the response its end) in training]", file=sys.stderr)
+    if resume is not None:
+        print(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
+    remove_paths(to_remove)  # --overwrite: only now that every input has been checked
+    with stop_on_signals() as received:
+        history = fit(model, data, cfg, tokenizer=tokenizer, resume=resume, stop=lambda: bool(received),
+                      on_eval=lambda s, l: tqdm.write(f"step {s}: train {l['train']:.4f}  val {l['val']:.4f}  "
+                                                      f"val ppl {math.exp(l['val']):.2f}"))
     plot_loss_curves({"finetune": history}, os.path.join(args.out, "loss.png"), title="fine-tuning loss")
+    if "stopped_at" in history:
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump({"summary": summarize(history), "history": history}, f, indent=1)
+        print(f"stopped by {signal.Signals(received[0]).name} at step {history['stopped_at']} of {args.max_steps}; "
+              f"checkpoint written to {ckpt}/\nresume with: {resume_command(getattr(args, 'argv', None), 'finetune')}",
+              flush=True)
+        return SIGNAL_EXIT[received[0]]
     example = val_recs[0]
-    response = respond(model, tokenizer, example)
+    prompt_len, block = len(tokenizer.encode(format_prompt(example))), model.config.block_size
+    if prompt_len < block:
+        response = respond(model, tokenizer, example, RESPONSE_TOKENS)
+        budget = response_budget(prompt_len, RESPONSE_TOKENS, block)
+        note = (f" [at most {budget} tokens: the {prompt_len}-token prompt is kept whole in the model's "
+                f"{block}-token context]" if budget < RESPONSE_TOKENS else "")
+    else:
+        response, note = None, f" [none: the prompt is {prompt_len} tokens, the model's context {block}]"
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump({"summary": summarize(history), "example": {**example, "model_response": response},
                    "history": history}, f, indent=1)
-    print(f"\nexample instruction: {example['instruction']!r}\nmodel response: {response!r}")
+    print(f"\nexample instruction: {example['instruction']!r}\nmodel response: {response!r}{note}")
     print(f"wrote {ckpt}/ (model, tokenizer, trainer state), {args.out}/loss.png, {args.out}/metrics.json")
     extra = f" --input {json.dumps(example['input'])}" if example.get("input") else ""
     print(f"try: pytorch-mqa generate --init {ckpt} --instruction {json.dumps(example['instruction'])}{extra} "

@@ -1,4 +1,11 @@
-"""`pytorch-mqa generate`: stream text from a checkpoint (train/finetune output) or a Hugging Face GPT-2 directory."""
+"""`pytorch-mqa generate`: stream text from a checkpoint (train/finetune output) or a Hugging Face GPT-2 directory.
+
+--max-new-tokens is never cut short to fit the model's context: past block_size tokens the
+context is cropped to its last block_size tokens (nanoGPT's rule, in the generation loop), and
+this command says so once, before generating. The prompt itself is never cut to make room; an
+--instruction prompt longer than the context is refused, since without its Alpaca header the
+model would answer a different question.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import argparse
 import sys
 import time
 
+from pytorch_mqa.cli.common import UserError, check_at_least, check_heads
 from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.dtypes import DTYPE_CHOICES
 from pytorch_mqa.model import generate
@@ -15,12 +23,15 @@ from pytorch_mqa.training.pretrained import load_model_and_tokenizer
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=200,
+                        help="tokens to generate; past the model's context the oldest tokens drop out of it")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample within the smallest set of tokens of total probability p (default: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="divide the logits of tokens already seen by this (1 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: unseeded)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (no KV cache)")
 
 
@@ -33,13 +44,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", choices=("saved", "gpt2"), default="saved",
                         help="the tokenizer saved with the checkpoint (default) or GPT-2's")
     parser.add_argument("--n-kv-head", type=int, default=None, help="convert an MHA checkpoint to GQA/MQA on load")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES)
-    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto = cuda if available")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="attention backend of the model's ops")
     add_sampling_arguments(parser)
 
 
+def check_sampling_args(args: argparse.Namespace) -> None:
+    check_at_least(args, 0, "max_new_tokens", "temperature")
+    check_at_least(args, 1, "top_k")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UserError("--top-p", f"expected a probability in (0, 1], got {args.top_p}")
+    if not args.repetition_penalty > 0:
+        raise UserError("--repetition-penalty", f"expected a number > 0 (1 = off), got {args.repetition_penalty}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_sampling_args(args)
+    check_heads(None, args.n_kv_head)
+    if args.input is not None and not args.instruction:
+        raise UserError("--input", "only used with --instruction (the Alpaca input field)")
     device = str(resolve_device(args.device))
     with use_backend(args.backend):
         return _generate(args, device)
@@ -51,15 +75,14 @@ def _generate(args: argparse.Namespace, device: str) -> int:
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.instruction:
         text = format_prompt({"instruction": text.strip(), "input": args.input or ""})
+    try:
+        tokenizer.check_text(text, "--instruction prompt" if args.instruction else "prompt")
+    except ValueError as e:
+        raise UserError(*str(e).split(": ", 1)) from None
     prompt = tokenizer.encode(text)
     if not prompt:
         prompt = [tokenizer.eos_id]  # an empty prompt starts from end-of-text, as GPT-2 does
-    block = model.config.block_size
-    max_new = min(args.max_new_tokens, block - min(len(prompt), block // 2))
-    if len(prompt) + max_new > block:
-        print(f"[prompt cut to its last {block - max_new} of {len(prompt)} tokens: the model's context is "
-              f"{block} tokens]", file=sys.stderr)
-        prompt = prompt[len(prompt) - (block - max_new):]
+    prompt, max_new = fit_context(prompt, args.max_new_tokens, model.config.block_size, args.instruction)
     if not args.instruction:
         sys.stdout.write(text)
     sys.stdout.flush()
@@ -88,3 +111,26 @@ def _generate(args: argparse.Namespace, device: str) -> int:
     print(f"[{len(out)} tokens in {dt:.2f} s: {len(out) / dt:.1f} tokens/s, "
           f"{'no cache' if args.no_cache else 'KV cache'}, {device}]")
     return 0
+
+
+def fit_context(prompt: list[int], max_new: int, block: int, instruction: bool) -> tuple[list[int], int]:
+    """The prompt the model starts from and the tokens to generate, with one warning where the context
+    runs out; max_new is never reduced."""
+    if len(prompt) > block:
+        if instruction:
+            raise UserError("--instruction", f"the prompt is {len(prompt)} tokens in the Alpaca template, longer "
+                                             f"than the model's context of {block} tokens; shorten the instruction "
+                                             "or --input")
+        warn(f"the prompt is {len(prompt)} tokens, longer than the model's context of {block}: the model sees "
+             f"only its last {block} tokens")
+        prompt = prompt[len(prompt) - block:]
+    if len(prompt) + max_new > block:
+        lost = "the Alpaca header of the prompt" if instruction else "the beginning of the prompt"
+        warn(f"{len(prompt)} prompt + {max_new} new tokens exceed the model's context of {block} tokens: after "
+             f"{block - len(prompt)} new tokens the context is cropped to the last {block} tokens ({lost} drops "
+             "out first)")
+    return prompt, max_new
+
+
+def warn(message: str) -> None:
+    print(f"[warning: {message}]", file=sys.stderr, flush=True)

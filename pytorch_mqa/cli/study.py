@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pytorch_mqa.cli.common import add_common_arguments
+from pytorch_mqa.cli.common import UserError, add_common_arguments, check_at_least, check_heads
 from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.threads import cpu_cores, set_threads
 from pytorch_mqa.study.report import summary_table
@@ -13,22 +13,32 @@ from pytorch_mqa.study.run import PRESETS, run_study
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, "runs/study")
     # The preset picks the tokenizer; one torch thread per training process is fastest for these small models.
-    parser.set_defaults(tokenizer=None)
+    add_common_arguments(parser, "runs/study", tokenizer_default=None, helps={
+        "tokenizer": "tokenizer of every run (default: the preset's, char for --quick, bpe otherwise)",
+        "n_kv_head": "KV heads of the GQA variant, a divisor of --n-head (default: a middle divisor)",
+        "threads": "torch CPU threads per training process (default: 1 on CPU)"})
     parser.add_argument("--quick", action="store_true", help="the small preset: about 90 s on a 2-core CPU")
     parser.add_argument("--match-params", action="store_true",
                         help="add an MQA variant widened to the MHA variant's parameter count")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: 2 quick, 3 default)")
-    parser.add_argument("--max-steps", type=int, default=None)
-    for flag in ("n-layer", "n-head", "n-embd", "block-size", "batch-size"):
-        parser.add_argument(f"--{flag}", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=None, help="training steps per run (default: the preset's)")
+    for name, what in (("n-layer", "transformer blocks"), ("n-head", "query heads"), ("n-embd", "model width"),
+                       ("block-size", "context length"), ("batch-size", "sequences per step")):
+        parser.add_argument(f"--{name}", type=int, default=None, help=f"{what} (default: the preset's)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs trained at once in separate processes on CPU (default: the number of CPU cores, "
                              "at most 4)")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_at_least(args, 1, "seeds", "max_steps", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "jobs",
+                   "threads")
+    preset = PRESETS["quick" if args.quick else "default"]
+    n_head = args.n_head or preset["n_head"]
+    check_heads(n_head, args.n_kv_head, args.n_embd or preset["n_embd"])
+    if args.vocab_size is not None and args.vocab_size < 257 and (args.tokenizer or preset["tokenizer"]) == "bpe":
+        raise UserError("--vocab-size", f"expected at least 257 for the bpe tokenizer, got {args.vocab_size}")
     device = str(resolve_device(args.device))
     if args.threads or device == "cpu":
         set_threads(args.threads or 1)

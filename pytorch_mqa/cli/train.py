@@ -1,4 +1,9 @@
-"""`pytorch-mqa train`: train a GPT (MHA/GQA/MQA) on a text corpus."""
+"""`pytorch-mqa train`: train a GPT (MHA/GQA/MQA) on a text corpus.
+
+Everything is checked before the first step (arguments, --out, the corpus, both splits, the
+checkpoint to resume); checkpoints are written every --checkpoint-minutes and on SIGINT/SIGTERM,
+after which the command says how to resume.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,21 @@ import argparse
 import json
 import math
 import os
+import signal
 
 import torch
+from tqdm.auto import tqdm
 
-from pytorch_mqa.cli.common import add_common_arguments, add_model_arguments, add_optim_arguments, train_config_from_args
+from pytorch_mqa.cli.common import (SIGNAL_EXIT, UserError, add_common_arguments, add_model_arguments,
+                                    add_optim_arguments, check_at_least, check_heads, check_optim_args, prepare_out,
+                                    remove_paths, resume_command, stop_on_signals, train_config_from_args)
 from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.threads import set_threads
 from pytorch_mqa.model import GPT, GPTConfig
 from pytorch_mqa.ops.backends import use_backend
 from pytorch_mqa.training.data import load_corpus
 from pytorch_mqa.training.loop import LMBatches, fit, load_trainer_state, plot_loss_curves, summarize
+from pytorch_mqa.training.pretrained import load_model
 from pytorch_mqa.training.tokenizers import get_tokenizer, load_tokenizer
 
 
@@ -23,10 +33,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "runs/train")
     add_model_arguments(parser)
     add_optim_arguments(parser)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from OUT/checkpoint (model and tokenizer come from it)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    check_optim_args(args)
+    check_at_least(args, 1, "n_layer", "block_size", "n_embd")
+    check_heads(args.n_head, args.n_kv_head, args.n_embd)
+    if not 0.0 <= args.dropout < 1.0:
+        raise UserError("--dropout", f"expected a probability in [0, 1), got {args.dropout}")
+    minimum = {"bpe": 257, "word": 4}.get(args.tokenizer)
+    if args.vocab_size is not None and minimum and args.vocab_size < minimum:
+        raise UserError("--vocab-size", f"expected at least {minimum} for --tokenizer {args.tokenizer}, "
+                                        f"got {args.vocab_size}")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     set_threads(args.threads)
     device = str(resolve_device(args.device))
     with use_backend(args.backend):
@@ -35,32 +59,47 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, device: str) -> int:
     ckpt = os.path.join(args.out, "checkpoint")
+    to_remove = prepare_out(args.out, "train", args.resume, args.overwrite)
+    text = load_corpus(args.corpus)
     resume = None
     if args.resume:
         resume = load_trainer_state(ckpt)
+        if resume["step"] >= args.max_steps:
+            raise UserError("--max-steps", f"the checkpoint in {ckpt} is already at step {resume['step']}; "
+                                           f"pass a larger --max-steps to continue, got {args.max_steps}")
+        trained_on = resume.get("config", {}).get("extra", {}).get("corpus", args.corpus)
+        if trained_on != args.corpus:
+            raise UserError("--corpus", f"the run in {args.out} was trained on {trained_on or 'the embedded corpus'}; "
+                                        "pass the same --corpus to resume it")
         tokenizer = load_tokenizer(ckpt)
-        model = GPT.from_pretrained(ckpt, device=device)
-        print(f"resuming from {ckpt} at step {resume['step']}")
+        model = load_model(ckpt, device=device)
+        print(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
     else:
         torch.manual_seed(args.seed)
-        tokenizer = get_tokenizer(args.tokenizer, load_corpus(args.corpus) if args.tokenizer != "gpt2" else None,
+        tokenizer = get_tokenizer(args.tokenizer, text if args.tokenizer != "gpt2" else None,
                                   vocab_size=args.vocab_size)
         config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                            n_head=args.n_head, n_kv_head=args.n_kv_head or args.n_head, n_embd=args.n_embd,
                            dropout=args.dropout)
         model = GPT(config)
-    text = load_corpus(args.corpus)
-    batches = LMBatches(tokenizer.encode(text), args.batch_size, model.config.block_size)
+    batches = LMBatches(tokenizer.encode(text), args.batch_size, model.config.block_size,
+                        source=args.corpus or "corpus")
     cfg = train_config_from_args(args, device, ckpt, "train", {"tokenizer": tokenizer.kind, "corpus": args.corpus})
     print(f"model: {model.num_params(non_embedding=False):,} parameters, {model.config}")
     print(f"data: {len(batches.train):,} train / {len(batches.val):,} val tokens ({tokenizer.kind} tokenizer, "
           f"vocab {tokenizer.vocab_size})  device: {device}")
-    history = fit(model, batches, cfg, tokenizer=tokenizer, resume=resume,
-                  on_eval=lambda s, l: print(f"step {s}: train {l['train']:.4f}  val {l['val']:.4f}  "
-                                             f"val ppl {math.exp(l['val']):.2f}", flush=True))
+    remove_paths(to_remove)  # --overwrite: only now that every input has been checked
+    with stop_on_signals() as received:
+        history = fit(model, batches, cfg, tokenizer=tokenizer, resume=resume, stop=lambda: bool(received),
+                      on_eval=lambda s, l: tqdm.write(f"step {s}: train {l['train']:.4f}  val {l['val']:.4f}  "
+                                                      f"val ppl {math.exp(l['val']):.2f}"))
     plot_loss_curves({"model": history}, os.path.join(args.out, "loss.png"), title="training loss")
-    summary = summarize(history)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump({"summary": summary, "history": history}, f, indent=1)
+        json.dump({"summary": summarize(history), "history": history}, f, indent=1)
+    if "stopped_at" in history:
+        name = signal.Signals(received[0]).name
+        print(f"stopped by {name} at step {history['stopped_at']} of {args.max_steps}; checkpoint written to "
+              f"{ckpt}/\nresume with: {resume_command(getattr(args, 'argv', None), 'train')}", flush=True)
+        return SIGNAL_EXIT[received[0]]
     print(f"wrote {ckpt}/ (model, tokenizer, trainer state), {args.out}/loss.png, {args.out}/metrics.json")
     return 0

@@ -1,12 +1,72 @@
 """The study's Markdown report and perplexity plot, written from results.json-shaped data.
 
 Every sentence that states a finding is chosen by comparing the measured numbers; nothing about
-the outcome is fixed in advance.
+the outcome is fixed in advance. Seed-to-seed noise is read one way everywhere: each quantity is
+the mean over seeds ± the half-width of its 95% Student t confidence interval, and two variants
+are called different only when their intervals do not overlap.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
+
 from pytorch_mqa.core.plotting import new_figure, save_figure
+
+CI_LEVEL = 0.95
+CI_NAME = "95% Student t confidence interval over seeds"
+# t quantiles t_{0.975, df} for df = 1..30 (standard tables); beyond, 1.96 + 2.5 / df is within 0.002.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with `df` degrees of freedom (two-sided 95%)."""
+    if df < 1:
+        raise ValueError(f"df: expected at least 1 degree of freedom, got {df}")
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.5 / df
+
+
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% Student t interval); the half-width is NaN for a single value."""
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return m, math.nan
+    return m, t_quantile_975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def separated(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether two (mean, half-width) intervals do not overlap (never, when either is unknown)."""
+    (ma, ha), (mb, hb) = a, b
+    if math.isnan(ha) or math.isnan(hb):
+        return False
+    return ma + ha < mb - hb or mb + hb < ma - ha
+
+
+def _ci(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+
+def _half_width(v: dict) -> float:
+    x = v.get("val_perplexity_ci")  # None (null in results.json) for a single seed
+    return math.nan if x is None else x
+
+
+def _ppl(v: dict) -> tuple[float, float]:
+    return v["val_perplexity_mean"], _half_width(v)
+
+
+def compare(name_a: str, a: tuple[float, float], name_b: str, b: tuple[float, float], lower_is_better=True) -> str:
+    """One clause comparing two (mean, half-width) results by the rule above."""
+    if math.isnan(a[1]) or math.isnan(b[1]):
+        return (f"with one seed there is no interval, so {name_a} ({a[0]:.3f}) and {name_b} ({b[0]:.3f}) cannot be "
+                "told apart")
+    if not separated(a, b):
+        return (f"{name_a} ({a[0]:.3f} ± {a[1]:.3f}) and {name_b} ({b[0]:.3f} ± {b[1]:.3f}) are not distinguishable: "
+                "their intervals overlap")
+    better = (a[0] < b[0]) == lower_is_better
+    return (f"{name_a} ({a[0]:.3f} ± {a[1]:.3f}) is {'better' if better else 'worse'} than {name_b} "
+            f"({b[0]:.3f} ± {b[1]:.3f}): the intervals do not overlap")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -15,13 +75,14 @@ def _fmt_bytes(n: float) -> str:
 
 def summary_table(results: dict) -> str:
     """The main Markdown table: one row per variant."""
-    head = ("| variant | KV heads | params | val perplexity (mean ± std) | log-prob similar | log-prob unrelated "
+    head = ("| variant | KV heads | params | val perplexity (mean ± 95% CI) | log-prob similar | log-prob unrelated "
             "| KV cache / token | tok/s cache | tok/s no cache | max abs logit diff | greedy agree |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for v in results["variants"]:
         lines.append(
             f"| {v['name']} | {v['n_kv_head']}/{v['n_head']} | {v['params']:,} | "
-            f"{v['val_perplexity_mean']:.3f} ± {v['val_perplexity_std']:.3f} | {v['logprob_similar']:.3f} | "
+            f"{v['val_perplexity_mean']:.3f} ± {_ci(_half_width(v))} | "
+            f"{v['logprob_similar']:.3f} | "
             f"{v['logprob_unrelated']:.3f} | {_fmt_bytes(v['kv_bytes_per_token'])} | {v['tokens_per_s_cache']:.1f} | "
             f"{v['tokens_per_s_no_cache']:.1f} | {v['max_abs_logit_diff']:.2e} | "
             f"{'yes' if v['greedy_tokens_agree'] else 'NO'} |"
@@ -59,51 +120,44 @@ def explain(results: dict) -> list[str]:
             f"{mqa['kv_dtype'].replace('torch.', '')}). MQA also has {mha['params'] - mqa['params']:,} fewer "
             f"parameters ({mqa['params']:,} vs {mha['params']:,}), because its key/value projections are smaller."
         )
-        d = mqa["val_perplexity_mean"] - mha["val_perplexity_mean"]
-        spread = mqa["val_perplexity_std"] + mha["val_perplexity_std"]
         seeds = len(mha["runs"])
-        direction = "higher (worse)" if d > 0 else "lower (better)"
-        if seeds < 2:
-            verdict = "With a single seed there is no estimate of seed-to-seed noise, so the difference is not conclusive."
-        elif abs(d) <= spread:
-            verdict = (f"That is within the seed-to-seed spread (the two standard deviations add up to {spread:.3f}), "
-                       "so at this scale the runs cannot tell the two apart.")
-        else:
-            verdict = (f"That is larger than the seed-to-seed spread (the two standard deviations add up to "
-                       f"{spread:.3f}), so at this scale sharing one key/value head "
-                       f"{'costs' if d > 0 else 'does not cost'} quality.")
+        d = mqa["val_perplexity_mean"] - mha["val_perplexity_mean"]
+        verdict = compare("MQA", _ppl(mqa), "MHA", _ppl(mha))
+        if separated(_ppl(mqa), _ppl(mha)):
+            verdict += f", so at this scale sharing one key/value head {'costs' if d > 0 else 'does not cost'} quality"
         out.append(
-            f"**Quality.** Validation perplexity (lower is better; {seeds} seed{'s' if seeds != 1 else ''} each) is "
-            f"{mha['val_perplexity_mean']:.3f} for MHA and {mqa['val_perplexity_mean']:.3f} for MQA: MQA is "
-            f"{abs(d):.3f} ({abs(d) / mha['val_perplexity_mean']:.1%}) {direction}. {verdict}"
+            f"**Quality.** Validation perplexity (lower is better; {seeds} seed{'s' if seeds != 1 else ''} each; "
+            f"± is the half-width of the {CI_NAME}, and two variants are called different only when their intervals "
+            f"do not overlap) is {mha['val_perplexity_mean']:.3f} for MHA and {mqa['val_perplexity_mean']:.3f} for "
+            f"MQA, a difference of {abs(d):.3f} ({abs(d) / mha['val_perplexity_mean']:.1%}): {verdict}."
         )
         if "GQA" in v:
             g = v["GQA"]
-            lo, hi = sorted([mha["val_perplexity_mean"], mqa["val_perplexity_mean"]])
-            x = g["val_perplexity_mean"]
-            where = "between MHA and MQA" if lo <= x <= hi else ("below both" if x < lo else "above both")
             out.append(
-                f"GQA with {g['n_kv_head']} key/value heads reaches {x:.3f} ({where}; its seed-to-seed standard "
-                f"deviation is {g['val_perplexity_std']:.3f}), with a KV cache of "
-                f"{_fmt_bytes(g['kv_bytes_per_token'])} per token."
+                f"GQA with {g['n_kv_head']} key/value heads (a KV cache of {_fmt_bytes(g['kv_bytes_per_token'])} "
+                f"per token): {compare('GQA', _ppl(g), 'MHA', _ppl(mha))}; {compare('GQA', _ppl(g), 'MQA', _ppl(mqa))}."
             )
         if "MQA-wide" in v:
             w = v["MQA-wide"]
-            better = w["val_perplexity_mean"] < mqa["val_perplexity_mean"]
             out.append(
                 f"The widened MQA model (n_embd {w['n_embd']}, {w['params']:,} parameters, close to MHA's "
-                f"{mha['params']:,}) reaches {w['val_perplexity_mean']:.3f}, "
-                f"{'better' if better else 'no better'} than plain MQA; its KV cache per token is "
-                f"{_fmt_bytes(w['kv_bytes_per_token'])}."
+                f"{mha['params']:,}; KV cache {_fmt_bytes(w['kv_bytes_per_token'])} per token): "
+                f"{compare('MQA-wide', _ppl(w), 'MQA', _ppl(mqa))}."
             )
-    gaps = [x["logprob_similar"] - x["logprob_unrelated"] for x in results["variants"]]
-    n_pos = sum(g > 0 for g in gaps)
+        gap = val_below_train(results)
+        if gap:
+            out.append(gap)
+    gaps = {x["name"]: mean_ci([r["logprob_similar"] - r["logprob_unrelated"] for r in x["runs"]])
+            for x in results["variants"]}
+    n_pos = sum(separated(g, (0.0, 0.0)) and g[0] > 0 for g in gaps.values())
     out.append(
-        f"**What the models learned.** The log-probability per token (in nats; closer to zero means the model "
-        f"finds the text more predictable) is higher for sentences like the training text than for unrelated "
-        f"sentences in {n_pos} of {len(gaps)} variants (gap {min(gaps):+.3f} to {max(gaps):+.3f} nats per token): "
+        "**What the models learned.** The log-probability per token (in nats; closer to zero means the model "
+        "finds the text more predictable) of sentences like the training text minus that of unrelated sentences "
+        "is " + ", ".join(f"{g[0]:+.3f} ± {_ci(g[1])} ({n})" for n, g in gaps.items())
+        + f"; it is above zero beyond its interval in {n_pos} of {len(gaps)} variants: "
         + ("the models have picked up the style and vocabulary of the corpus rather than English in general."
-           if n_pos == len(gaps) else "the models have not clearly specialised to the corpus at this training length.")
+           if n_pos == len(gaps) else "by that rule not every model has clearly specialised to the corpus at this "
+           "training length.")
     )
     speedups = {x["name"]: x["tokens_per_s_cache"] / x["tokens_per_s_no_cache"] for x in results["variants"]}
     faster = [n for n, s in speedups.items() if s > 1]
@@ -128,6 +182,30 @@ def explain(results: dict) -> list[str]:
         "variants."
     )
     return out
+
+
+def val_below_train(results: dict) -> str:
+    """A paragraph explaining validation loss below training loss, for the variants where it happens."""
+    low = [(x["name"], statistics.fmean(r["val_loss"] for r in x["runs"]),
+            statistics.fmean(r["train_loss"] for r in x["runs"])) for x in results["variants"]]
+    low = [t for t in low if t[1] < t[2]]
+    if not low:
+        return ""
+    s = results["study"]
+    dropout = s.get("base_config", {}).get("dropout", 0.0)
+    drop = ("Dropout is 0 in these models, so it plays no part."
+            if not dropout else
+            f"Dropout ({dropout}) is on while training and off at evaluation: the per-step training losses of the "
+            "loss curves are higher partly for that reason, but both numbers here are measured with it off.")
+    return (
+        "**Validation below training loss.** For " + ", ".join(f"{n} (val {a:.3f} vs train {b:.3f} nats)"
+                                                               for n, a, b in low)
+        + " the validation loss is the lower one. That is not leakage: the validation split is the last 10% of the "
+        "corpus, different text from the training split, and can simply be easier to predict; the two are also "
+        f"measured differently (training loss on {s['preset'].get('eval_iters', '?')} random batches of the training "
+        "split at the last evaluation, validation loss on up to 256 fixed windows spread over the validation split). "
+        + drop
+    )
 
 
 def render_report(results: dict) -> str:
@@ -163,20 +241,21 @@ def render_report(results: dict) -> str:
 
 
 def plot_perplexity(results: dict, path: str) -> None:
-    """Bar chart of validation perplexity per variant, error bars = std over seeds, seeds as dots."""
+    """Bar chart of validation perplexity per variant, error bars = 95% t interval over seeds, seeds as dots."""
     vs = results["variants"]
     fig, ax = new_figure(figsize=(5.5, 4))
     x = range(len(vs))
-    ax.bar(x, [v["val_perplexity_mean"] for v in vs], yerr=[v["val_perplexity_std"] for v in vs], capsize=6,
+    errs = [0.0 if math.isnan(_half_width(v)) else _half_width(v) for v in vs]
+    ax.bar(x, [v["val_perplexity_mean"] for v in vs], yerr=errs, capsize=6,
            color=[f"C{i}" for i in x], alpha=0.8)
     for i, v in enumerate(vs):
         ax.plot([i] * len(v["runs"]), [r["val_perplexity"] for r in v["runs"]], "k.", markersize=5)
     ax.set_xticks(list(x), [f"{v['name']}\n{v['n_kv_head']} KV head(s)" for v in vs])
-    lo = min(r["val_perplexity"] for v in vs for r in v["runs"])
-    hi = max(r["val_perplexity"] for v in vs for r in v["runs"])
+    lo = min([r["val_perplexity"] for v in vs for r in v["runs"]] + [v["val_perplexity_mean"] - e for v, e in zip(vs, errs)])
+    hi = max([r["val_perplexity"] for v in vs for r in v["runs"]] + [v["val_perplexity_mean"] + e for v, e in zip(vs, errs)])
     ax.set_ylim(max(0.0, lo - 0.5 * (hi - lo) - 0.05 * lo), hi + 0.5 * (hi - lo) + 0.02 * hi)
     ax.set_ylabel("validation perplexity")
-    ax.set_title("validation perplexity (mean ± std over seeds)")
+    ax.set_title("validation perplexity (mean ± 95% t interval over seeds)")
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
 

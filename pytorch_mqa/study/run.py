@@ -24,7 +24,7 @@ import torch
 from pytorch_mqa.model import GPT, GPTConfig
 from pytorch_mqa.ops.backends import use_backend
 from pytorch_mqa.study.metrics import generation_checks, heldout_loss, kv_bytes_per_token, mean_logprob, sample_text
-from pytorch_mqa.study.report import plot_loss_curves_by_variant, plot_perplexity, render_report
+from pytorch_mqa.study.report import CI_NAME, mean_ci, plot_loss_curves_by_variant, plot_perplexity, render_report
 from pytorch_mqa.training.data import load_corpus
 from pytorch_mqa.training.loop import LMBatches, TrainConfig, fit
 from pytorch_mqa.training.tokenizers import get_tokenizer, load_tokenizer
@@ -179,7 +179,7 @@ def _run_study(p, out_dir, corpus, device, progress, match_params, gqa_kv, base_
     tokenizer = get_tokenizer(p["tokenizer"], text if p["tokenizer"] != "gpt2" else None,
                               vocab_size=vocab_size or p.get("vocab_size"))
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    batches = LMBatches(ids, p["batch_size"], p["block_size"])
+    batches = LMBatches(ids, p["batch_size"], p["block_size"], source=corpus or "corpus")
     base = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=p["block_size"], n_layer=p["n_layer"],
                      n_head=p["n_head"], n_kv_head=p["n_head"], n_embd=p["n_embd"])
     variants = [(name, replace(base, n_kv_head=kv)) for name, kv in kv_variants(p["n_head"], gqa_kv)]
@@ -211,10 +211,12 @@ def _run_study(p, out_dir, corpus, device, progress, match_params, gqa_kv, base_
         first["sample"] = sample_text(model, tokenizer, p["gen_tokens"] * 2, base_seed)
         runs[0].update(first)
         ppl = _mean_std([r["val_perplexity"] for r in runs])
+        ci = mean_ci([r["val_perplexity"] for r in runs])[1]
+        ci = None if math.isnan(ci) else ci  # results.json stays strict JSON
         results.append({
             "name": name, "n_kv_head": config.n_kv_head, "n_head": config.n_head, "n_embd": config.n_embd,
             "n_layer": config.n_layer, "params": model.num_params(non_embedding=False),
-            "val_perplexity_mean": ppl[0], "val_perplexity_std": ppl[1],
+            "val_perplexity_mean": ppl[0], "val_perplexity_std": ppl[1], "val_perplexity_ci": ci,
             "val_loss_mean": statistics.fmean(r["val_loss"] for r in runs),
             "logprob_similar": statistics.fmean(r["logprob_similar"] for r in runs),
             "logprob_unrelated": statistics.fmean(r["logprob_unrelated"] for r in runs),
@@ -227,7 +229,7 @@ def _run_study(p, out_dir, corpus, device, progress, match_params, gqa_kv, base_
             "corpus_tokens": len(ids), "train_tokens": len(batches.train), "val_tokens": len(batches.val),
             "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "jobs": jobs,
             "generation": {"prompt_tokens": len(prompt), "new_tokens": gen_tokens, "batch": 1},
-            "base_config": asdict(base), "wall_seconds": time.perf_counter() - t_start}
+            "base_config": asdict(base), "interval": CI_NAME, "wall_seconds": time.perf_counter() - t_start}
     results_all = {"study": info, "variants": results}
     write_outputs(results_all, out_dir)
     return results_all

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from pytorch_mqa.model.loss import IGNORE_INDEX  # noqa: E402  (re-exported: the training data masks with it)
+from pytorch_mqa.training.files import FileFormatError, read_utf8
 
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -37,14 +38,30 @@ def default_corpus() -> str:
 
 
 def load_corpus(path: str | None = None) -> str:
-    """`path` (a UTF-8 text file) or, when None, the embedded default corpus."""
+    """`path` (a UTF-8 text file) or, when None, the embedded default corpus.
+
+    A missing, unreadable, empty or non-UTF-8 file raises an error that names the path (and, for
+    bad UTF-8, the byte offset)."""
     if path is None:
         return default_corpus()
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_utf8(path, "corpus")
     if not text:
-        raise ValueError(f"corpus: expected a non-empty UTF-8 text file, got an empty file {path!r}")
+        raise FileFormatError(path, "empty", "a non-empty UTF-8 text file as the corpus")
     return text
+
+
+def check_split_lengths(n_train: int, n_val: int, block_size: int, val_fraction: float = 0.1,
+                        source: str = "corpus") -> None:
+    """Both splits must hold at least one window of block_size + 1 tokens; the message says which does not.
+
+    (Batches are drawn with replacement, so the batch size needs no more tokens than one window.)"""
+    for name, n in ((f"training split (the first {1 - val_fraction:.0%})", n_train),
+                    (f"validation split (the last {val_fraction:.0%})", n_val)):
+        if n < block_size + 1:
+            raise ValueError(
+                f"{source}: the {name} has {n:,} tokens, expected at least block_size + 1 = {block_size + 1}; "
+                "use a longer corpus or a smaller --block-size"
+            )
 
 
 def split_train_val(ids: Sequence[int] | torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,19 +101,36 @@ def format_prompt(example: dict) -> str:
     return ALPACA_PROMPT_NO_INPUT.format(instruction=example["instruction"])
 
 
+INSTRUCTIONS_EXPECTED = ('a JSON list of {"instruction", "input" (optional), "output"} objects, '
+                         "or one such object per line (JSON lines)")
+
+
 def load_instructions(path: str) -> list[dict]:
-    """A JSON list (or JSON-lines file) of {"instruction", optional "input", "output"} records."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    """A JSON list (or JSON-lines file) of {"instruction", optional "input", "output"} records.
+
+    Errors name the file, and the line and column (bad JSON) or the record (bad fields)."""
+    text = read_utf8(path, "instruction data")
     try:
         records = json.loads(text)
-    except json.JSONDecodeError:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as whole:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                where = f"line {whole.lineno} column {whole.colno}" if lineno == 1 else f"line {lineno}"
+                raise FileFormatError(path, f"not valid JSON ({whole.msg} at {where})",
+                                      INSTRUCTIONS_EXPECTED) from None
     if not isinstance(records, list) or not records:
-        raise ValueError(f"data: expected a non-empty JSON list of instruction records in {path!r}")
+        got = "an empty list" if records == [] else f"a JSON {type(records).__name__}"
+        raise FileFormatError(path, f"holds {got}", INSTRUCTIONS_EXPECTED)
     for i, r in enumerate(records):
-        if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
-            raise ValueError(f"data[{i}]: expected an object with 'instruction' and 'output', got {r!r:.200}")
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
+            raise FileFormatError(path, f"record {i} is {json.dumps(r)[:80]}", INSTRUCTIONS_EXPECTED)
+        if not isinstance(r.get("input", ""), str):
+            raise FileFormatError(path, f"record {i} has a non-string 'input'", INSTRUCTIONS_EXPECTED)
     return records
 
 

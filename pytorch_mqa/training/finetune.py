@@ -27,14 +27,24 @@ class InstructionData:
 
 
 def respond(model, tokenizer, example: dict, max_new_tokens: int = 64, **sampling) -> str:
-    """The model's response to an instruction record (greedy unless sampling arguments say otherwise)."""
+    """The model's response to an instruction record (greedy unless sampling arguments say otherwise).
+
+    The prompt is kept whole, so the model always sees the Alpaca header: the response stops where
+    prompt + response fill the context (see `response_budget`).
+    """
     prompt = tokenizer.encode(format_prompt(example))
-    block = model.config.block_size
-    n = min(max_new_tokens, block - min(len(prompt), block // 2))
-    prompt = prompt[max(0, len(prompt) - (block - n)):]
+    n = response_budget(len(prompt), max_new_tokens, model.config.block_size)
     sampling.setdefault("temperature", 0)
     ids = generate(model, [prompt], n, eos_id=tokenizer.eos_id, **sampling)[0]
     return tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
 
 
-__all__ = ["InstructionData", "respond"]
+def response_budget(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
+    """Tokens a response may have with the whole prompt still in the context."""
+    if prompt_len >= block_size:
+        raise ValueError(f"example: its prompt is {prompt_len} tokens, expected fewer than the model's context of "
+                         f"{block_size} tokens, so that the whole prompt and some response fit")
+    return min(max_new_tokens, block_size - prompt_len)
+
+
+__all__ = ["InstructionData", "respond", "response_budget"]

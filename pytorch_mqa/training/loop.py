@@ -4,6 +4,10 @@
 cosine or linear decay, gradient clipping, periodic train/val loss averaged over several batches,
 and checkpoints (`save_pretrained` + optimizer/step/RNG state + tokenizer) that `--resume`
 continues exactly. `batches` is anything with `sample(split, generator, device) -> (x, y)`.
+
+Checkpoints are written every `checkpoint_minutes` of training, every `checkpoint_interval`
+steps, at the end, and when `stop()` turns true (the CLI's SIGINT/SIGTERM handler), each one
+atomically (files.atomic_directory): a crash mid-write leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -11,14 +15,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional, Protocol
 
 import torch
 
 from pytorch_mqa.core.plotting import new_figure, save_figure
 from pytorch_mqa.model.loss import next_token_loss
-from pytorch_mqa.training.data import get_lm_batch, split_train_val
+from pytorch_mqa.training.data import check_split_lengths, get_lm_batch, split_train_val
+from pytorch_mqa.training.files import FileFormatError, atomic_directory, check_torch_file, recover_directory, require_file
 
 TRAINER_STATE = "trainer_state.pt"
 EVAL_SEED = 1_000_003  # evaluation batches come from their own generator: the same for every run and step
@@ -31,8 +36,9 @@ class Batches(Protocol):
 class LMBatches:
     """Random windows of a token stream, split deterministically into train and val."""
 
-    def __init__(self, ids, batch_size: int, block_size: int, val_fraction: float = 0.1):
+    def __init__(self, ids, batch_size: int, block_size: int, val_fraction: float = 0.1, source: str = "corpus"):
         self.train, self.val = split_train_val(ids, val_fraction)
+        check_split_lengths(len(self.train), len(self.val), block_size, val_fraction, source)
         self.batch_size, self.block_size = batch_size, block_size
 
     def sample(self, split, generator, device):
@@ -56,10 +62,15 @@ class TrainConfig:
     seed: int = 0  # seeds the training batch generator
     device: str = "cpu"
     checkpoint_dir: Optional[str] = None  # where checkpoints go (None: no checkpoints)
-    checkpoint_interval: int = 0  # also checkpoint every this many steps (0: only at the end)
+    checkpoint_interval: int = 0  # also checkpoint every this many steps (0: off)
+    checkpoint_minutes: float = 5.0  # also checkpoint after this many minutes since the last one (0: off)
     progress: bool = True  # tqdm progress bar
     desc: str = "train"  # progress bar label
     extra: dict = field(default_factory=dict)  # recorded in the checkpoint (model/tokenizer settings)
+    # Set by `fit` when a resumed run's max_steps differs from the checkpoint's: from this step on, the
+    # decay continues from the learning rate the run had reached, so the schedule never jumps.
+    decay_from_step: Optional[int] = None
+    decay_from_lr: Optional[float] = None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -69,12 +80,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    start, peak = cfg.warmup_steps, cfg.lr
+    if cfg.decay_from_step is not None and step >= cfg.decay_from_step:
+        start, peak = cfg.decay_from_step, cfg.decay_from_lr
+    span = max(1, cfg.max_steps - start)
+    progress = min(1.0, (step - start) / span)
     if cfg.schedule == "linear":
-        return cfg.lr + (min_lr - cfg.lr) * progress
+        return peak + (min_lr - peak) * progress
     if cfg.schedule == "cosine":
-        return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+        return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"schedule: expected 'cosine', 'linear' or 'constant', got {cfg.schedule!r}")
 
 
@@ -119,10 +133,33 @@ def evaluate(model, batches: Batches, cfg: TrainConfig, splits=("train", "val"))
     return out
 
 
+def resumed_config(cfg: TrainConfig, state: dict) -> TrainConfig:
+    """`cfg` for continuing from trainer `state`: the same schedule when max_steps is unchanged;
+    when it changed, the decay goes on from the learning rate reached, down to min_lr at the new end."""
+    saved = state.get("config", {})
+    step = int(state["step"])
+    if step >= cfg.max_steps:
+        raise ValueError(f"max_steps: expected more than the checkpoint's {step} steps to continue, got {cfg.max_steps}")
+    old_max = saved.get("max_steps", cfg.max_steps)
+    if old_max == cfg.max_steps:
+        fields = {k: saved.get(k) for k in ("decay_from_step", "decay_from_lr")}
+        return replace(cfg, **fields) if fields["decay_from_step"] is not None else cfg
+    if step < cfg.warmup_steps:
+        return cfg  # still warming up: warmup does not depend on max_steps
+    known = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+    old = replace(cfg, **known) if known else replace(cfg, max_steps=old_max)
+    return replace(cfg, decay_from_step=step, decay_from_lr=lr_at(step, old))
+
+
 def save_checkpoint(directory: str, model, optimizer, step: int, history: dict, generator: torch.Generator,
                     cfg: TrainConfig, tokenizer=None) -> None:
-    """Model via `save_pretrained`, plus what `--resume` needs to continue exactly."""
-    os.makedirs(directory, exist_ok=True)
+    """Model via `save_pretrained`, plus what `--resume` needs to continue exactly, written atomically:
+    into a temporary directory beside `directory` that replaces it once every file is on disk."""
+    with atomic_directory(directory) as tmp:
+        _write_checkpoint(tmp, model, optimizer, step, history, generator, cfg, tokenizer)
+
+
+def _write_checkpoint(directory, model, optimizer, step, history, generator, cfg, tokenizer) -> None:
     model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -136,25 +173,44 @@ def save_checkpoint(directory: str, model, optimizer, step: int, history: dict, 
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    tmp = os.path.join(directory, TRAINER_STATE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(directory, TRAINER_STATE))
+    torch.save(state, os.path.join(directory, TRAINER_STATE))
+
+
+STATE_EXPECTED = f"a {TRAINER_STATE} written by pytorch-mqa train/finetune (torch.save of the trainer state)"
 
 
 def load_trainer_state(directory: str) -> dict:
+    """The trainer state of a checkpoint directory, checked to be one (a swap a crash interrupted is finished first)."""
+    recover_directory(directory)
     path = os.path.join(directory, TRAINER_STATE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"resume: expected a checkpoint with {TRAINER_STATE} in {directory!r}, found none")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no trainer state to resume from (no checkpoint has been written to "
+                                f"{directory} yet); start without --resume")
+    require_file(path, "trainer state")
+    check_torch_file(path, STATE_EXPECTED)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors of a damaged file
+        raise FileFormatError(path, f"could not be read ({type(e).__name__}: {e})", STATE_EXPECTED) from e
+    missing = [k for k in ("step", "optimizer", "generator", "torch_rng", "history") if not isinstance(state, dict)
+               or k not in state]
+    if missing:
+        raise FileFormatError(path, f"not a trainer state (missing {missing})", STATE_EXPECTED)
+    return state
 
 
 def fit(model, batches: Batches, cfg: TrainConfig, *, tokenizer=None, resume: Optional[dict] = None,
-        on_eval: Optional[Callable[[int, dict], None]] = None) -> dict:
+        on_eval: Optional[Callable[[int, dict], None]] = None, stop: Optional[Callable[[], bool]] = None) -> dict:
     """Train `model` in place for `cfg.max_steps` steps; returns the history.
 
     history: "step"/"loss"/"lr" per optimizer step, and "eval" entries {"step", "train", "val"}.
-    `resume` is a trainer state from `load_trainer_state` (the model must already hold its weights).
+    `resume` is a trainer state from `load_trainer_state` (the model must already hold its weights);
+    a larger max_steps than the checkpoint's continues its schedule (see resumed_config).
+    `stop()` is polled after every step: when true, a checkpoint is written (if `checkpoint_dir`)
+    and fit returns early with history["stopped_at"] = the last completed step.
     """
+    if resume is not None:
+        cfg = resumed_config(cfg, resume)
     device = torch.device(cfg.device)
     model.to(device).train()
     optimizer = configure_optimizer(model, cfg)
@@ -176,7 +232,8 @@ def fit(model, batches: Batches, cfg: TrainConfig, *, tokenizer=None, resume: Op
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=start, desc=cfg.desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    t0 = last_checkpoint = time.perf_counter()
+    history.pop("stopped_at", None)
     for step in range(start, cfg.max_steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -200,10 +257,17 @@ def fit(model, batches: Batches, cfg: TrainConfig, *, tokenizer=None, resume: Op
             bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
             if on_eval is not None:
                 on_eval(done, losses)
-        if done == cfg.max_steps or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0):
-            history["seconds"] += time.perf_counter() - t0  # training time, checkpoint writing excluded
+        stopping = stop is not None and stop()
+        if stopping:
+            history["stopped_at"] = done
+        now = time.perf_counter()
+        if (done == cfg.max_steps or stopping or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)
+                or (cfg.checkpoint_minutes and now - last_checkpoint >= 60 * cfg.checkpoint_minutes)):
+            history["seconds"] += now - t0  # training time, checkpoint writing excluded
             checkpoint(done)
-            t0 = time.perf_counter()
+            t0 = last_checkpoint = time.perf_counter()
+        if stopping:
+            break
     bar.close()
     history["seconds"] += time.perf_counter() - t0
     return history
@@ -223,7 +287,8 @@ def plot_loss_curves(curves: dict[str, dict], path: str, title: str = "loss") ->
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # no evaluation yet (an early interruption): no legend
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 

@@ -5,7 +5,30 @@ from __future__ import annotations
 import os
 
 from pytorch_mqa.model import GPT
+from pytorch_mqa.training.files import MODEL_EXPECTED, FileFormatError, check_model_files
 from pytorch_mqa.training.tokenizers import GPT2Tokenizer, load_tokenizer
+
+
+def load_model(path: str, **kwargs) -> GPT:
+    """`GPT.from_pretrained(path, **kwargs)`, with every failure to read the files reported against `path`.
+
+    The files are checked first (JSON config, complete safetensors / torch.save weights), so a
+    garbage or truncated checkpoint is named as such; anything else the loader raises is reported
+    with the path in front.
+    """
+    check_model_files(path)
+    return _load_checked(path, **kwargs)
+
+
+def _load_checked(path: str, **kwargs) -> GPT:
+    try:
+        return GPT.from_pretrained(path, **kwargs)
+    except (FileFormatError, FileNotFoundError):
+        raise
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    except Exception as e:  # a loader's own words for an unreadable file (pickle, zip, safetensors errors)
+        raise FileFormatError(path, f"could not be read ({type(e).__name__}: {e})", MODEL_EXPECTED) from e
 
 
 def load_model_and_tokenizer(path: str, *, n_kv_head=None, device="cpu", dtype=None, tokenizer_kind=None):
@@ -15,8 +38,8 @@ def load_model_and_tokenizer(path: str, *, n_kv_head=None, device="cpu", dtype=N
     directory; else (or with tokenizer_kind="gpt2") GPT-2's from tiktoken's cache.
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"init: expected a checkpoint directory or weights file, {path!r} does not exist")
-    model = GPT.from_pretrained(path, n_kv_head=n_kv_head, dtype=dtype, device=device)
+        raise FileNotFoundError(f"{path}: no such checkpoint directory or weights file; expected {MODEL_EXPECTED}")
+    check_model_files(path)  # cheap: a garbage or truncated file is named before anything else is tried
     directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if tokenizer_kind == "gpt2":
         tokenizer = GPT2Tokenizer()
@@ -25,10 +48,11 @@ def load_model_and_tokenizer(path: str, *, n_kv_head=None, device="cpu", dtype=N
             tokenizer = load_tokenizer(directory)
         except FileNotFoundError:
             tokenizer = GPT2Tokenizer()  # a bare GPT-2 checkpoint: raises a clear error if not cached
+    model = _load_checked(path, n_kv_head=n_kv_head, dtype=dtype, device=device)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer: its vocabulary ({tokenizer.vocab_size}) is larger than the model's "
-                         f"({model.config.vocab_size}) in {path!r}")
+        raise ValueError(f"{path}: the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the "
+                         f"model's ({model.config.vocab_size}); expected the tokenizer saved with these weights")
     return model, tokenizer
 
 
-__all__ = ["load_model_and_tokenizer"]
+__all__ = ["load_model", "load_model_and_tokenizer"]

@@ -19,6 +19,8 @@ import os
 import re
 import tempfile
 
+from pytorch_mqa.training.files import FileFormatError, read_json
+
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer_mqa.json"  # not "tokenizer.json": a Hugging Face directory has one
 RANKS_FILE = "tokenizer_mqa.tiktoken"
@@ -55,6 +57,10 @@ class Tokenizer:
 
     def _state(self, directory: str) -> dict:
         return {}
+
+    def check_text(self, text: str, what: str = "text") -> None:
+        """Raise ValueError if `text` holds something this tokenizer cannot encode faithfully (byte-level BPE
+        encodes everything; the word tokenizer maps unknown words to its documented [UNK])."""
 
     def save(self, directory: str) -> None:
         """Write `tokenizer_mqa.json` (and any side files) into `directory`."""
@@ -93,6 +99,18 @@ class CharTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         get = self.stoi.get
         return [get(c, self.unk_id) for c in text]
+
+    def check_text(self, text: str, what: str = "text") -> None:
+        """Characters the corpus never had would encode to the unknown id and decode as U+FFFD: refuse them."""
+        unknown = sorted({c for c in text if c not in self.stoi})
+        if unknown:
+            first = text.index(next(c for c in text if c not in self.stoi))
+            shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise ValueError(
+                f"{what}: character {text[first]!r} (U+{ord(text[first]):04X}) at position {first} is not in this "
+                f"char tokenizer's vocabulary of {self.vocab_size - 2} characters (unknown: {shown}); remove or "
+                "replace it, or train on a corpus that contains it"
+            )
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.itos[i] for i in ids)
@@ -223,10 +241,14 @@ def save_tiktoken_ranks(ranks: dict[bytes, int], path: str) -> None:
 def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
     ranks = {}
     with open(path, "rb") as f:
-        for line in f.read().splitlines():
+        for lineno, line in enumerate(f.read().splitlines(), 1):
             if line:
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok)] = int(rank)
+                try:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                except ValueError:  # also binascii.Error
+                    raise FileFormatError(path, f"line {lineno} is not `<base64 token> <rank>`",
+                                          "a .tiktoken ranks file written with the tokenizer") from None
     return ranks
 
 
@@ -309,15 +331,14 @@ def _ranks_from_tiktoken_cache() -> dict[bytes, int]:
     paths = gpt2_cache_paths()
     missing = list(GPT2_FILES) if paths is None else [n for n, p in paths.items() if not os.path.isfile(p)]
     if missing:
-        where = "\n".join(f"  {GPT2_FILES[n]}\n    -> {paths[n] if paths else '(caching disabled)'}" for n in missing)
+        where = (", ".join(f"{paths[n]} ({n} from {GPT2_FILES[n]})" for n in missing) if paths else
+                 "tiktoken's cache (caching is disabled: TIKTOKEN_CACHE_DIR is empty)")
         raise FileNotFoundError(
-            "the GPT-2 tokenizer needs tiktoken's cached GPT-2 files, and these are missing "
-            f"(TIKTOKEN_CACHE_DIR={tiktoken_cache_dir()!r}):\n{where}\n"
-            "Provide them without network access here: on a machine with network run\n"
-            "  TIKTOKEN_CACHE_DIR=/some/dir python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"\n"
-            "and copy that directory here, setting TIKTOKEN_CACHE_DIR to it (or download the two URLs above "
-            "and save each under the sha1 hex digest of its URL). A Hugging Face GPT-2 directory with "
-            "vocab.json and merges.txt works too. Or use --tokenizer bpe/char/word, which need no files."
+            f"{where}: missing; the GPT-2 tokenizer reads tiktoken's cached GPT-2 files and downloads nothing. "
+            "On a machine with network run `TIKTOKEN_CACHE_DIR=/some/dir python -c \"import tiktoken; "
+            "tiktoken.get_encoding('gpt2')\"` and copy that directory here, setting TIKTOKEN_CACHE_DIR to it "
+            "(or save each URL above under the sha1 hex digest of its URL); a Hugging Face GPT-2 directory with "
+            "vocab.json and merges.txt works too; or use --tokenizer bpe/char/word, which need no files"
         )
     for name, path in paths.items():
         with open(path, "rb") as f:
@@ -354,10 +375,13 @@ def _ranks_from_hf_gpt2(hf_dir: str) -> tuple[dict[bytes, int], int]:
 
 
 def _ranks_from_vocab_json(vocab_path: str) -> tuple[dict[bytes, int], int]:
-    with open(vocab_path, encoding="utf-8") as f:
-        vocab = json.load(f)
+    expected = "a GPT-2 vocab.json / encoder.json (a JSON object of byte-level tokens to ids)"
+    vocab = read_json(vocab_path, expected)
     byte_of = _gpt2_byte_decoder()
-    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items() if tok != EOT}
+    try:
+        ranks = {bytes(byte_of[c] for c in tok): int(i) for tok, i in vocab.items() if tok != EOT}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise FileFormatError(vocab_path, "not a GPT-2 vocabulary", expected) from None
     return ranks, vocab.get(EOT, len(ranks))
 
 
@@ -388,15 +412,23 @@ def get_tokenizer(kind: str, corpus_text: str | None = None, *, vocab_size: int 
 def load_tokenizer(directory: str) -> Tokenizer:
     """Read a tokenizer saved with `save(directory)`, or the GPT-2 one of a Hugging Face directory."""
     path = os.path.join(directory, TOKENIZER_FILE)
+    expected = f'a {TOKENIZER_FILE} written by pytorch-mqa (a JSON object with "kind" one of {", ".join(KINDS)})'
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        if state.get("kind") in _CLASSES:
+        state = read_json(path, expected)
+        if not isinstance(state, dict) or state.get("kind") not in _CLASSES:
+            got = state.get("kind") if isinstance(state, dict) else None
+            raise FileFormatError(path, f"kind is {got!r}" if got is not None else "has no tokenizer kind", expected)
+        try:
             return _CLASSES[state["kind"]]._from_state(state, directory)
+        except FileFormatError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FileFormatError(path, f"a {state['kind']} tokenizer with a missing or malformed field "
+                                        f"({type(e).__name__}: {e})", expected) from None
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e.filename}: missing; the tokenizer {path} needs it beside it") from None
     if has_hf_gpt2_tokenizer(directory):
         return GPT2Tokenizer(hf_dir=directory)
-    if os.path.isfile(path):
-        raise ValueError(f"{path}: expected a 'kind' in {KINDS}")
     raise FileNotFoundError(
         f"directory: expected {TOKENIZER_FILE} (written by pytorch-mqa) or a GPT-2 vocab.json + merges.txt in "
         f"{directory!r}; found neither"

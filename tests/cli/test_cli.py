@@ -92,9 +92,9 @@ def test_generate_sampling_flags(trained, capsys):
     assert capsys.readouterr().out.splitlines()[:-1] == first  # seeded sampling is reproducible
 
 
-def test_generate_missing_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="init"):
-        cli.main(["generate", "--init", str(tmp_path / "nope"), "hi"])
+def test_generate_missing_checkpoint(tmp_path, capsys):
+    assert cli.main(["generate", "--init", str(tmp_path / "nope"), "hi"]) == 1
+    assert f"{tmp_path / 'nope'}: no such checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.slow

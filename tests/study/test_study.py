@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from pytorch_mqa.study import metrics
 from pytorch_mqa.study import run as study
 from pytorch_mqa.model import GPTConfig
-from pytorch_mqa.study.report import explain, render_report
+from pytorch_mqa.study.report import explain, mean_ci, render_report, separated, t_quantile_975, val_below_train
 
 CORPUS = ("The for statement iterates over the items of a sequence. The while statement repeats a suite "
           "while an expression is true. A function returns the value of its expression list. ") * 30
@@ -64,6 +65,8 @@ def test_study_outputs(small_study):
     for v in saved["variants"]:
         assert keys <= set(v)
         assert len(v["runs"]) == 2 and v["val_perplexity_std"] >= 0
+        ppl = [run["val_perplexity"] for run in v["runs"]]
+        assert v["val_perplexity_ci"] == pytest.approx(12.706 * abs(ppl[0] - ppl[1]) / 2)  # t_{0.975,1} s / sqrt(2)
         assert v["logprob_similar"] < 0 and v["logprob_unrelated"] < 0
         assert v["max_abs_logit_diff"] < 1e-3 and v["greedy_tokens_agree"]
         assert v["sample"].startswith(metrics.SAMPLE_PROMPT)
@@ -85,10 +88,19 @@ def test_report_conclusions_follow_the_numbers(small_study):
     r = copy.deepcopy(results)
     by = {v["name"]: v for v in r["variants"]}
     by["MHA"]["val_perplexity_mean"], by["MQA"]["val_perplexity_mean"] = 10.0, 12.0
-    by["MHA"]["val_perplexity_std"] = by["MQA"]["val_perplexity_std"] = 0.1
-    assert "larger than the seed-to-seed spread" in " ".join(explain(r))
-    by["MHA"]["val_perplexity_std"] = by["MQA"]["val_perplexity_std"] = 5.0
-    assert "within the seed-to-seed spread" in " ".join(explain(r))
+    by["MHA"]["val_perplexity_ci"] = by["MQA"]["val_perplexity_ci"] = 0.5
+    text = " ".join(explain(r))
+    assert "MQA (12.000 ± 0.500) is worse than MHA (10.000 ± 0.500): the intervals do not overlap" in text
+    assert "costs quality" in text and "95% Student t confidence interval" in text
+    by["MHA"]["val_perplexity_ci"] = by["MQA"]["val_perplexity_ci"] = 1.5
+    text = " ".join(explain(r))
+    assert "are not distinguishable: their intervals overlap" in text and "costs quality" not in text
+    # GQA is placed by the same rule: never "below both" from means alone.
+    by["GQA"]["val_perplexity_mean"], by["GQA"]["val_perplexity_ci"] = 9.0, 2.0
+    text = " ".join(explain(r))
+    assert "GQA (9.000 ± 2.000) and MHA (10.000 ± 1.500) are not distinguishable" in text
+    by["GQA"]["val_perplexity_ci"] = None  # one seed
+    assert "with one seed there is no interval" in " ".join(explain(r))
     for v in r["variants"]:
         v["tokens_per_s_cache"], v["tokens_per_s_no_cache"] = 200.0, 100.0
     assert "faster for every variant" in " ".join(explain(r))
@@ -110,3 +122,26 @@ def test_heldout_loss_is_the_mean_over_fixed_windows():
         logits = model(windows[:, :-1])
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), windows[:, 1:].reshape(-1)).item()
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_student_t_interval():
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(2) == 4.303 and t_quantile_975(30) == 2.042
+    assert t_quantile_975(120) == pytest.approx(1.980, abs=2e-3)
+    m, h = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(4.303 * 1.0 / 3 ** 0.5)
+    assert math.isnan(mean_ci([5.0])[1])
+    assert separated((1.0, 0.1), (2.0, 0.1)) and not separated((1.0, 0.6), (2.0, 0.6))
+    assert not separated((1.0, math.nan), (9.0, 0.1))
+
+
+def test_val_below_train_is_explained():
+    runs = [{"val_loss": 1.0, "train_loss": 1.2}, {"val_loss": 1.1, "train_loss": 1.3}]
+    results = {"study": {"preset": {"eval_iters": 4}, "base_config": {"dropout": 0.0}},
+               "variants": [{"name": "MHA", "runs": runs}, {"name": "MQA", "runs": [{"val_loss": 2, "train_loss": 1}]}]}
+    text = val_below_train(results)
+    assert "MHA (val 1.050 vs train 1.250 nats)" in text and "MQA" not in text
+    assert "last 10% of the corpus" in text and "Dropout is 0" in text
+    results["study"]["base_config"]["dropout"] = 0.1
+    assert "off at evaluation" in val_below_train(results)
+    results["variants"] = results["variants"][1:]
+    assert val_below_train(results) == ""

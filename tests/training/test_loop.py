@@ -69,22 +69,25 @@ def test_checkpoint_and_exact_resume(tmp_path):
 
     ckpt = str(tmp_path / "ckpt")
     tok, first, batches = setup()
-    fit(first, batches, cfg(max_steps=6, eval_interval=6, seed=3, checkpoint_dir=ckpt), tokenizer=tok)
+    # Stopped after 6 of 12 steps (as SIGINT does through the CLI): the checkpoint is written then.
+    steps = []
+    fit(first, batches, cfg(max_steps=12, eval_interval=6, seed=3, checkpoint_dir=ckpt), tokenizer=tok,
+        stop=lambda: steps.append(1) or len(steps) == 6)
     assert {"config.json", "model.safetensors", "trainer_state.pt"} <= set(os.listdir(ckpt))
     assert load_tokenizer(ckpt).encode("the cat") == tok.encode("the cat")
 
     state = load_trainer_state(ckpt)
     assert state["step"] == 6
     resumed_model = GPT.from_pretrained(ckpt)
-    # The resumed run keeps the full run's schedule (max_steps=12).
     resumed = fit(resumed_model, batches, cfg(max_steps=12, eval_interval=6, seed=3), resume=state)
     assert resumed["step"] == full["step"]
     assert resumed["loss"][6] == pytest.approx(full["loss"][6], rel=1e-6, abs=1e-6)
     assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-5, abs=1e-5)
+    assert resumed["lr"] == full["lr"]
 
 
 def test_resume_without_state_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="trainer_state"):
+    with pytest.raises(FileNotFoundError, match="trainer_state.pt: no trainer state"):
         load_trainer_state(str(tmp_path))
 
 
