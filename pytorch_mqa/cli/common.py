@@ -16,8 +16,9 @@ import threading
 from tqdm.auto import tqdm
 
 from pytorch_mqa.ops.backends import BACKEND_CHOICES
+from pytorch_mqa.training.distributed import launched_rank
 from pytorch_mqa.training.files import OLD_SUFFIX, TMP_PREFIX, FileFormatError, stale_temporaries
-from pytorch_mqa.training.loop import TrainConfig
+from pytorch_mqa.training.loop import TrainConfig, steps_for_epochs
 from pytorch_mqa.training.tokenizers import KINDS as TOKENIZER_KINDS
 
 
@@ -94,18 +95,32 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, n_layer=4, n_head=4,
 
 def add_optim_arguments(parser: argparse.ArgumentParser, *, max_steps=1000, lr=1e-3, batch_size=16,
                         eval_interval=100, warmup_steps=50) -> None:
-    parser.add_argument("--max-steps", type=int, default=max_steps,
-                        help="optimizer steps in all (with --resume: continue up to this many)")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="sequences per step")
+    steps = parser.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=int, default=None,
+                       help=f"optimizer steps in all (with --resume: continue up to this many; default {max_steps})")
+    steps.add_argument("--epochs", type=float, default=None,
+                       help="train for this many passes over the training split instead of --max-steps (steps = "
+                            "epochs * training sequences / --batch-size, rounded up)")
+    parser.set_defaults(max_steps_default=max_steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help="sequences per optimizer step: the global batch, over all processes and micro-batches")
+    parser.add_argument("--grad-accum-steps", type=int, default=1,
+                        help="micro-batches per process and step (each of --batch-size / (processes * this) "
+                             "sequences); the step and its loss stay those of the whole batch")
     parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     parser.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: --lr / 10)")
     parser.add_argument("--warmup-steps", type=int, default=warmup_steps, help="linear warmup steps")
     parser.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
                         help="decay after warmup")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (2-D weights only)")
+    parser.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (first-moment decay)")
+    parser.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (second-moment decay)")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     parser.add_argument("--eval-interval", type=int, default=eval_interval, help="evaluate every this many steps")
     parser.add_argument("--eval-iters", type=int, default=10, help="batches per split in one evaluation")
+    parser.add_argument("--eval-full", action="store_true",
+                        help="evaluate the val loss over the whole validation split (every non-overlapping "
+                             "window, or every example) instead of --eval-iters sampled batches")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0,
                         help="write a checkpoint after this many minutes of training since the last (0 = off)")
     parser.add_argument("--checkpoint-interval", type=int, default=0,
@@ -116,12 +131,27 @@ def add_optim_arguments(parser: argparse.ArgumentParser, *, max_steps=1000, lr=1
 
 def train_config_from_args(args, device: str, checkpoint_dir: str | None, desc: str, extra: dict) -> TrainConfig:
     return TrainConfig(
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-        warmup_steps=args.warmup_steps, schedule=args.schedule, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_iters=args.eval_iters, seed=args.seed,
-        device=device, checkpoint_dir=checkpoint_dir, checkpoint_interval=args.checkpoint_interval,
+        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps, lr=args.lr,
+        min_lr=args.min_lr, warmup_steps=args.warmup_steps, schedule=args.schedule, weight_decay=args.weight_decay,
+        beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip, eval_interval=args.eval_interval,
+        eval_iters=args.eval_iters, eval_full=args.eval_full, seed=args.seed, device=device,
+        checkpoint_dir=checkpoint_dir, checkpoint_interval=args.checkpoint_interval,
         checkpoint_minutes=args.checkpoint_minutes, progress=not args.no_progress, desc=desc, extra=extra,
     )
+
+
+def check_resume_steps(resume: dict | None, ckpt: str, max_steps: int) -> None:
+    """A checkpoint to resume must be short of --max-steps."""
+    if resume is not None and resume["step"] >= max_steps:
+        raise UserError("--max-steps", f"the checkpoint in {ckpt} is already at step {resume['step']}; "
+                                       f"pass a larger --max-steps (or --epochs) to continue, got {max_steps}")
+
+
+def set_max_steps(args, batches) -> int:
+    """--max-steps from --epochs (the training split's size over the global batch), once the data is known."""
+    if args.epochs is not None:
+        args.max_steps = steps_for_epochs(args.epochs, batches.train_sequences, args.batch_size)
+    return args.max_steps
 
 
 # ------------------------------------------------------------------------------ argument checks
@@ -140,11 +170,25 @@ def check_at_least(args, minimum, *names: str) -> None:
 
 
 def check_optim_args(args) -> None:
-    check_at_least(args, 1, "max_steps", "batch_size", "eval_interval", "eval_iters", "threads")
+    """The optimizer flags, and the split of --batch-size over torchrun's processes and --grad-accum-steps.
+    Without --epochs, --max-steps gets its default here."""
+    check_at_least(args, 1, "max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "threads")
     check_at_least(args, 0, "warmup_steps", "checkpoint_interval", "checkpoint_minutes", "weight_decay", "grad_clip",
                    "min_lr")
     if not args.lr > 0:
         raise UserError("--lr", f"expected a learning rate > 0, got {args.lr}")
+    if args.epochs is not None and not args.epochs > 0:
+        raise UserError("--epochs", f"expected a number of passes > 0, got {args.epochs}")
+    if args.epochs is None and args.max_steps is None:
+        args.max_steps = args.max_steps_default
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise UserError(flag(name), f"expected a value in [0, 1), got {getattr(args, name)}")
+    world = launched_rank().world_size
+    if args.batch_size % (world * args.grad_accum_steps):
+        raise UserError("--batch-size", f"expected a multiple of {world} process(es) * --grad-accum-steps "
+                                        f"{args.grad_accum_steps} = {world * args.grad_accum_steps} (each process runs "
+                                        f"an equal share of the global batch), got {args.batch_size}")
 
 
 def check_heads(n_head: int, n_kv_head: int | None, n_embd: int | None = None) -> None:
@@ -205,13 +249,14 @@ SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 @contextlib.contextmanager
-def stop_on_signals():
+def stop_on_signals(announce: bool = True):
     """While the block runs, SIGINT and SIGTERM set a flag instead of killing the process.
 
     Yields `received`, a list that holds the signals seen; `fit(stop=lambda: bool(received))`
     polls it after every step, writes a checkpoint and returns. A third signal raises
     KeyboardInterrupt at once (for a step or a write that hangs). Outside the main thread (where
-    handlers cannot be installed) nothing changes.
+    handlers cannot be installed) nothing changes. `announce=False` (torchrun's ranks other than 0)
+    keeps the notice off the terminal.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -220,7 +265,7 @@ def stop_on_signals():
 
     def handler(signum, frame):
         received.append(signum)
-        if len(received) == 1:
+        if len(received) == 1 and announce:
             tqdm.write(f"[{signal.Signals(signum).name}: finishing this step and writing a checkpoint; a third "
                        "signal quits at once, keeping the last complete checkpoint]", file=sys.stderr)
         elif len(received) >= 3:
@@ -234,9 +279,24 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
+def stop_reason(received: list[int]) -> tuple[str, int]:
+    """(what stopped the run, exit code): this process's signal, or one that another torchrun process received."""
+    if received:
+        return signal.Signals(received[0]).name, SIGNAL_EXIT[received[0]]
+    return "a signal to another process of the job", SIGNAL_EXIT[signal.SIGTERM]
+
+
 def resume_command(argv: list[str] | None, command: str) -> str:
-    """The command line that continues an interrupted run: the same arguments, --resume, no --overwrite."""
+    """The command line that continues an interrupted run: the same arguments, --resume, no --overwrite
+    (under torchrun, a torchrun line with this node's process count)."""
     args = [a for a in (argv or []) if a not in ("--overwrite", "--resume")]
     if args and args[0] == command:
         args = args[1:]
-    return shlex.join(["pytorch-mqa", command, *args, "--resume"])
+    rank = launched_rank()
+    if not rank.enabled:
+        return shlex.join(["pytorch-mqa", command, *args, "--resume"])
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", str(rank.world_size))
+    line = shlex.join(["torchrun", "--nproc-per-node", per_node, "-m", "pytorch_mqa", command, *args, "--resume"])
+    if per_node != str(rank.world_size):
+        line += "  (on every node, with the same --nnodes and rendezvous options as before)"
+    return line

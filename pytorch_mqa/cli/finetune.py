@@ -1,7 +1,8 @@
 """`pytorch-mqa finetune`: instruction fine-tuning in the Alpaca format, with the training loop of `fit`.
 
 The prompt (template + instruction + input) is masked out of the loss by default, so the model
-learns to produce the response and the end-of-text token that follows it.
+learns to produce the response and the end-of-text token that follows it. Under `torchrun` it
+trains with DistributedDataParallel, as `train` does.
 """
 
 from __future__ import annotations
@@ -10,18 +11,20 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 
 import torch
 from tqdm.auto import tqdm
 
-from pytorch_mqa.cli.common import (SIGNAL_EXIT, UserError, add_optim_arguments, check_heads, check_optim_args,
-                                    prepare_out, remove_paths, resume_command, stop_on_signals, train_config_from_args)
+from pytorch_mqa.cli.common import (UserError, add_optim_arguments, check_heads, check_optim_args, check_resume_steps,
+                                    prepare_out, remove_paths, resume_command, set_max_steps, stop_on_signals,
+                                    stop_reason, train_config_from_args)
 from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.threads import set_threads
 from pytorch_mqa.ops.backends import BACKEND_CHOICES, use_backend
 from pytorch_mqa.training.data import ALPACA_PROMPT_WITH_INPUT, format_prompt, load_instructions, split_examples
+from pytorch_mqa.training.distributed import Rank, barrier, process_group
+from pytorch_mqa.training.files import recover_directory
 from pytorch_mqa.training.finetune import InstructionData, respond, response_budget
 from pytorch_mqa.training.loop import fit, load_trainer_state, plot_loss_curves, summarize
 from pytorch_mqa.training.pretrained import load_model_and_tokenizer
@@ -58,18 +61,23 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-len", f"expected at least 2 tokens, got {args.max_len}")
     set_threads(args.threads)
     device = str(resolve_device(args.device))
-    with use_backend(args.backend):
-        return _finetune(args, device)
+    with process_group(device) as (rank, device), use_backend(args.backend):
+        return _finetune(args, device, rank)
 
 
-def _finetune(args: argparse.Namespace, device: str) -> int:
+def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
+    say = print if rank.is_main else (lambda *a, **k: None)
     ckpt = os.path.join(args.out, "checkpoint")
     to_remove = prepare_out(args.out, "finetune", args.resume, args.overwrite)
     records = load_instructions(args.data)  # the cheap check first: a bad data file fails before any loading
-    resume = load_trainer_state(ckpt) if args.resume else None
-    if resume is not None and resume["step"] >= args.max_steps:
-        raise UserError("--max-steps", f"the checkpoint in {ckpt} is already at step {resume['step']}; "
-                                       f"pass a larger --max-steps to continue, got {args.max_steps}")
+    resume = None
+    if args.resume:
+        if rank.is_main:
+            recover_directory(ckpt)  # one process finishes a swap a crash interrupted; then all read
+        barrier(rank)
+        resume = load_trainer_state(ckpt)
+    if args.max_steps is not None:
+        check_resume_steps(resume, ckpt, args.max_steps)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(ckpt if args.resume else args.init, n_kv_head=args.n_kv_head,
                                                 device=device,
@@ -88,27 +96,36 @@ def _finetune(args: argparse.Namespace, device: str) -> int:
     max_len = min(args.max_len or model.config.block_size, model.config.block_size)
     data = InstructionData(train_recs, val_recs, tokenizer, args.batch_size, max_len, not args.no_mask_prompt)
     cut = sum(len(tokenizer.encode(format_prompt(r) + r["output"])) + 1 > max_len + 1 for r in records)
+    check_resume_steps(resume, ckpt, set_max_steps(args, data))
     cfg = train_config_from_args(args, device, ckpt, "finetune", {"data": args.data, "init": args.init})
-    print(f"model: {model.num_params(non_embedding=False):,} parameters, {model.config}")
-    print(f"data: {len(train_recs)} train / {len(val_recs)} val examples ({tokenizer.kind} tokenizer)  device: {device}")
+    say(f"model: {model.num_params(non_embedding=False):,} parameters, {model.config}")
+    say(f"data: {len(train_recs)} train / {len(val_recs)} val examples ({tokenizer.kind} tokenizer)  device: {device}"
+        + (f" x {rank.world_size} processes (DDP)" if rank.enabled else ""))
+    if args.epochs is not None:
+        say(f"{args.epochs:g} epoch(s) of {len(train_recs)} examples at {args.batch_size} a step: "
+            f"{args.max_steps:,} steps")
     if cut:
-        print(f"[warning: {cut} of {len(records)} examples are longer than {max_len} tokens: their prompt loses its "
-              "beginning (or the response its end) in training]", file=sys.stderr)
+        say(f"[warning: {cut} of {len(records)} examples are longer than {max_len} tokens: their prompt loses its "
+            "beginning (or the response its end) in training]", file=sys.stderr)
     if resume is not None:
-        print(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
-    remove_paths(to_remove)  # --overwrite: only now that every input has been checked
-    with stop_on_signals() as received:
+        say(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
+    if rank.is_main:
+        remove_paths(to_remove)  # --overwrite: only now that every input has been checked
+    with stop_on_signals(announce=rank.is_main) as received:
         history = fit(model, data, cfg, tokenizer=tokenizer, resume=resume, stop=lambda: bool(received),
                       on_eval=lambda s, l: tqdm.write(f"step {s}: train {l['train']:.4f}  val {l['val']:.4f}  "
                                                       f"val ppl {math.exp(l['val']):.2f}"))
+    reason, code = stop_reason(received)
+    if not rank.is_main:
+        return code if "stopped_at" in history else 0
     plot_loss_curves({"finetune": history}, os.path.join(args.out, "loss.png"), title="fine-tuning loss")
     if "stopped_at" in history:
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump({"summary": summarize(history), "history": history}, f, indent=1)
-        print(f"stopped by {signal.Signals(received[0]).name} at step {history['stopped_at']} of {args.max_steps}; "
+        print(f"stopped by {reason} at step {history['stopped_at']} of {args.max_steps}; "
               f"checkpoint written to {ckpt}/\nresume with: {resume_command(getattr(args, 'argv', None), 'finetune')}",
               flush=True)
-        return SIGNAL_EXIT[received[0]]
+        return code
     example = val_recs[0]
     prompt_len, block = len(tokenizer.encode(format_prompt(example))), model.config.block_size
     if prompt_len < block:

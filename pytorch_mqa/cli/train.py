@@ -2,7 +2,8 @@
 
 Everything is checked before the first step (arguments, --out, the corpus, both splits, the
 checkpoint to resume); checkpoints are written every --checkpoint-minutes and on SIGINT/SIGTERM,
-after which the command says how to resume.
+after which the command says how to resume. Under `torchrun --nproc-per-node N -m pytorch_mqa
+train ...` it trains with DistributedDataParallel; rank 0 prints and writes the outputs.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ import argparse
 import json
 import math
 import os
-import signal
 
 import torch
 from tqdm.auto import tqdm
 
-from pytorch_mqa.cli.common import (SIGNAL_EXIT, UserError, add_common_arguments, add_model_arguments,
-                                    add_optim_arguments, check_at_least, check_heads, check_optim_args, prepare_out,
-                                    remove_paths, resume_command, stop_on_signals, train_config_from_args)
+from pytorch_mqa.cli.common import (UserError, add_common_arguments, add_model_arguments, add_optim_arguments,
+                                    check_at_least, check_heads, check_optim_args, check_resume_steps, prepare_out,
+                                    remove_paths, resume_command, set_max_steps, stop_on_signals, stop_reason,
+                                    train_config_from_args)
 from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.threads import set_threads
 from pytorch_mqa.model import GPT, GPTConfig
 from pytorch_mqa.ops.backends import use_backend
 from pytorch_mqa.training.data import load_corpus
+from pytorch_mqa.training.distributed import Rank, barrier, process_group
+from pytorch_mqa.training.files import recover_directory
 from pytorch_mqa.training.loop import LMBatches, fit, load_trainer_state, plot_loss_curves, summarize
 from pytorch_mqa.training.pretrained import load_model
 from pytorch_mqa.training.tokenizers import get_tokenizer, load_tokenizer
@@ -53,27 +56,29 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     set_threads(args.threads)
     device = str(resolve_device(args.device))
-    with use_backend(args.backend):
-        return _train(args, device)
+    with process_group(device) as (rank, device), use_backend(args.backend):
+        return _train(args, device, rank)
 
 
-def _train(args: argparse.Namespace, device: str) -> int:
+def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
+    say = print if rank.is_main else (lambda *a, **k: None)
     ckpt = os.path.join(args.out, "checkpoint")
     to_remove = prepare_out(args.out, "train", args.resume, args.overwrite)
     text = load_corpus(args.corpus)
     resume = None
     if args.resume:
+        if rank.is_main:
+            recover_directory(ckpt)  # one process finishes a swap a crash interrupted; then all read
+        barrier(rank)
         resume = load_trainer_state(ckpt)
-        if resume["step"] >= args.max_steps:
-            raise UserError("--max-steps", f"the checkpoint in {ckpt} is already at step {resume['step']}; "
-                                           f"pass a larger --max-steps to continue, got {args.max_steps}")
+        if args.max_steps is not None:
+            check_resume_steps(resume, ckpt, args.max_steps)
         trained_on = resume.get("config", {}).get("extra", {}).get("corpus", args.corpus)
         if trained_on != args.corpus:
             raise UserError("--corpus", f"the run in {args.out} was trained on {trained_on or 'the embedded corpus'}; "
                                         "pass the same --corpus to resume it")
         tokenizer = load_tokenizer(ckpt)
         model = load_model(ckpt, device=device)
-        print(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
     else:
         torch.manual_seed(args.seed)
         tokenizer = get_tokenizer(args.tokenizer, text if args.tokenizer != "gpt2" else None,
@@ -84,22 +89,32 @@ def _train(args: argparse.Namespace, device: str) -> int:
         model = GPT(config)
     batches = LMBatches(tokenizer.encode(text), args.batch_size, model.config.block_size,
                         source=args.corpus or "corpus")
+    check_resume_steps(resume, ckpt, set_max_steps(args, batches))
     cfg = train_config_from_args(args, device, ckpt, "train", {"tokenizer": tokenizer.kind, "corpus": args.corpus})
-    print(f"model: {model.num_params(non_embedding=False):,} parameters, {model.config}")
-    print(f"data: {len(batches.train):,} train / {len(batches.val):,} val tokens ({tokenizer.kind} tokenizer, "
-          f"vocab {tokenizer.vocab_size})  device: {device}")
-    remove_paths(to_remove)  # --overwrite: only now that every input has been checked
-    with stop_on_signals() as received:
+    say(f"model: {model.num_params(non_embedding=False):,} parameters, {model.config}")
+    say(f"data: {len(batches.train):,} train / {len(batches.val):,} val tokens ({tokenizer.kind} tokenizer, "
+        f"vocab {tokenizer.vocab_size})  device: {device}" + (f" x {rank.world_size} processes (DDP)"
+                                                               if rank.enabled else ""))
+    if args.epochs is not None:
+        say(f"{args.epochs:g} epoch(s) of {batches.train_sequences:,} windows at {args.batch_size} a step: "
+            f"{args.max_steps:,} steps")
+    if resume is not None:
+        say(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
+    if rank.is_main:
+        remove_paths(to_remove)  # --overwrite: only now that every input has been checked
+    with stop_on_signals(announce=rank.is_main) as received:
         history = fit(model, batches, cfg, tokenizer=tokenizer, resume=resume, stop=lambda: bool(received),
                       on_eval=lambda s, l: tqdm.write(f"step {s}: train {l['train']:.4f}  val {l['val']:.4f}  "
                                                       f"val ppl {math.exp(l['val']):.2f}"))
+    reason, code = stop_reason(received)
+    if not rank.is_main:
+        return code if "stopped_at" in history else 0
     plot_loss_curves({"model": history}, os.path.join(args.out, "loss.png"), title="training loss")
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump({"summary": summarize(history), "history": history}, f, indent=1)
     if "stopped_at" in history:
-        name = signal.Signals(received[0]).name
-        print(f"stopped by {name} at step {history['stopped_at']} of {args.max_steps}; checkpoint written to "
+        print(f"stopped by {reason} at step {history['stopped_at']} of {args.max_steps}; checkpoint written to "
               f"{ckpt}/\nresume with: {resume_command(getattr(args, 'argv', None), 'train')}", flush=True)
-        return SIGNAL_EXIT[received[0]]
+        return code
     print(f"wrote {ckpt}/ (model, tokenizer, trainer state), {args.out}/loss.png, {args.out}/metrics.json")
     return 0

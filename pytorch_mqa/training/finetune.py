@@ -7,7 +7,7 @@ learns to produce the response and the end-of-text token that follows it.
 from __future__ import annotations
 
 from pytorch_mqa.model import generate
-from pytorch_mqa.training.data import InstructionBatches, encode_instruction, format_prompt
+from pytorch_mqa.training.data import InstructionBatches, collate_instructions, encode_instruction, format_prompt
 
 
 class InstructionData:
@@ -24,6 +24,21 @@ class InstructionData:
 
     def sample(self, split, generator, device):
         return self.splits[split].sample(generator, device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.splits["train"].batch_size
+
+    @property
+    def train_sequences(self) -> int:
+        """Examples in one pass over the training split (for --epochs)."""
+        return len(self.splits["train"].examples)
+
+    def full_batches(self, split: str, batch_size: int):
+        """Every example of `split` once, in order, `batch_size` at a time (on the CPU)."""
+        part = self.splits[split]
+        for i in range(0, len(part.examples), batch_size):
+            yield collate_instructions(part.examples[i:i + batch_size], part.pad_id)
 
 
 def respond(model, tokenizer, example: dict, max_new_tokens: int = 64, **sampling) -> str:

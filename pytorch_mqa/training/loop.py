@@ -8,10 +8,19 @@ continues exactly. `batches` is anything with `sample(split, generator, device) 
 Checkpoints are written every `checkpoint_minutes` of training, every `checkpoint_interval`
 steps, at the end, and when `stop()` turns true (the CLI's SIGINT/SIGTERM handler), each one
 atomically (files.atomic_directory): a crash mid-write leaves the previous checkpoint intact.
+
+One optimizer step takes the global batch `batches.sample` draws, in `grad_accum_steps`
+micro-batches per process. Inside a torch.distributed process group (torchrun) the model trains
+in DistributedDataParallel: every rank draws the same global batch and runs its own rows of it
+(distributed.shard), the loss is the token mean over the whole global batch, and only rank 0
+logs, shows progress and writes checkpoints, which hold the unwrapped model and load in a single
+process. The ranks agree after every step on the logged loss and on stopping, so they all stop
+at the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -21,8 +30,10 @@ from typing import Callable, Optional, Protocol
 import torch
 
 from pytorch_mqa.core.plotting import new_figure, save_figure
-from pytorch_mqa.model.loss import next_token_loss
+from pytorch_mqa.model.loss import IGNORE_INDEX, next_token_loss
 from pytorch_mqa.training.data import check_split_lengths, get_lm_batch, split_train_val
+from pytorch_mqa.training.distributed import (Rank, all_reduce_sum, barrier, check_divisible, current_rank,
+                                              gather_objects, shard, wrap)
 from pytorch_mqa.training.files import FileFormatError, atomic_directory, check_torch_file, recover_directory, require_file
 
 TRAINER_STATE = "trainer_state.pt"
@@ -31,6 +42,10 @@ EVAL_SEED = 1_000_003  # evaluation batches come from their own generator: the s
 
 class Batches(Protocol):
     def sample(self, split: str, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    # Optional, for evaluate(full=True) and --epochs:
+    #   full_batches(split, batch_size) -> iterable of (x, y) covering the split once, in order;
+    #   train_sequences -> sequences in one pass over the training split.
 
 
 class LMBatches:
@@ -44,11 +59,28 @@ class LMBatches:
     def sample(self, split, generator, device):
         return get_lm_batch(self.train if split == "train" else self.val, self.batch_size, self.block_size, generator, device)
 
+    @property
+    def train_sequences(self) -> int:
+        """Non-overlapping windows of block_size tokens (plus the next one) in the training split."""
+        return (len(self.train) - 1) // self.block_size
+
+    def full_batches(self, split: str, batch_size: int):
+        """Every non-overlapping window of `split` in order, `batch_size` windows at a time (on the CPU)."""
+        data = self.train if split == "train" else self.val
+        T = self.block_size
+        starts = torch.arange((len(data) - 1) // T) * T
+        offsets = torch.arange(T + 1)
+        for chunk in starts.split(batch_size):
+            windows = data[chunk[:, None] + offsets]
+            yield windows[:, :-1], windows[:, 1:]
+
 
 @dataclass
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
-    batch_size: int = 16  # only recorded here; the Batches object draws batches of its own size
+    batch_size: int = 16  # global batch; recorded (the Batches object draws batches of its own size) and the
+    # window count per forward of evaluate(full=True) is batch_size / (processes * grad_accum_steps)
+    grad_accum_steps: int = 1  # micro-batches per process and optimizer step (the global batch is split evenly)
     lr: float = 1e-3  # peak learning rate
     min_lr: Optional[float] = None  # final learning rate (default lr / 10)
     warmup_steps: int = 50  # linear warmup from lr / warmup_steps
@@ -59,6 +91,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     eval_interval: int = 100  # evaluate every this many steps (and at the end)
     eval_iters: int = 10  # batches per split averaged in one evaluation
+    eval_full: bool = False  # evaluate val on every non-overlapping window of the split (train stays sampled)
     seed: int = 0  # seeds the training batch generator
     device: str = "cpu"
     checkpoint_dir: Optional[str] = None  # where checkpoints go (None: no checkpoints)
@@ -114,21 +147,68 @@ def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return next_token_loss(model(x), y)
 
 
+def steps_for_epochs(epochs: float, train_sequences: int, batch_size: int) -> int:
+    """Optimizer steps in which `epochs` passes over `train_sequences` sequences are drawn, `batch_size`
+    (the global batch) a step; at least one."""
+    if not epochs > 0:
+        raise ValueError(f"epochs: expected a number > 0, got {epochs}")
+    return max(1, math.ceil(epochs * train_sequences / batch_size))
+
+
+def _parts(x: torch.Tensor, y: torch.Tensor, rank: Rank, accum: int):
+    """This rank's share of an evaluation batch in up to `accum` pieces (any batch size; empty pieces dropped)."""
+    mine = x.tensor_split(rank.world_size)[rank.rank], y.tensor_split(rank.world_size)[rank.rank]
+    return [(a, b) for a, b in zip(mine[0].tensor_split(accum), mine[1].tensor_split(accum)) if len(a)]
+
+
+def _sum_and_count(model, x, y, device) -> tuple[float, int]:
+    """Summed next-token loss and the number of targets that count, for one batch."""
+    n = int((y != IGNORE_INDEX).sum())
+    with _autocast(device):
+        mean = lm_loss(model, x.to(device), y.to(device)).item()
+    return mean * n, n
+
+
 @torch.no_grad()
-def evaluate(model, batches: Batches, cfg: TrainConfig, splits=("train", "val")) -> dict[str, float]:
-    """Mean loss over `cfg.eval_iters` batches per split; the same batches at every evaluation."""
+def evaluate(model, batches: Batches, cfg: TrainConfig, splits=("train", "val"), full: bool = False) -> dict[str, float]:
+    """Mean loss per split: over `cfg.eval_iters` sampled batches (the same batches at every
+    evaluation), or with `full=True` over every sequence of the split that `batches.full_batches`
+    gives (for LMBatches: every non-overlapping window), weighted by target tokens.
+
+    Inside a process group each rank evaluates its share and the sums are reduced: every rank
+    returns what one process evaluating everything would.
+    """
     device = torch.device(cfg.device)
+    rank, accum = current_rank(), max(1, cfg.grad_accum_steps)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # no gradients: the wrapper is not needed
     was_training = model.training
     model.eval()
     out = {}
     for split in splits:
+        if full:
+            if not hasattr(batches, "full_batches"):
+                raise TypeError(f"batches: expected an object with full_batches(split, batch_size) for full=True, "
+                                f"got {type(batches).__name__}")
+            size = max(1, cfg.batch_size // (rank.world_size * accum))
+            total = [0.0, 0.0]
+            for i, (x, y) in enumerate(batches.full_batches(split, size)):
+                if i % rank.world_size == rank.rank:
+                    s, n = _sum_and_count(model, x, y, device)
+                    total[0] += s
+                    total[1] += n
+            total = all_reduce_sum(total, device, rank)
+            out[split] = total[0] / max(total[1], 1)
+            continue
         gen = torch.Generator().manual_seed(EVAL_SEED)
-        losses = []
+        sums = []  # per batch: summed loss, target count
         for _ in range(cfg.eval_iters):
-            x, y = batches.sample(split, gen, device)
-            with _autocast(device):
-                losses.append(lm_loss(model, x, y).item())
-        out[split] = sum(losses) / len(losses)
+            x, y = batches.sample(split, gen, "cpu")
+            parts = [_sum_and_count(model, xp, yp, device) for xp, yp in _parts(x, y, rank, accum)]
+            sums += [sum(p[0] for p in parts), sum(p[1] for p in parts)]
+        sums = all_reduce_sum(sums, device, rank)
+        means = [sums[i] / max(sums[i + 1], 1) for i in range(0, len(sums), 2)]
+        out[split] = sum(means) / len(means)
     model.train(was_training)
     return out
 
@@ -152,14 +232,16 @@ def resumed_config(cfg: TrainConfig, state: dict) -> TrainConfig:
 
 
 def save_checkpoint(directory: str, model, optimizer, step: int, history: dict, generator: torch.Generator,
-                    cfg: TrainConfig, tokenizer=None) -> None:
+                    cfg: TrainConfig, tokenizer=None, rng_by_rank: Optional[list] = None) -> None:
     """Model via `save_pretrained`, plus what `--resume` needs to continue exactly, written atomically:
-    into a temporary directory beside `directory` that replaces it once every file is on disk."""
+    into a temporary directory beside `directory` that replaces it once every file is on disk.
+
+    `rng_by_rank`: each rank's {"torch", "cuda"} RNG states, for a run of several processes."""
     with atomic_directory(directory) as tmp:
-        _write_checkpoint(tmp, model, optimizer, step, history, generator, cfg, tokenizer)
+        _write_checkpoint(tmp, model, optimizer, step, history, generator, cfg, tokenizer, rng_by_rank)
 
 
-def _write_checkpoint(directory, model, optimizer, step, history, generator, cfg, tokenizer) -> None:
+def _write_checkpoint(directory, model, optimizer, step, history, generator, cfg, tokenizer, rng_by_rank) -> None:
     model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -170,10 +252,41 @@ def _write_checkpoint(directory, model, optimizer, step, history, generator, cfg
         "torch_rng": torch.get_rng_state(),
         "history": history,
         "config": asdict(cfg),
+        "world_size": len(rng_by_rank) if rng_by_rank else 1,
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if rng_by_rank:
+        state["rng_by_rank"] = rng_by_rank
     torch.save(state, os.path.join(directory, TRAINER_STATE))
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(resume: dict, rank: Rank, device: torch.device, seed: int) -> None:
+    """RNG states of a checkpoint: each rank its own when the world size is the checkpoint's; otherwise
+    rank 0 takes the saved one and the others are seeded afresh (dropout masks differ per rank)."""
+    by_rank = resume.get("rng_by_rank")
+    if by_rank and len(by_rank) == rank.world_size:
+        torch.set_rng_state(by_rank[rank.rank]["torch"])
+        if "cuda" in by_rank[rank.rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(by_rank[rank.rank]["cuda"], device)
+        return
+    if rank.rank > 0:
+        torch.manual_seed(_rank_seed(seed, rank))
+        return
+    torch.set_rng_state(resume["torch_rng"])
+    if "cuda_rng" in resume and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(resume["cuda_rng"])
+
+
+def _rank_seed(seed: int, rank: Rank) -> int:
+    return seed * 1_000_003 + rank.rank
 
 
 STATE_EXPECTED = f"a {TRAINER_STATE} written by pytorch-mqa train/finetune (torch.save of the trainer state)"
@@ -206,64 +319,93 @@ def fit(model, batches: Batches, cfg: TrainConfig, *, tokenizer=None, resume: Op
     history: "step"/"loss"/"lr" per optimizer step, and "eval" entries {"step", "train", "val"}.
     `resume` is a trainer state from `load_trainer_state` (the model must already hold its weights);
     a larger max_steps than the checkpoint's continues its schedule (see resumed_config).
-    `stop()` is polled after every step: when true, a checkpoint is written (if `checkpoint_dir`)
-    and fit returns early with history["stopped_at"] = the last completed step.
+    `stop()` is polled after every step: when true (on any rank), a checkpoint is written (if
+    `checkpoint_dir`) and fit returns early with history["stopped_at"] = the last completed step.
+    Inside a process group every rank calls fit alike; `on_eval` runs on rank 0 only.
     """
     if resume is not None:
         cfg = resumed_config(cfg, resume)
+    rank, accum = current_rank(), cfg.grad_accum_steps
+    if accum < 1:
+        raise ValueError(f"grad_accum_steps: expected a number >= 1, got {accum}")
+    check_divisible(getattr(batches, "batch_size", rank.world_size * accum), rank, accum)
     device = torch.device(cfg.device)
     model.to(device).train()
+    train_model = wrap(model, device, rank)
     optimizer = configure_optimizer(model, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: they draw the same global batch
     history = {"step": [], "loss": [], "lr": [], "eval": [], "seconds": 0.0}
     start = 0
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         generator.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        if "cuda_rng" in resume and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        _restore_rng(resume, rank, device, cfg.seed)
         history, start = resume["history"], int(resume["step"])
+    elif rank.rank > 0:
+        torch.manual_seed(_rank_seed(cfg.seed, rank))  # dropout: masks of their own
 
     def checkpoint(step):
-        if cfg.checkpoint_dir:
-            save_checkpoint(cfg.checkpoint_dir, model, optimizer, step, history, generator, cfg, tokenizer)
+        if not cfg.checkpoint_dir:
+            return
+        rng = gather_objects(_rng_state(device), rank) if rank.enabled else None
+        if rank.is_main:
+            save_checkpoint(cfg.checkpoint_dir, model, optimizer, step, history, generator, cfg, tokenizer, rng)
+        barrier(rank)
+
+    def evaluation():
+        if not cfg.eval_full:
+            return evaluate(model, batches, cfg)
+        return {**evaluate(model, batches, cfg, splits=("train",)),
+                **evaluate(model, batches, cfg, splits=("val",), full=True)}
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=cfg.desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=cfg.desc, disable=not (cfg.progress and rank.is_main),
+               leave=False, dynamic_ncols=True)
     t0 = last_checkpoint = time.perf_counter()
     history.pop("stopped_at", None)
     for step in range(start, cfg.max_steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = batches.sample("train", generator, device)
-        with _autocast(device):
-            loss = lm_loss(model, x, y)
+        x, y = batches.sample("train", generator, "cpu")  # the global batch
+        n_global = max(int((y != IGNORE_INDEX).sum()), 1)
+        parts = shard(x, y, rank, accum)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for i, (xi, yi) in enumerate(parts):
+            n = int((yi != IGNORE_INDEX).sum())
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last or not rank.enabled else train_model.no_sync()
+            with sync:
+                with _autocast(device):
+                    loss = lm_loss(train_model, xi.to(device), yi.to(device))
+                # Weighted so the gradients (DDP averages over ranks) are those of the token mean over the
+                # global batch: exactly `loss` for one process and one micro-batch.
+                (loss * (n * rank.world_size / n_global)).backward()
+            total += loss.detach().double() * n
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         done = step + 1
+        stopping = stop is not None and stop()
+        due = bool(cfg.checkpoint_minutes) and time.perf_counter() - last_checkpoint >= 60 * cfg.checkpoint_minutes
+        summed, stopping, due = all_reduce_sum([total.item(), float(stopping), float(due)], device, rank)
+        stopping, due = stopping > 0, due > 0  # any rank's signal or clock stops / checkpoints them all
         history["step"].append(done)
-        history["loss"].append(loss.item())
+        history["loss"].append(summed / n_global)
         history["lr"].append(lr)
         bar.update(1)
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-            losses = evaluate(model, batches, cfg)
+            losses = evaluation()
             history["eval"].append({"step": done, **losses})
             bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
-            if on_eval is not None:
+            if on_eval is not None and rank.is_main:
                 on_eval(done, losses)
-        stopping = stop is not None and stop()
         if stopping:
             history["stopped_at"] = done
-        now = time.perf_counter()
-        if (done == cfg.max_steps or stopping or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)
-                or (cfg.checkpoint_minutes and now - last_checkpoint >= 60 * cfg.checkpoint_minutes)):
-            history["seconds"] += now - t0  # training time, checkpoint writing excluded
+        if done == cfg.max_steps or stopping or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or due:
+            history["seconds"] += time.perf_counter() - t0  # training time, checkpoint writing excluded
             checkpoint(done)
             t0 = last_checkpoint = time.perf_counter()
         if stopping:
