@@ -125,6 +125,9 @@ def add_optim_arguments(parser: argparse.ArgumentParser, *, max_steps=1000, lr=1
                         help="write a checkpoint after this many minutes of training since the last (0 = off)")
     parser.add_argument("--checkpoint-interval", type=int, default=0,
                         help="also write a checkpoint every this many steps (0 = off)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2 "
+                             "fully_shard per transformer block) instead of replicating the model (DDP)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --out instead of refusing")
 
@@ -185,6 +188,8 @@ def check_optim_args(args) -> None:
         if not 0.0 <= getattr(args, name) < 1.0:
             raise UserError(flag(name), f"expected a value in [0, 1), got {getattr(args, name)}")
     world = launched_rank().world_size
+    if args.fsdp and world < 2:
+        raise UserError("--fsdp", f"expected a torchrun launch of 2 or more processes, got {world} process")
     if args.batch_size % (world * args.grad_accum_steps):
         raise UserError("--batch-size", f"expected a multiple of {world} process(es) * --grad-accum-steps "
                                         f"{args.grad_accum_steps} = {world * args.grad_accum_steps} (each process runs "

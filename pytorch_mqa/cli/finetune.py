@@ -23,7 +23,7 @@ from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.threads import set_threads
 from pytorch_mqa.ops.backends import BACKEND_CHOICES, use_backend
 from pytorch_mqa.training.data import ALPACA_PROMPT_WITH_INPUT, format_prompt, load_instructions, split_examples
-from pytorch_mqa.training.distributed import Rank, barrier, process_group
+from pytorch_mqa.training.distributed import Rank, barrier, process_group, shard_model
 from pytorch_mqa.training.files import recover_directory
 from pytorch_mqa.training.finetune import InstructionData, respond, response_budget
 from pytorch_mqa.training.loop import fit, load_trainer_state, plot_loss_curves, summarize
@@ -100,7 +100,7 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
     cfg = train_config_from_args(args, device, ckpt, "finetune", {"data": args.data, "init": args.init})
     say(f"model: {model.num_params(non_embedding=False):,} parameters, {model.config}")
     say(f"data: {len(train_recs)} train / {len(val_recs)} val examples ({tokenizer.kind} tokenizer)  device: {device}"
-        + (f" x {rank.world_size} processes (DDP)" if rank.enabled else ""))
+        + (f" x {rank.world_size} processes ({'FSDP' if args.fsdp else 'DDP'})" if rank.enabled else ""))
     if args.epochs is not None:
         say(f"{args.epochs:g} epoch(s) of {len(train_recs)} examples at {args.batch_size} a step: "
             f"{args.max_steps:,} steps")
@@ -109,6 +109,8 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
             "beginning (or the response its end) in training]", file=sys.stderr)
     if resume is not None:
         say(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
+    if args.fsdp:
+        shard_model(model.to(device), rank)
     if rank.is_main:
         remove_paths(to_remove)  # --overwrite: only now that every input has been checked
     with stop_on_signals(announce=rank.is_main) as received:
@@ -128,7 +130,9 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
         return code
     example = val_recs[0]
     prompt_len, block = len(tokenizer.encode(format_prompt(example))), model.config.block_size
-    if prompt_len < block:
+    if args.fsdp:  # the weights are sharded over the processes: generation needs them whole
+        response, note = None, f" [none under --fsdp: generate from {ckpt} as shown below]"
+    elif prompt_len < block:
         response = respond(model, tokenizer, example, RESPONSE_TOKENS)
         budget = response_budget(prompt_len, RESPONSE_TOKENS, block)
         note = (f" [at most {budget} tokens: the {prompt_len}-token prompt is kept whole in the model's "

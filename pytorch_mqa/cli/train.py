@@ -25,7 +25,7 @@ from pytorch_mqa.core.threads import set_threads
 from pytorch_mqa.model import GPT, GPTConfig
 from pytorch_mqa.ops.backends import use_backend
 from pytorch_mqa.training.data import load_corpus
-from pytorch_mqa.training.distributed import Rank, barrier, process_group
+from pytorch_mqa.training.distributed import Rank, barrier, process_group, shard_model
 from pytorch_mqa.training.files import recover_directory
 from pytorch_mqa.training.loop import LMBatches, fit, load_trainer_state, plot_loss_curves, summarize
 from pytorch_mqa.training.pretrained import load_model
@@ -92,14 +92,16 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
     check_resume_steps(resume, ckpt, set_max_steps(args, batches))
     cfg = train_config_from_args(args, device, ckpt, "train", {"tokenizer": tokenizer.kind, "corpus": args.corpus})
     say(f"model: {model.num_params(non_embedding=False):,} parameters, {model.config}")
+    scale = f" x {rank.world_size} processes ({'FSDP' if args.fsdp else 'DDP'})" if rank.enabled else ""
     say(f"data: {len(batches.train):,} train / {len(batches.val):,} val tokens ({tokenizer.kind} tokenizer, "
-        f"vocab {tokenizer.vocab_size})  device: {device}" + (f" x {rank.world_size} processes (DDP)"
-                                                               if rank.enabled else ""))
+        f"vocab {tokenizer.vocab_size})  device: {device}{scale}")
     if args.epochs is not None:
         say(f"{args.epochs:g} epoch(s) of {batches.train_sequences:,} windows at {args.batch_size} a step: "
             f"{args.max_steps:,} steps")
     if resume is not None:
         say(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
+    if args.fsdp:
+        shard_model(model.to(device), rank)
     if rank.is_main:
         remove_paths(to_remove)  # --overwrite: only now that every input has been checked
     with stop_on_signals(announce=rank.is_main) as received:

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from pytorch_mqa.model.checkpoints import save_pretrained
 
 
 @dataclass(frozen=True)
@@ -145,11 +149,84 @@ def gather_objects(obj, rank: Rank) -> list:
 
 def wrap(model: torch.nn.Module, device: torch.device, rank: Rank) -> torch.nn.Module:
     """`model` in DistributedDataParallel when several ranks train (rank 0's weights are broadcast);
-    the model itself on one. Checkpoints save the unwrapped model."""
-    if not rank.enabled:
+    the model itself on one, or when it is already sharded with FSDP's `fully_shard` (which
+    reduces the gradients itself). Checkpoints save the unwrapped model."""
+    if not rank.enabled or is_sharded(model):
         return model
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` was wrapped with torch.distributed.fsdp.fully_shard (FSDP2)."""
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: torch.nn.Module, rank: Rank) -> torch.nn.Module:
+    """FSDP2 for a GPT: each transformer block, then the rest (embeddings, final norm), sharded over
+    the ranks; every rank holds 1/world_size of the weights, gradients and optimizer state."""
+    if not rank.enabled:
+        raise ValueError(f"fsdp: expected a process group of 2 or more processes (torchrun), got {rank.world_size}")
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def full_tensors(state: dict) -> dict:
+    """`state` (a state dict, nested dicts allowed) with every DTensor gathered whole; a collective."""
+    return {k: full_tensors(v) if isinstance(v, dict) else v.full_tensor() if isinstance(v, DTensor) else v
+            for k, v in state.items()}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict with whole tensors: the layout a single process saves; a collective."""
+    state = optimizer.state_dict()
+    return {**state, "state": {i: full_tensors(s) for i, s in state["state"].items()}}
+
+
+def load_sharded_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a single-process optimizer state_dict into an optimizer over FSDP-sharded parameters:
+    each tensor shaped like its parameter is cut into this rank's shard."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in state["param_groups"] for i in group["params"]]
+    if len(ids) != len(params):
+        raise ValueError(f"optimizer state: expected {len(params)} parameters (the model's), got {len(ids)}")
+    sharded = {}
+    for i, p in zip(ids, params):
+        if i not in state["state"]:
+            continue
+        sharded[i] = {k: distribute_tensor(v, p.device_mesh, p.placements)
+                      if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                      for k, v in state["state"][i].items()}
+    optimizer.load_state_dict({**state, "state": sharded})
+
+
+class Unsharded:
+    """What `save_pretrained` needs of a sharded model: its config and whole weights (gathered before)."""
+
+    def __init__(self, model: torch.nn.Module, weights: dict):
+        self.config, self._weights = model.config, weights
+
+    def state_dict(self) -> dict:
+        return self._weights
+
+    def save_pretrained(self, directory) -> None:
+        save_pretrained(self, directory)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, rank: Rank, sync: bool):
+    """Around one micro-batch's backward: reduce its gradients across the ranks only when `sync`
+    (the step's last micro-batch); DDP and FSDP alike."""
+    if not rank.enabled or sync and not is_sharded(model):
+        yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+        yield
+    else:
+        with model.no_sync():
+            yield
 
 
 def check_divisible(batch_size: int, rank: Rank, accum: int, what: str = "batch_size") -> None:
@@ -168,4 +245,5 @@ def shard(x: torch.Tensor, y: torch.Tensor, rank: Rank, accum: int) -> list[tupl
 
 
 __all__ = ["Rank", "SINGLE", "launched_rank", "current_rank", "rank_device", "process_group", "all_reduce_sum",
-           "barrier", "gather_objects", "wrap", "check_divisible", "shard"]
+           "barrier", "gather_objects", "wrap", "is_sharded", "shard_model", "full_tensors", "full_optimizer_state",
+           "load_sharded_optimizer_state", "Unsharded", "gradient_sync", "check_divisible", "shard"]

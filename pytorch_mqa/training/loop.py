@@ -15,12 +15,12 @@ in DistributedDataParallel: every rank draws the same global batch and runs its 
 (distributed.shard), the loss is the token mean over the whole global batch, and only rank 0
 logs, shows progress and writes checkpoints, which hold the unwrapped model and load in a single
 process. The ranks agree after every step on the logged loss and on stopping, so they all stop
-at the same step.
+at the same step. A model sharded with FSDP2's `fully_shard` (distributed.shard_model, `--fsdp`)
+trains the same way; its checkpoints gather the whole weights and optimizer state first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -32,8 +32,9 @@ import torch
 from pytorch_mqa.core.plotting import new_figure, save_figure
 from pytorch_mqa.model.loss import IGNORE_INDEX, next_token_loss
 from pytorch_mqa.training.data import check_split_lengths, get_lm_batch, split_train_val
-from pytorch_mqa.training.distributed import (Rank, all_reduce_sum, barrier, check_divisible, current_rank,
-                                              gather_objects, shard, wrap)
+from pytorch_mqa.training.distributed import (Rank, Unsharded, all_reduce_sum, barrier, check_divisible, current_rank,
+                                              full_optimizer_state, full_tensors, gather_objects, gradient_sync,
+                                              is_sharded, load_sharded_optimizer_state, shard, wrap)
 from pytorch_mqa.training.files import FileFormatError, atomic_directory, check_torch_file, recover_directory, require_file
 
 TRAINER_STATE = "trainer_state.pt"
@@ -191,10 +192,15 @@ def evaluate(model, batches: Batches, cfg: TrainConfig, splits=("train", "val"),
                 raise TypeError(f"batches: expected an object with full_batches(split, batch_size) for full=True, "
                                 f"got {type(batches).__name__}")
             size = max(1, cfg.batch_size // (rank.world_size * accum))
+            chunks = list(batches.full_batches(split, size))
             total = [0.0, 0.0]
-            for i, (x, y) in enumerate(batches.full_batches(split, size)):
-                if i % rank.world_size == rank.rank:
-                    s, n = _sum_and_count(model, x, y, device)
+            # Round-robin over the ranks; under FSDP every rank must run as many forwards as the others,
+            # so a rank past the end repeats a chunk and discards it.
+            for i in range(rank.rank, -(-len(chunks) // rank.world_size) * rank.world_size, rank.world_size):
+                if i >= len(chunks) and not is_sharded(model):
+                    break
+                s, n = _sum_and_count(model, *chunks[min(i, len(chunks) - 1)], device)
+                if i < len(chunks):
                     total[0] += s
                     total[1] += n
             total = all_reduce_sum(total, device, rank)
@@ -236,7 +242,8 @@ def save_checkpoint(directory: str, model, optimizer, step: int, history: dict, 
     """Model via `save_pretrained`, plus what `--resume` needs to continue exactly, written atomically:
     into a temporary directory beside `directory` that replaces it once every file is on disk.
 
-    `rng_by_rank`: each rank's {"torch", "cuda"} RNG states, for a run of several processes."""
+    `rng_by_rank`: each rank's {"torch", "cuda"} RNG states, for a run of several processes.
+    `optimizer` may be its state_dict already (gathered whole from an FSDP run)."""
     with atomic_directory(directory) as tmp:
         _write_checkpoint(tmp, model, optimizer, step, history, generator, cfg, tokenizer, rng_by_rank)
 
@@ -247,7 +254,7 @@ def _write_checkpoint(directory, model, optimizer, step, history, generator, cfg
         tokenizer.save(directory)
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "history": history,
@@ -336,8 +343,12 @@ def fit(model, batches: Batches, cfg: TrainConfig, *, tokenizer=None, resume: Op
     generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: they draw the same global batch
     history = {"step": [], "loss": [], "lr": [], "eval": [], "seconds": 0.0}
     start = 0
+    sharded = is_sharded(model)
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+        if sharded:
+            load_sharded_optimizer_state(optimizer, resume["optimizer"])
+        else:
+            optimizer.load_state_dict(resume["optimizer"])
         generator.set_state(resume["generator"])
         _restore_rng(resume, rank, device, cfg.seed)
         history, start = resume["history"], int(resume["step"])
@@ -348,8 +359,11 @@ def fit(model, batches: Batches, cfg: TrainConfig, *, tokenizer=None, resume: Op
         if not cfg.checkpoint_dir:
             return
         rng = gather_objects(_rng_state(device), rank) if rank.enabled else None
+        # FSDP: the whole weights and optimizer state are gathered, so the checkpoint is a single-process one.
+        saved, opt = ((Unsharded(model, full_tensors(model.state_dict())), full_optimizer_state(optimizer))
+                      if sharded else (model, optimizer))
         if rank.is_main:
-            save_checkpoint(cfg.checkpoint_dir, model, optimizer, step, history, generator, cfg, tokenizer, rng)
+            save_checkpoint(cfg.checkpoint_dir, saved, opt, step, history, generator, cfg, tokenizer, rng)
         barrier(rank)
 
     def evaluation():
@@ -375,9 +389,7 @@ def fit(model, batches: Batches, cfg: TrainConfig, *, tokenizer=None, resume: Op
         total = torch.zeros((), dtype=torch.float64, device=device)
         for i, (xi, yi) in enumerate(parts):
             n = int((yi != IGNORE_INDEX).sum())
-            last = i == len(parts) - 1
-            sync = contextlib.nullcontext() if last or not rank.enabled else train_model.no_sync()
-            with sync:
+            with gradient_sync(train_model, rank, sync=i == len(parts) - 1):
                 with _autocast(device):
                     loss = lm_loss(train_model, xi.to(device), yi.to(device))
                 # Weighted so the gradients (DDP averages over ranks) are those of the token mean over the

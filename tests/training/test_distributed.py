@@ -110,6 +110,33 @@ def test_two_process_finetune_equals_one_process(tmp_path):
     assert eval_diff(one["eval"], two["eval"]) <= TOL
 
 
+@pytest.mark.slow
+def test_fsdp_train_equals_one_process_and_checkpoints_go_both_ways(tmp_path, capsys):
+    """--fsdp shards weights, gradients and optimizer state; its checkpoints are gathered whole, so a
+    1-process checkpoint resumes under FSDP and an FSDP checkpoint in one process."""
+    import shutil
+
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    base = ["train", "--corpus", str(tmp_path / "corpus.txt"), *TRAIN, "--n-layer", "2", "--eval-full"]
+    assert cli.main(base + ["--max-steps", "6", "--out", str(tmp_path / "one")]) == 0
+    shutil.copytree(tmp_path / "one", tmp_path / "one_then_fsdp")
+    printed = torchrun(base + ["--max-steps", "6", "--fsdp", "--grad-accum-steps", "2", "--out",
+                               str(tmp_path / "fsdp")], tmp_path)
+    assert "x 2 processes (FSDP)" in printed
+    one, fsdp = history(tmp_path / "one"), history(tmp_path / "fsdp")
+    assert max_diff(one["loss"], fsdp["loss"]) <= TOL and eval_diff(one["eval"], fsdp["eval"]) <= TOL
+    assert weights_diff(tmp_path / "one" / "checkpoint", tmp_path / "fsdp" / "checkpoint") <= WEIGHT_TOL
+
+    more = ["--max-steps", "9", "--resume"]
+    torchrun(base + more + ["--fsdp", "--out", str(tmp_path / "one_then_fsdp")], tmp_path)
+    for name in ("one", "fsdp"):
+        assert cli.main(base + more + ["--out", str(tmp_path / name)]) == 0
+    runs = [history(tmp_path / name) for name in ("one", "fsdp", "one_then_fsdp")]
+    for h in runs[1:]:
+        assert h["step"] == list(range(1, 10))
+        assert max_diff(runs[0]["loss"][6:], h["loss"][6:]) <= TOL and eval_diff(runs[0]["eval"], h["eval"]) <= TOL
+
+
 # ------------------------------------------------------------------------------ the pieces
 
 
@@ -136,6 +163,12 @@ def test_cli_refuses_a_batch_that_does_not_split_evenly(capsys, monkeypatch):
     assert cli.main(["train", "--batch-size", "6", "--grad-accum-steps", "2", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--batch-size: expected a multiple of 2 process(es) * --grad-accum-steps 2 = 4" in err and "got 6" in err
+
+
+def test_fsdp_needs_several_processes(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main(["train", "--fsdp", "--device", "cpu"]) == 2
+    assert "--fsdp: expected a torchrun launch of 2 or more processes, got 1 process" in capsys.readouterr().err
 
 
 def test_rank_from_the_torchrun_environment(monkeypatch):
