@@ -29,13 +29,14 @@ TRAIN = ["--n-layer", "1", "--n-head", "2", "--n-kv-head", "1", "--n-embd", "16"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def torchrun(args, cwd, nproc=2):
-    """`torchrun --standalone --nproc-per-node nproc -m pytorch_mqa ARGS`: its stdout (it must succeed)."""
+def torchrun(args, cwd, nproc=2, script=None):
+    """`torchrun --standalone --nproc-per-node nproc -m pytorch_mqa ARGS` (or `SCRIPT ARGS`): its stdout
+    (it must succeed)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, [env.get("PYTHONPATH")])])
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                          str(nproc), "-m", "pytorch_mqa", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          str(nproc), *([script] if script else ["-m", "pytorch_mqa"]), *args], cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout
@@ -135,6 +136,42 @@ def test_fsdp_train_equals_one_process_and_checkpoints_go_both_ways(tmp_path, ca
     for h in runs[1:]:
         assert h["step"] == list(range(1, 10))
         assert max_diff(runs[0]["loss"][6:], h["loss"][6:]) <= TOL and eval_diff(runs[0]["eval"], h["eval"]) <= TOL
+
+
+STOP_ON_ONE_RANK = """
+import json, sys
+import torch
+from pytorch_mqa.model import GPT, GPTConfig
+from pytorch_mqa.training.distributed import process_group
+from pytorch_mqa.training.loop import LMBatches, TrainConfig, fit
+from pytorch_mqa.training.tokenizers import CharTokenizer
+
+torch.set_num_threads(1)
+text, out = open(sys.argv[1]).read(), sys.argv[2]
+tok = CharTokenizer.train(text)
+with process_group("cpu") as (rank, device):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    polls = []
+    stop = lambda: polls.append(1) or (rank.rank == 1 and len(polls) == 3)  # a signal that reached rank 1 only
+    cfg = TrainConfig(max_steps=50, batch_size=8, eval_interval=50, eval_iters=1, progress=False,
+                      checkpoint_dir=out + "/checkpoint", checkpoint_minutes=0)
+    h = fit(model, LMBatches(tok.encode(text), 8, 16), cfg, tokenizer=tok, stop=stop)
+    with open(f"{out}/rank{rank.rank}.json", "w") as f:
+        json.dump({"stopped_at": h.get("stopped_at"), "steps": len(h["loss"])}, f)
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    (tmp_path / "stop.py").write_text(STOP_ON_ONE_RANK)
+    torchrun([str(tmp_path / "corpus.txt"), str(tmp_path)], tmp_path, script=str(tmp_path / "stop.py"))
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == {"stopped_at": 3, "steps": 3}
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 3 and state["history"]["stopped_at"] == 3
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary directory left behind
 
 
 # ------------------------------------------------------------------------------ the pieces
