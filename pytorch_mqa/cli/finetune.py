@@ -80,7 +80,7 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
         check_resume_steps(resume, ckpt, args.max_steps)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(ckpt if args.resume else args.init, n_kv_head=args.n_kv_head,
-                                                device=device,
+                                                device="cpu" if args.fsdp else device,
                                                 tokenizer_kind="gpt2" if args.tokenizer == "gpt2" else None)
     model = model.float()
     try:
@@ -110,7 +110,7 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
     if resume is not None:
         say(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
     if args.fsdp:
-        shard_model(model.to(device), rank)
+        shard_model(model, rank, device)  # from the CPU, a block at a time
     if rank.is_main:
         remove_paths(to_remove)  # --overwrite: only now that every input has been checked
     with stop_on_signals(announce=rank.is_main) as received:

@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
             raise UserError("--corpus", f"the run in {args.out} was trained on {trained_on or 'the embedded corpus'}; "
                                         "pass the same --corpus to resume it")
         tokenizer = load_tokenizer(ckpt)
-        model = load_model(ckpt, device=device)
+        model = load_model(ckpt, device="cpu" if args.fsdp else device)  # FSDP: moved to the device in shards
     else:
         torch.manual_seed(args.seed)
         tokenizer = get_tokenizer(args.tokenizer, text if args.tokenizer != "gpt2" else None,
@@ -101,7 +101,7 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
     if resume is not None:
         say(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
     if args.fsdp:
-        shard_model(model.to(device), rank)
+        shard_model(model, rank, device)  # from the CPU, a block at a time
     if rank.is_main:
         remove_paths(to_remove)  # --overwrite: only now that every input has been checked
     with stop_on_signals(announce=rank.is_main) as received:

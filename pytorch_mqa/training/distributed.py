@@ -166,31 +166,46 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
-def shard_model(model: torch.nn.Module, rank: Rank) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, rank: Rank, device: str) -> torch.nn.Module:
     """FSDP2 for a GPT: each transformer block, then the rest (embeddings, final norm), sharded over
-    the ranks; every rank holds 1/world_size of the weights, gradients and optimizer state."""
+    the ranks; every rank holds 1/world_size of the weights, gradients and optimizer state.
+
+    A model on the CPU is moved to the process group's device one block at a time as it is sharded,
+    so a model too large for one GPU can be built (or loaded) on the CPU and sharded from there."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if not rank.enabled:
         raise ValueError(f"fsdp: expected a process group of 2 or more processes (torchrun), got {rank.world_size}")
+    mesh = init_device_mesh(torch.device(device).type, (rank.world_size,))  # the device asked for, not the default
     for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
-def full_tensors(state: dict) -> dict:
-    """`state` (a state dict, nested dicts allowed) with every DTensor gathered whole; a collective."""
+def full_tensors(state: dict, keep: bool = True) -> dict:
+    """`state` (a state dict, nested dicts allowed) with every DTensor gathered whole, on the CPU; a
+    collective. One whole tensor at a time is on the device; with keep=False (ranks that do not
+    write) the gathered tensors are dropped at once."""
     from torch.distributed.tensor import DTensor
 
-    return {k: full_tensors(v) if isinstance(v, dict) else v.full_tensor() if isinstance(v, DTensor) else v
-            for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out[k] = full_tensors(v, keep)
+        elif isinstance(v, DTensor):
+            whole = v.full_tensor()
+            out[k] = whole.cpu() if keep else None
+        else:
+            out[k] = v
+    return out
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict:
     """The optimizer's state_dict with whole tensors: the layout a single process saves; a collective."""
     state = optimizer.state_dict()
-    return {**state, "state": {i: full_tensors(s) for i, s in state["state"].items()}}
+    return {**state, "state": {i: full_tensors(s, keep) for i, s in state["state"].items()}}
 
 
 def load_sharded_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -360,8 +360,8 @@ def fit(model, batches: Batches, cfg: TrainConfig, *, tokenizer=None, resume: Op
             return
         rng = gather_objects(_rng_state(device), rank) if rank.enabled else None
         # FSDP: the whole weights and optimizer state are gathered, so the checkpoint is a single-process one.
-        saved, opt = ((Unsharded(model, full_tensors(model.state_dict())), full_optimizer_state(optimizer))
-                      if sharded else (model, optimizer))
+        saved, opt = ((Unsharded(model, full_tensors(model.state_dict(), rank.is_main)),
+                       full_optimizer_state(optimizer, rank.is_main)) if sharded else (model, optimizer))
         if rank.is_main:
             save_checkpoint(cfg.checkpoint_dir, saved, opt, step, history, generator, cfg, tokenizer, rng)
         barrier(rank)
