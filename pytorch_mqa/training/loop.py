@@ -79,8 +79,8 @@ class LMBatches:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
-    batch_size: int = 16  # global batch; recorded (the Batches object draws batches of its own size) and the
-    # window count per forward of evaluate(full=True) is batch_size / (processes * grad_accum_steps)
+    batch_size: int = 16  # the global batch (all processes): recorded, and evaluate(full=True) runs batch_size /
+    # (processes * grad_accum_steps) windows a forward; fit trains on what the Batches object draws
     grad_accum_steps: int = 1  # micro-batches per process and optimizer step (the global batch is split evenly)
     lr: float = 1e-3  # peak learning rate
     min_lr: Optional[float] = None  # final learning rate (default lr / 10)
