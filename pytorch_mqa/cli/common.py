@@ -301,7 +301,7 @@ def resume_command(argv: list[str] | None, command: str) -> str:
     if not rank.enabled:
         return shlex.join(["pytorch-mqa", command, *args, "--resume"])
     per_node = os.environ.get("LOCAL_WORLD_SIZE", str(rank.world_size))
-    line = shlex.join(["torchrun", "--nproc-per-node", per_node, "-m", "pytorch_mqa", command, *args, "--resume"])
-    if per_node != str(rank.world_size):
-        line += "  (on every node, with the same --nnodes and rendezvous options as before)"
-    return line
+    one_node = per_node == str(rank.world_size)
+    line = shlex.join(["torchrun", *(["--standalone"] if one_node else []), "--nproc-per-node", per_node, "-m",
+                       "pytorch_mqa", command, *args, "--resume"])
+    return line if one_node else line + "  (on every node, with the same --nnodes and rendezvous options as before)"

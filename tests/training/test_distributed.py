@@ -226,3 +226,19 @@ def test_each_process_gets_its_own_device():
     assert rank_device("cuda:1", Rank()) == "cuda:1"  # one process: the device asked for
     with pytest.raises(ValueError, match="expected cuda .* under torchrun, got 'cuda:0'"):
         rank_device("cuda:0", Rank(1, 2, 1))
+
+
+def test_the_resume_line_under_torchrun_is_a_torchrun_line(monkeypatch):
+    from pytorch_mqa.cli.common import resume_command
+
+    argv = ["train", "--out", "runs/x", "--overwrite"]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resume_command(argv, "train") == "pytorch-mqa train --out runs/x --resume"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command(argv, "train") == ("torchrun --standalone --nproc-per-node 2 -m pytorch_mqa train "
+                                             "--out runs/x --resume")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resume_command(argv, "train").startswith("torchrun --nproc-per-node 8 -m pytorch_mqa train --out runs/x "
+                                                    "--resume  (on every node")
