@@ -94,7 +94,10 @@ def process_group(device: str):
     """
     if dist.is_available() and dist.is_initialized():
         rank = current_rank()
-        yield rank, rank_device(device, rank)
+        dev = rank_device(device, rank)
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(dev)
+        yield rank, dev
         return
     rank = launched_rank()
     if not rank.enabled:
