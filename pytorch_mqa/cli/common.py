@@ -66,8 +66,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, out_default: str, *, t
     """DESIGN §3b flags shared by train, study and finetune (`helps`: help texts that differ, by dest)."""
     h = {
         "corpus": "UTF-8 text file to train on (default: the embedded Python language reference)",
-        "tokenizer": "char: one id per character; word: words with [UNK]; bpe: byte-level BPE trained on the corpus; "
-                     "gpt2: GPT-2's BPE from tiktoken's cache",
+        "tokenizer": "char: one id per character; word: words (see --word-split), unknown ones shown as \u2047; "
+                     "bpe: byte-level BPE trained on the corpus; gpt2: GPT-2's BPE from --tokenizer-dir or "
+                     "tiktoken's cache",
         "n_kv_head": "KV heads, a divisor of --n-head: 1 = MQA, --n-head = MHA (default: --n-head)",
         "threads": "torch CPU threads (default: torch's choice)",
         **(helps or {}),
@@ -75,6 +76,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, out_default: str, *, t
     parser.add_argument("--corpus", default=None, help=h["corpus"])
     parser.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default=tokenizer_default, help=h["tokenizer"])
     parser.add_argument("--vocab-size", type=int, default=None, help="bpe/word vocabulary size (default 2048 / 8192)")
+    parser.add_argument("--tokenizer-dir", default=None,
+                        help="--tokenizer gpt2: a directory with vocab.bpe + encoder.json, or vocab.json + merges.txt, "
+                             "or tiktoken's cache (default: tiktoken's cache); nothing is downloaded")
+    parser.add_argument("--word-split", choices=("whitespace", "punct"), default="whitespace",
+                        help="--tokenizer word: whitespace = runs of non-space characters, joined by one space on "
+                             "decoding (the word-level tutorials' text.split()); punct = words, punctuation marks and "
+                             "whitespace runs as separate tokens (round-trips exactly)")
     parser.add_argument("--n-kv-head", type=int, default=None, help=h["n_kv_head"])
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto = cuda if available")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,

@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
     else:
         torch.manual_seed(args.seed)
         tokenizer = get_tokenizer(args.tokenizer, text if args.tokenizer != "gpt2" else None,
-                                  vocab_size=args.vocab_size)
+                                  vocab_size=args.vocab_size, path=args.tokenizer_dir, word_split=args.word_split)
         config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                            n_head=args.n_head, n_kv_head=args.n_kv_head or args.n_head, n_embd=args.n_embd,
                            dropout=args.dropout)

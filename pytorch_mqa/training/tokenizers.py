@@ -4,22 +4,25 @@ Every tokenizer has `encode(str) -> list[int]`, `decode(list[int]) -> str`, `voc
 `save(directory)`; `load_tokenizer(directory)` reads any of them back. `get_tokenizer(kind,
 corpus_text)` builds one for `--tokenizer {char,word,bpe,gpt2}`.
 
-Nothing here downloads anything: the GPT-2 encoding is used only when tiktoken's files are already
-in its cache (or in a Hugging Face GPT-2 directory), otherwise a clear error says how to provide them.
+Nothing here downloads anything: the GPT-2 encoding is read from local files (gpt2_bpe.py: vocab.bpe +
+encoder.json, a Hugging Face vocab.json + merges.txt, or tiktoken's cache), otherwise a clear error
+says how to provide them.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
-import hashlib
 import heapq
 import json
 import os
 import re
-import tempfile
 
 from pytorch_mqa.training.files import FileFormatError, read_json
+from pytorch_mqa.training.gpt2_bpe import (_ranks_from_tiktoken_cache, gpt2_ranks_from_dir,
+                                           has_hf_gpt2_tokenizer)
+from pytorch_mqa.training.gpt2_bpe import (GPT2_FILES, GPT2_LAYOUTS, GPT2_SHA256, _gpt2_byte_decoder,  # noqa: F401
+                                           _ranks_from_hf_gpt2, gpt2_cache_paths, tiktoken_cache_dir)  # re-exported
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer_mqa.json"  # not "tokenizer.json": a Hugging Face directory has one
@@ -28,19 +31,6 @@ KINDS = ("char", "word", "bpe", "gpt2")
 
 # GPT-2's pre-tokenizer (tiktoken's r50k_base / gpt2 pattern): words, numbers, punctuation, spaces.
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-# The two files tiktoken.get_encoding("gpt2") reads, cached as $TIKTOKEN_CACHE_DIR/<sha1(url)>, and
-# their sha256 (tiktoken_ext.openai_public): tiktoken deletes and re-downloads a cached file whose
-# hash differs, so the hashes are checked here first.
-GPT2_FILES = {
-    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-}
-GPT2_SHA256 = {
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-}
-
 
 class Tokenizer:
     """Common interface. Subclasses set `kind` and implement encode/decode/_state."""
@@ -126,43 +116,63 @@ class CharTokenizer(Tokenizer):
 # ----------------------------------------------------------------------------------------- word
 
 WORD_PAT = re.compile(r"\w+|[^\w\s]|\s+")
+WORD_SPLITS = ("whitespace", "punct")
 
 
 class WordTokenizer(Tokenizer):
-    """Words, punctuation marks and whitespace runs; the `max_vocab` most frequent are kept.
+    """A word-level vocabulary of the `max_vocab` most frequent words; two ways to split text.
 
-    Ids: `[PAD]` 0, `[UNK]` 1, `<|endoftext|>` 2. Text made only of known pieces round-trips exactly.
+    - `split="whitespace"` (the default, the word-level tutorials' `text.split()`): a token is a run of
+      non-space characters; decoding joins tokens with one space, so line breaks and repeated spaces
+      are not kept, and punctuation stays attached to its word ("end." is one token).
+    - `split="punct"`: words, single punctuation marks and whitespace runs are tokens of their own;
+      text made only of known pieces round-trips exactly, but a context holds fewer words.
+
+    Ids: `[PAD]` 0, `[UNK]` 1, `<|endoftext|>` 2. A word outside the vocabulary encodes to `[UNK]` and
+    decodes as `UNK_SHOWN` ("⁇"), so generated text shows where a word was unknown without a literal
+    "[UNK]" in it.
     """
 
     kind = "word"
     PAD, UNK = "[PAD]", "[UNK]"
+    UNK_SHOWN = "\u2047"  # ⁇
 
-    def __init__(self, words: list[str]):
+    def __init__(self, words: list[str], split: str = "punct"):
+        if split not in WORD_SPLITS:
+            raise ValueError(f"split: expected one of {WORD_SPLITS}, got {split!r}")
+        self.split = split
         self.itos = [self.PAD, self.UNK, EOT] + list(words)
         self.stoi = {w: i for i, w in enumerate(self.itos)}
         self.pad_id, self.unk_id, self.eos_id = 0, 1, 2
         self.vocab_size = len(self.itos)
 
+    @staticmethod
+    def pieces(text: str, split: str) -> list[str]:
+        return text.split() if split == "whitespace" else WORD_PAT.findall(text)
+
     @classmethod
-    def train(cls, text: str, max_vocab: int = 8192) -> "WordTokenizer":
-        counts = collections.Counter(WORD_PAT.findall(text))
+    def train(cls, text: str, max_vocab: int = 8192, split: str = "whitespace") -> "WordTokenizer":
+        if split not in WORD_SPLITS:
+            raise ValueError(f"split: expected one of {WORD_SPLITS}, got {split!r}")
+        counts = collections.Counter(cls.pieces(text, split))
         # Most frequent first, ties broken by the string itself so the vocabulary is deterministic.
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        return cls([w for w, _ in ordered[: max(0, max_vocab - 3)]])
+        return cls([w for w, _ in ordered[: max(0, max_vocab - 3)]], split)
 
     def encode(self, text: str) -> list[int]:
         get = self.stoi.get
-        return [get(w, self.unk_id) for w in WORD_PAT.findall(text)]
+        return [get(w, self.unk_id) for w in self.pieces(text, self.split)]
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(self.itos[i] for i in ids if i != self.pad_id)
+        words = [self.UNK_SHOWN if i == self.unk_id else self.itos[i] for i in ids if i != self.pad_id]
+        return (" " if self.split == "whitespace" else "").join(words)
 
     def _state(self, directory: str) -> dict:
-        return {"words": self.itos[3:]}
+        return {"words": self.itos[3:], "split": self.split}
 
     @classmethod
     def _from_state(cls, state: dict, directory: str) -> "WordTokenizer":
-        return cls(state["words"])
+        return cls(state["words"], state.get("split", "punct"))  # saved before splits were a choice: punct
 
 
 # ---------------------------------------------------------------------------------- tiktoken BPE
@@ -291,15 +301,19 @@ class TiktokenTokenizer(Tokenizer):
 
 
 class GPT2Tokenizer(TiktokenTokenizer):
-    """GPT-2's 50257-token BPE, from tiktoken's cache or a Hugging Face GPT-2 directory; never downloads."""
+    """GPT-2's 50257-token BPE from local files; never downloads.
+
+    `path` is a directory holding OpenAI's `vocab.bpe` + `encoder.json`, or Hugging Face's
+    `vocab.json` + `merges.txt`, or tiktoken's cache (files named by the sha1 of their URL);
+    None reads tiktoken's cache (TIKTOKEN_CACHE_DIR). In every layout the merges file is read
+    and checked against the vocabulary: merge i must be the token with id 256 + i.
+    """
 
     kind = "gpt2"
 
-    def __init__(self, hf_dir: str | None = None):
-        if hf_dir is not None:
-            ranks, eos_id = _ranks_from_hf_gpt2(hf_dir)
-        else:
-            ranks, eos_id = _ranks_from_tiktoken_cache(), 50256
+    def __init__(self, hf_dir: str | None = None, *, path: str | None = None):
+        path = hf_dir if path is None else path
+        ranks, eos_id = _ranks_from_tiktoken_cache() if path is None else gpt2_ranks_from_dir(path)
         super().__init__("gpt2", ranks, GPT2_PAT, eos_id=eos_id)
 
     @classmethod
@@ -311,105 +325,61 @@ class GPT2Tokenizer(TiktokenTokenizer):
         return self
 
 
-def tiktoken_cache_dir() -> str | None:
-    """Where tiktoken looks for cached files (None: caching disabled by TIKTOKEN_CACHE_DIR="")."""
-    if "TIKTOKEN_CACHE_DIR" in os.environ:
-        return os.environ["TIKTOKEN_CACHE_DIR"] or None
-    if "DATA_GYM_CACHE_DIR" in os.environ:
-        return os.environ["DATA_GYM_CACHE_DIR"] or None
-    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
-
-
-def gpt2_cache_paths() -> dict[str, str] | None:
-    cache = tiktoken_cache_dir()
-    if cache is None:
-        return None
-    return {name: os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()) for name, url in GPT2_FILES.items()}
-
-
-def _ranks_from_tiktoken_cache() -> dict[bytes, int]:
-    paths = gpt2_cache_paths()
-    missing = list(GPT2_FILES) if paths is None else [n for n, p in paths.items() if not os.path.isfile(p)]
-    if missing:
-        where = (", ".join(f"{paths[n]} ({n} from {GPT2_FILES[n]})" for n in missing) if paths else
-                 "tiktoken's cache (caching is disabled: TIKTOKEN_CACHE_DIR is empty)")
-        raise FileNotFoundError(
-            f"{where}: missing; the GPT-2 tokenizer reads tiktoken's cached GPT-2 files and downloads nothing. "
-            "On a machine with network run `TIKTOKEN_CACHE_DIR=/some/dir python -c \"import tiktoken; "
-            "tiktoken.get_encoding('gpt2')\"` and copy that directory here, setting TIKTOKEN_CACHE_DIR to it "
-            "(or save each URL above under the sha1 hex digest of its URL); a Hugging Face GPT-2 directory with "
-            "vocab.json and merges.txt works too; or use --tokenizer bpe/char/word, which need no files"
-        )
-    for name, path in paths.items():
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != GPT2_SHA256[name]:
-            raise ValueError(
-                f"{path}: the cached GPT-2 {name} is corrupt or a different file (sha256 {digest}, expected "
-                f"{GPT2_SHA256[name]}); replace it with {GPT2_FILES[name]}"
-            )
-    # encoder.json maps GPT-2's byte symbols to ids, and the ids are the BPE ranks (tiktoken checks this
-    # against vocab.bpe); reading it directly never goes near tiktoken's download path.
-    ranks, _ = _ranks_from_vocab_json(paths["encoder.json"])
-    return ranks
-
-
-def _gpt2_byte_decoder() -> dict[str, int]:
-    # GPT-2 stores bytes as printable unicode characters: printable bytes map to themselves,
-    # the rest to 256, 257, ... in byte order.
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    table, n = {chr(b): b for b in printable}, 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + n)] = b
-            n += 1
-    return table
-
-
-def _ranks_from_hf_gpt2(hf_dir: str) -> tuple[dict[bytes, int], int]:
-    """Mergeable ranks (the token ids of vocab.json) and the end-of-text id of a Hugging Face GPT-2 tokenizer."""
-    vocab_path = os.path.join(hf_dir, "vocab.json")
-    if not os.path.isfile(vocab_path):
-        raise FileNotFoundError(f"hf_dir: expected a GPT-2 tokenizer file {vocab_path}, which does not exist")
-    return _ranks_from_vocab_json(vocab_path)
-
-
-def _ranks_from_vocab_json(vocab_path: str) -> tuple[dict[bytes, int], int]:
-    expected = "a GPT-2 vocab.json / encoder.json (a JSON object of byte-level tokens to ids)"
-    vocab = read_json(vocab_path, expected)
-    byte_of = _gpt2_byte_decoder()
-    try:
-        ranks = {bytes(byte_of[c] for c in tok): int(i) for tok, i in vocab.items() if tok != EOT}
-    except (AttributeError, KeyError, TypeError, ValueError):
-        raise FileFormatError(vocab_path, "not a GPT-2 vocabulary", expected) from None
-    return ranks, vocab.get(EOT, len(ranks))
-
-
-def has_hf_gpt2_tokenizer(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, "vocab.json")) and os.path.isfile(os.path.join(directory, "merges.txt"))
-
-
 # -------------------------------------------------------------------------------------- factory
 
 _CLASSES = {"char": CharTokenizer, "word": WordTokenizer, "bpe": TiktokenTokenizer, "gpt2": GPT2Tokenizer}
 
 
-def get_tokenizer(kind: str, corpus_text: str | None = None, *, vocab_size: int | None = None) -> Tokenizer:
-    """Build a tokenizer for `--tokenizer kind`; char/word/bpe are trained on `corpus_text`."""
+def get_tokenizer(kind: str, corpus_text: str | None = None, *, vocab_size: int | None = None,
+                  path: str | None = None, word_split: str = "whitespace") -> Tokenizer:
+    """Build a tokenizer for `--tokenizer kind`; char/word/bpe are trained on `corpus_text`.
+
+    gpt2 reads its files from `path` (see GPT2Tokenizer) or, without it, from tiktoken's cache;
+    `word_split` is the word tokenizer's split (WORD_SPLITS).
+    """
     if kind not in KINDS:
         raise ValueError(f"tokenizer: expected one of {KINDS}, got {kind!r}")
     if kind == "gpt2":
-        return GPT2Tokenizer()
+        return GPT2Tokenizer(path=path)
     if corpus_text is None:
         raise ValueError(f"corpus_text: the {kind!r} tokenizer is trained on a corpus, got None")
     if kind == "char":
         return CharTokenizer.train(corpus_text)
     if kind == "word":
-        return WordTokenizer.train(corpus_text, vocab_size or 8192)
+        return WordTokenizer.train(corpus_text, vocab_size or 8192, split=word_split)
     return TiktokenTokenizer.train(corpus_text, vocab_size or 2048)
 
 
-def load_tokenizer(directory: str) -> Tokenizer:
+def load_tokenizer(kind: str, path: str | None = None) -> Tokenizer:
+    """A tokenizer from files: `load_tokenizer(kind, path)` or, as before, `load_tokenizer(directory)`.
+
+    - `load_tokenizer("gpt2", path=DIR)`: GPT-2's BPE from DIR (vocab.bpe + encoder.json, vocab.json +
+      merges.txt, tiktoken's cache, or a tokenizer saved by pytorch-mqa); `load_tokenizer("gpt2")`
+      reads tiktoken's cache. This is what `--tokenizer gpt2 [--tokenizer-dir DIR]` uses.
+    - `load_tokenizer("char" | "word" | "bpe", path=DIR)`: the tokenizer saved in DIR by `save`, which
+      must be of that kind.
+    - `load_tokenizer(DIR)`: whatever `save(DIR)` wrote there, or GPT-2's of a Hugging Face directory.
+    """
+    if kind not in KINDS:
+        if path is None:
+            return _load_directory(kind)
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if kind == "gpt2":
+        if path is not None and os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+            tok = _load_directory(path)
+        else:
+            return GPT2Tokenizer(path=path)
+    else:
+        if path is None:
+            raise ValueError(f"path: the {kind!r} tokenizer is read from the directory it was saved to, got None "
+                             "(get_tokenizer trains a new one on a corpus)")
+        tok = _load_directory(path)
+    if tok.kind != kind:
+        raise ValueError(f"kind: expected the tokenizer saved in {path!r} to be {kind!r}, got {tok.kind!r}")
+    return tok
+
+
+def _load_directory(directory: str) -> Tokenizer:
     """Read a tokenizer saved with `save(directory)`, or the GPT-2 one of a Hugging Face directory."""
     path = os.path.join(directory, TOKENIZER_FILE)
     expected = f'a {TOKENIZER_FILE} written by pytorch-mqa (a JSON object with "kind" one of {", ".join(KINDS)})'
@@ -428,7 +398,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e.filename}: missing; the tokenizer {path} needs it beside it") from None
     if has_hf_gpt2_tokenizer(directory):
-        return GPT2Tokenizer(hf_dir=directory)
+        return GPT2Tokenizer(path=directory)
     raise FileNotFoundError(
         f"directory: expected {TOKENIZER_FILE} (written by pytorch-mqa) or a GPT-2 vocab.json + merges.txt in "
         f"{directory!r}; found neither"

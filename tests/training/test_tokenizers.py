@@ -16,7 +16,7 @@ TEXT = (
 
 @pytest.mark.parametrize("kind", ["char", "word", "bpe"])
 def test_round_trip_and_save_load(kind, tmp_path):
-    tok = T.get_tokenizer(kind, TEXT, vocab_size=300)
+    tok = T.get_tokenizer(kind, TEXT, vocab_size=300, word_split="punct")
     ids = tok.encode(TEXT)
     assert all(0 <= i < tok.vocab_size for i in ids)
     assert tok.decode(ids) == TEXT
@@ -34,12 +34,25 @@ def test_char_unknown_characters():
 
 
 def test_word_unknown_and_pad():
-    tok = T.WordTokenizer.train("the cat sat on the mat. the end")
+    tok = T.WordTokenizer.train("the cat sat on the mat. the end", split="punct")
     ids = tok.encode("the dog sat")
-    assert ids[2] == tok.unk_id and tok.decode(ids) == "the [UNK] sat"
+    assert ids[2] == tok.unk_id and tok.decode(ids) == "the \u2047 sat"  # shown as ⁇, not a literal [UNK]
     assert tok.decode([tok.pad_id] + tok.encode("the cat")) == "the cat"
     # The most frequent pieces get the smallest ids, after [PAD], [UNK] and <|endoftext|>.
     assert tok.itos[:3] == ["[PAD]", "[UNK]", T.EOT] and tok.itos[3] == " "
+
+
+def test_word_whitespace_split_is_the_default_and_saved(tmp_path):
+    tok = T.WordTokenizer.train("the cat sat on the mat.\nthe end  of it")
+    assert tok.split == "whitespace" and " " not in tok.stoi and "mat." in tok.stoi
+    ids = tok.encode("the dog sat on\nthe mat.")
+    assert len(ids) == 6 and ids[1] == tok.unk_id
+    assert tok.decode(ids) == "the \u2047 sat on the mat."  # one space between words
+    tok.save(str(tmp_path))
+    back = T.load_tokenizer("word", path=str(tmp_path))
+    assert back.split == "whitespace" and back.encode("the mat.") == tok.encode("the mat.")
+    with pytest.raises(ValueError, match="split"):
+        T.WordTokenizer.train("a b", split="spaces")
 
 
 def test_word_vocab_limit():
@@ -131,7 +144,7 @@ def test_gpt2_from_hf_style_vocab(tmp_path):
     vocab[char_of[ord(" ")] + "t"] = 256
     vocab[char_of[ord(" ")] + "th"] = 257
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n\u0120 t\n\u0120t h\n", encoding="utf-8")
     vocab[T.EOT] = 258
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     ranks, eos = T._ranks_from_hf_gpt2(str(tmp_path))
