@@ -3,6 +3,7 @@ KV-cache bytes per token, generation speed with and without the cache, cached-vs
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -25,6 +26,69 @@ def mean_logprob(model, tokenizer, sentences: list[str], device) -> float:
         total -= token_nll(model(x[:, :-1]), x[:, 1:]).sum().item()
         count += len(ids) - 1
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def sentence_scores(model, tokenizer, sentences: list[str], device) -> list[dict]:
+    """Per sentence: its tokens (as text), the log-probability (nats) of each token after the first,
+    their sum and mean. A sentence longer than the context is scored on its first block_size + 1 tokens."""
+    model.eval()
+    out = []
+    for s in sentences:
+        ids = tokenizer.encode(s)[: model.config.block_size + 1]
+        if len(ids) < 2:
+            out.append({"text": s, "tokens": [tokenizer.decode([i]) for i in ids], "logprobs": [], "sum": 0.0,
+                        "mean": None})
+            continue
+        x = torch.tensor([ids], device=device)
+        lp = (-token_nll(model(x[:, :-1]), x[:, 1:]))[0].tolist()
+        out.append({"text": s, "tokens": [tokenizer.decode([i]) for i in ids], "logprobs": lp, "sum": sum(lp),
+                    "mean": sum(lp) / len(lp)})
+    return out
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n(?=[A-Z][A-Za-z ]*:)")
+
+
+def heldout_sentences(tokenizer, val: torch.Tensor, n: int, block_size: int, min_chars: int = 24,
+                      max_chars: int = 160) -> list[str]:
+    """Up to `n` sentences of the held-out (validation) text, spread evenly over it.
+
+    The validation ids are decoded back to text and cut at sentence ends and blank lines; pieces of
+    `min_chars`..`max_chars` characters that round-trip through the tokenizer with no unknown token
+    are candidates (those that fit the context, block_size + 1 tokens, first), and `n` of them are
+    taken at even intervals. Line breaks inside a piece become spaces. Deterministic for a given
+    corpus and tokenizer. A sentence longer than the context is scored on its first tokens
+    (sentence_scores).
+    """
+    text = tokenizer.decode(val.tolist())
+    pieces = [" ".join(p.split()) for p in _SENTENCE_END.split(text)]
+    unk = getattr(tokenizer, "unk_id", None)
+    fits, longer = [], []
+    for p in pieces[1:-1]:  # the first and last may be cut mid-sentence by the split
+        if not min_chars <= len(p) <= max_chars:
+            continue
+        ids = tokenizer.encode(p)
+        if len(ids) >= 2 and (unk is None or unk not in ids) and tokenizer.decode(ids) == p:
+            (fits if len(ids) <= block_size + 1 else longer).append(p)
+    cands = fits if len(fits) >= n else fits + longer
+    if len(cands) <= n:
+        return cands
+    step = len(cands) / n
+    return [cands[int(i * step + step / 2)] for i in range(n)]
+
+
+def read_sentences(path: str) -> list[str]:
+    """One sentence per line of a UTF-8 file; blank lines are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f.read().splitlines()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: expected a UTF-8 text file of sentences, got invalid UTF-8 at byte {e.start}") from None
+    sentences = [s for s in lines if s]
+    if not sentences:
+        raise ValueError(f"{path}: expected one sentence per line, got no non-blank line")
+    return sentences
 
 
 @torch.no_grad()
@@ -93,4 +157,4 @@ def sample_text(model, tokenizer, n: int, seed: int) -> str:
     return SAMPLE_PROMPT + tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
 
 
-__all__ = ["mean_logprob", "heldout_loss", "kv_bytes_per_token", "generation_checks", "sample_text", "SAMPLE_PROMPT"]
+__all__ = ["sentence_scores", "heldout_sentences", "read_sentences", "mean_logprob", "heldout_loss", "kv_bytes_per_token", "generation_checks", "sample_text", "SAMPLE_PROMPT"]

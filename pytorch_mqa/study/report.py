@@ -75,9 +75,14 @@ def _fmt_bytes(n: float) -> str:
 
 def summary_table(results: dict) -> str:
     """The main Markdown table: one row per variant."""
-    head = ("| variant | KV heads | params | val perplexity (mean ± 95% CI) | log-prob similar | log-prob unrelated "
+    head = ("| variant | KV heads | params | val perplexity (mean ± 95% CI) | log-prob in-domain | log-prob control "
             "| KV cache / token | tok/s cache | tok/s no cache | max abs logit diff | greedy agree |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    b = results.get("baseline")
+    if b:
+        ci = math.nan if b["val_perplexity_ci"] is None else b["val_perplexity_ci"]
+        lines.append(f"| bigram (baseline) | none | {b['params']:,} | {b['val_perplexity_mean']:.3f} ± {_ci(ci)} | "
+                     f"{b['logprob_similar']:.3f} | {b['logprob_unrelated']:.3f} | none | — | — | — | — |")
     for v in results["variants"]:
         lines.append(
             f"| {v['name']} | {v['n_kv_head']}/{v['n_head']} | {v['params']:,} | "
@@ -147,18 +152,44 @@ def explain(results: dict) -> list[str]:
         gap = val_below_train(results)
         if gap:
             out.append(gap)
+    sent = results["study"].get("sentences", {})
+    source = sent.get("in_domain_source", "held-out split")
+    in_domain = ("in-domain sentences drawn from the held-out split of this corpus (text the models never trained on)"
+                 if source == "held-out split" else f"the sentences of {source}")
     gaps = {x["name"]: mean_ci([r["logprob_similar"] - r["logprob_unrelated"] for r in x["runs"]])
             for x in results["variants"]}
     n_pos = sum(separated(g, (0.0, 0.0)) and g[0] > 0 for g in gaps.values())
+    n_neg = sum(separated(g, (0.0, 0.0)) and g[0] < 0 for g in gaps.values())
+    if n_pos == len(gaps):
+        reading = ("every model finds them more predictable than the control sentences: they have picked up the style "
+                   "and vocabulary of the corpus rather than English in general.")
+    elif n_neg == len(gaps):
+        reading = ("every model finds them less predictable than the control sentences, so by this measure they are not "
+                   "closer to what the models learned than everyday English.")
+    else:
+        reading = (f"by that rule {n_pos} of {len(gaps)} variants clearly prefer them and {n_neg} clearly prefer the "
+                   "control sentences; the rest cannot be told apart at this training length.")
     out.append(
         "**What the models learned.** The log-probability per token (in nats; closer to zero means the model "
-        "finds the text more predictable) of sentences like the training text minus that of unrelated sentences "
+        f"finds the text more predictable) of {in_domain}, minus that of the fixed everyday-English control sentences, "
         "is " + ", ".join(f"{g[0]:+.3f} ± {_ci(g[1])} ({n})" for n, g in gaps.items())
-        + f"; it is above zero beyond its interval in {n_pos} of {len(gaps)} variants: "
-        + ("the models have picked up the style and vocabulary of the corpus rather than English in general."
-           if n_pos == len(gaps) else "by that rule not every model has clearly specialised to the corpus at this "
-           "training length.")
+        + f"; it is above zero beyond its interval in {n_pos} of {len(gaps)} variants: " + reading
+        + " Every sentence and the log-probability of each of its tokens are listed under *Scored sentences*."
     )
+    b = results.get("baseline")
+    if b:
+        bci = math.nan if b["val_perplexity_ci"] is None else b["val_perplexity_ci"]
+        below = [x["name"] for x in results["variants"]
+                 if separated(_ppl(x), (b["val_perplexity_mean"], bci)) and x["val_perplexity_mean"] < b["val_perplexity_mean"]]
+        out.append(
+            f"**Against the bigram floor.** A bigram model (each token predicted from the one before it alone, "
+            f"{b['params']:,} parameters, trained by the same loop on the same batches) reaches a validation perplexity of "
+            f"{b['val_perplexity_mean']:.3f} ± {_ci(bci)}. "
+            + (f"All {len(below)} transformer variants are below it beyond their intervals: they use more context than "
+               "one token." if len(below) == len(results["variants"]) else
+               f"{len(below)} of {len(results['variants'])} transformer variants ({', '.join(below) or 'none'}) are "
+               "below it beyond their intervals; the others have not yet learned more than the previous token tells.")
+        )
     speedups = {x["name"]: x["tokens_per_s_cache"] / x["tokens_per_s_no_cache"] for x in results["variants"]}
     faster = [n for n, s in speedups.items() if s > 1]
     gen = results["study"]["generation"]
@@ -224,8 +255,9 @@ def render_report(results: dict) -> str:
         "",
         "Validation perplexity is exp of the mean next-token loss over the same held-out windows (up to 256 "
         "windows of the context length spread over the last 10% of the corpus) for every model. Log-probabilities are "
-        "mean nats per token over two fixed lists of sentences; tokens/s (best of three timings) and logit "
-        "differences come from each variant's first seed (greedy decoding, batch 1).",
+        f"mean nats per token over the in-domain sentences ({s.get('sentences', {}).get('in_domain_source', '?')}) and "
+        "the control sentences (fixed everyday English), averaged over seeds; tokens/s (best of three timings) and "
+        "logit differences come from each variant's first seed (greedy decoding, batch 1).",
         "",
         "![loss curves](loss_curves.png) ![perplexity](perplexity.png)",
         "",
@@ -234,10 +266,40 @@ def render_report(results: dict) -> str:
     ]
     for para in explain(results):
         lines += [para, ""]
+    lines += scored_sentences(results)
     lines += ["## Samples", "", "Temperature 0.8, top-k 40, first seed of each variant.", ""]
     for v in results["variants"]:
         lines += [f"**{v['name']}**", "", "```", v["sample"], "```", ""]
     return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "\\n")
+
+
+def scored_sentences(results: dict) -> list[str]:
+    """Every scored sentence: mean log-prob per token for each variant (over seeds), and the first seed's
+    log-probability of each token."""
+    models = list(results["variants"]) + ([results["baseline"]] if results.get("baseline") else [])
+    sent = results["study"].get("sentences", {})
+    lines = ["## Scored sentences", "",
+             "Log-probability (nats) per predicted token; the first token of a sentence has no prediction. "
+             "Per-token values are the first seed's.", ""]
+    for key, title in (("in_domain", f"In-domain ({sent.get('in_domain_source', '?')})"),
+                       ("control", "Control (fixed everyday English)")):
+        lines += [f"### {title}", ""]
+        for i, text in enumerate(sent.get(key, [])):
+            lines += [f"{i + 1}. \"{_md(text)}\"", "", "   | model | mean log-prob / token | per token (first seed) |",
+                      "   |---|---|---|"]
+            for m in models:
+                runs = [r["sentences"][key][i] for r in m["runs"]]
+                means = [r["mean"] for r in runs if r["mean"] is not None]
+                mean = f"{statistics.fmean(means):.3f}" if means else "n/a"
+                first = runs[0]
+                toks = " ".join(f"`{_md(t)}` {lp:.2f}" for t, lp in zip(first["tokens"][1:], first["logprobs"]))
+                lines.append(f"   | {m['name']} | {mean} | {toks} |")
+            lines.append("")
+    return lines
 
 
 def plot_perplexity(results: dict, path: str) -> None:

@@ -145,3 +145,58 @@ def test_val_below_train_is_explained():
     assert "off at evaluation" in val_below_train(results)
     results["variants"] = results["variants"][1:]
     assert val_below_train(results) == ""
+
+
+@pytest.mark.slow
+def test_in_domain_sentences_come_from_the_held_out_split(small_study):
+    out, results = small_study
+    saved = json.loads((out / "results.json").read_text())
+    sent = saved["study"]["sentences"]
+    assert sent["in_domain_source"] == "held-out split" and sent["in_domain"]
+    # Every in-domain sentence is text of the corpus, and each is printed in the report with per-token values.
+    report = (out / "report.md").read_text()
+    assert "## Scored sentences" in report
+    for s in sent["in_domain"] + sent["control"]:
+        assert s in report
+    for s in sent["in_domain"]:
+        assert s in CORPUS
+    for v in saved["variants"] + [saved["baseline"]]:
+        for run in v["runs"]:
+            scored = run["sentences"]["in_domain"]
+            assert [x["text"] for x in scored] == sent["in_domain"]
+            for x in scored:
+                assert len(x["logprobs"]) == len(x["tokens"]) - 1 and all(lp <= 0 for lp in x["logprobs"])
+                assert x["mean"] == pytest.approx(sum(x["logprobs"]) / len(x["logprobs"]))
+    # The bigram baseline row: trained, in the table, and the floor is discussed.
+    b = saved["baseline"]
+    assert b["name"] == "bigram" and len(b["runs"]) == 2 and b["val_perplexity_mean"] > 1
+    assert "| bigram (baseline) |" in report and "Against the bigram floor" in report
+
+
+def test_heldout_sentences_are_whole_sentences_of_the_split():
+    from pytorch_mqa.training.tokenizers import get_tokenizer
+
+    text = "".join(f"Sentence number {i} is here for the test. " for i in range(200))
+    tok = get_tokenizer("char", text)
+    val = torch.tensor(tok.encode(text[-2000:]))
+    got = metrics.heldout_sentences(tok, val, 4, 64)
+    assert len(got) == 4 and len(set(got)) == 4
+    assert all(s.startswith("Sentence number") and s.endswith("test.") and s in text[-2000:] for s in got)
+
+
+def test_own_sentences_are_scored_by_every_variant(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    p = dict(tokenizer="word", n_layer=1, n_head=2, n_embd=16, block_size=24, batch_size=4, max_steps=4, lr=1e-2,
+             warmup_steps=1, eval_interval=4, eval_iters=1, seeds=1, gen_tokens=4, dropout=0.1, weight_decay=0.0,
+             schedule="constant")
+    mine = ["The while statement repeats a suite.", "Bananas are yellow."]
+    results = study.run_study(p, str(tmp_path / "out"), corpus=str(corpus), progress=False, sentences=mine,
+                              sentences_source="mine.txt")
+    assert results["study"]["sentences"]["in_domain"] == mine
+    assert results["study"]["base_config"]["dropout"] == 0.1 and results["study"]["preset"]["schedule"] == "constant"
+    for v in results["variants"]:
+        scored = v["runs"][0]["sentences"]["in_domain"]
+        assert [x["text"] for x in scored] == mine and all(x["logprobs"] for x in scored)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "the sentences of mine.txt" in report and "Bananas are yellow." in report
