@@ -23,6 +23,7 @@ from pytorch_mqa.cli.common import (UserError, add_common_arguments, add_model_a
 from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.threads import set_threads
 from pytorch_mqa.model import GPT, GPTConfig
+from pytorch_mqa.model.bigram import BigramConfig, BigramLM, is_bigram_checkpoint
 from pytorch_mqa.ops.backends import use_backend
 from pytorch_mqa.training.data import load_corpus
 from pytorch_mqa.training.distributed import Rank, barrier, process_group, shard_model
@@ -36,12 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "runs/train")
     add_model_arguments(parser)
     add_optim_arguments(parser)
+    parser.add_argument("--arch", choices=("gpt", "bigram", "unigram"), default="gpt",
+                        help="gpt: the transformer; bigram: a table of next-token logits per token (the char-level "
+                             "tutorial's baseline; --n-layer/--n-head/--n-embd are not used); unigram: one logit "
+                             "vector for every position")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from OUT/checkpoint (model and tokenizer come from it)")
 
 
 def check_args(args: argparse.Namespace) -> None:
     check_optim_args(args)
+    if args.arch != "gpt" and args.fsdp:
+        raise UserError("--fsdp", f"expected --arch gpt (FSDP shards transformer blocks), got --arch {args.arch}")
     check_at_least(args, 1, "n_layer", "block_size", "n_embd")
     check_heads(args.n_head, args.n_kv_head, args.n_embd)
     if not 0.0 <= args.dropout < 1.0:
@@ -78,19 +85,26 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
             raise UserError("--corpus", f"the run in {args.out} was trained on {trained_on or 'the embedded corpus'}; "
                                         "pass the same --corpus to resume it")
         tokenizer = load_tokenizer(ckpt)
-        model = load_model(ckpt, device="cpu" if args.fsdp else device)  # FSDP: moved to the device in shards
+        if is_bigram_checkpoint(ckpt):
+            model = BigramLM.from_pretrained(ckpt, device=device)
+        else:
+            model = load_model(ckpt, device="cpu" if args.fsdp else device)  # FSDP: moved to the device in shards
     else:
         torch.manual_seed(args.seed)
         tokenizer = get_tokenizer(args.tokenizer, text if args.tokenizer != "gpt2" else None,
                                   vocab_size=args.vocab_size, path=args.tokenizer_dir, word_split=args.word_split)
-        config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                           n_head=args.n_head, n_kv_head=args.n_kv_head or args.n_head, n_embd=args.n_embd,
-                           dropout=args.dropout)
-        model = GPT(config)
+        if args.arch == "gpt":
+            config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                               n_head=args.n_head, n_kv_head=args.n_kv_head or args.n_head, n_embd=args.n_embd,
+                               dropout=args.dropout)
+            model = GPT(config)
+        else:
+            model = BigramLM(BigramConfig(tokenizer.vocab_size, args.block_size, 2 if args.arch == "bigram" else 1))
     batches = LMBatches(tokenizer.encode(text), args.batch_size, model.config.block_size,
                         source=args.corpus or "corpus")
     check_resume_steps(resume, ckpt, set_max_steps(args, batches))
-    cfg = train_config_from_args(args, device, ckpt, "train", {"tokenizer": tokenizer.kind, "corpus": args.corpus})
+    cfg = train_config_from_args(args, device, ckpt, "train", {"tokenizer": tokenizer.kind, "corpus": args.corpus,
+                                                                       "arch": args.arch})
     say(f"model: {model.num_params(non_embedding=False):,} parameters, {model.config}")
     scale = f" x {rank.world_size} processes ({'FSDP' if args.fsdp else 'DDP'})" if rank.enabled else ""
     say(f"data: {len(batches.train):,} train / {len(batches.val):,} val tokens ({tokenizer.kind} tokenizer, "
