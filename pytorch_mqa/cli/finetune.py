@@ -8,6 +8,7 @@ trains with DistributedDataParallel, as `train` does.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -49,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from OUT/checkpoint")
+    parser.add_argument("--answers", default=None, metavar="FILE",
+                        help="after training, write the model's greedy response to every held-out record into this "
+                             "JSON file (the records with a \"model_response\" field added)")
+    parser.add_argument("--answer-tokens", type=int, default=256,
+                        help="most new tokens per response in --answers (the whole prompt is kept in the context)")
     add_optim_arguments(parser, max_steps=200, lr=3e-4, batch_size=8, eval_interval=50, warmup_steps=20)
 
 
@@ -57,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     check_heads(None, args.n_kv_head)
     if not 0.0 < args.val_fraction < 1.0:
         raise UserError("--val-fraction", f"expected a fraction in (0, 1), got {args.val_fraction}")
+    if args.answer_tokens < 1:
+        raise UserError("--answer-tokens", f"expected at least 1, got {args.answer_tokens}")
+    if args.answers is not None and os.path.isdir(args.answers):
+        raise UserError("--answers", f"expected a JSON file to write, got the directory {args.answers!r}")
     if args.max_len is not None and args.max_len < 2:
         raise UserError("--max-len", f"expected at least 2 tokens, got {args.max_len}")
     set_threads(args.threads)
@@ -98,6 +108,9 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
     cut = sum(len(tokenizer.encode(format_prompt(r) + r["output"])) + 1 > max_len + 1 for r in records)
     check_resume_steps(resume, ckpt, set_max_steps(args, data))
     cfg = train_config_from_args(args, device, ckpt, "finetune", {"data": args.data, "init": args.init})
+    per_epoch = math.ceil(len(train_recs) / args.batch_size)
+    if args.epochs is not None:  # the validation loss of every epoch, over the whole validation split
+        cfg = dataclasses.replace(cfg, eval_interval=per_epoch, eval_full=True)
     say(f"model: {model.num_params(non_embedding=False):,} parameters, {model.config}")
     say(f"data: {len(train_recs)} train / {len(val_recs)} val examples ({tokenizer.kind} tokenizer)  device: {device}"
         + (f" x {rank.world_size} processes ({'FSDP' if args.fsdp else 'DDP'})" if rank.enabled else ""))
@@ -115,8 +128,9 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
         remove_paths(to_remove)  # --overwrite: only now that every input has been checked
     with stop_on_signals(announce=rank.is_main) as received:
         history = fit(model, data, cfg, tokenizer=tokenizer, resume=resume, stop=lambda: bool(received),
-                      on_eval=lambda s, l: tqdm.write(f"step {s}: train {l['train']:.4f}  val {l['val']:.4f}  "
-                                                      f"val ppl {math.exp(l['val']):.2f}"))
+                      on_eval=lambda s, l: tqdm.write(f"step {s} (epoch {s / per_epoch:.2f}): train {l['train']:.4f}  "
+                                                      f"val {l['val']:.4f}  val ppl {math.exp(l['val']):.2f}"))
+    epochs = [{"epoch": round(e["step"] / per_epoch, 4), **e} for e in history["eval"]]
     reason, code = stop_reason(received)
     if not rank.is_main:
         return code if "stopped_at" in history else 0
@@ -140,11 +154,26 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
     else:
         response, note = None, f" [none: the prompt is {prompt_len} tokens, the model's context {block}]"
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump({"summary": summarize(history), "example": {**example, "model_response": response},
-                   "history": history}, f, indent=1)
+        json.dump({"summary": summarize(history), "epochs": epochs,
+                   "example": {**example, "model_response": response}, "history": history}, f, indent=1)
+    if args.answers is not None:
+        write_answers(args.answers, model, tokenizer, val_recs, args.answer_tokens, block)
     print(f"\nexample instruction: {example['instruction']!r}\nmodel response: {response!r}{note}")
     print(f"wrote {ckpt}/ (model, tokenizer, trainer state), {args.out}/loss.png, {args.out}/metrics.json")
     extra = f" --input {json.dumps(example['input'])}" if example.get("input") else ""
     print(f"try: pytorch-mqa generate --init {ckpt} --instruction {json.dumps(example['instruction'])}{extra} "
           "--temperature 0")
     return 0
+
+
+def write_answers(path: str, model, tokenizer, records: list[dict], max_new_tokens: int, block: int) -> None:
+    """The held-out records with the model's greedy response to each added as "model_response"."""
+    out = []
+    for r in tqdm(records, desc="answers", leave=False):
+        prompt_len = len(tokenizer.encode(format_prompt(r)))
+        response = respond(model, tokenizer, r, max_new_tokens) if prompt_len < block else None
+        out.append({**r, "model_response": response})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1, ensure_ascii=False)
+    print(f"wrote {len(out)} held-out responses to {path}")

@@ -143,3 +143,27 @@ def test_finetune_from_hugging_face_directory_with_kv_conversion(tmp_path, capsy
     assert cli.main(["generate", "--init", str(out / "checkpoint"), "--instruction", "--max-new-tokens", "4",
                      "--seed", "0", "--device", "cpu", "Say hi."]) == 0
     assert "tokens/s" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_finetune_epochs_report_val_loss_and_write_answers(tmp_path, capsys):
+    records, tok, model = make()
+    init = tmp_path / "init"
+    model.save_pretrained(str(init))
+    tok.save(str(init))
+    out, answers = tmp_path / "ft", tmp_path / "answers" / "val.json"
+    rc = cli.main(["finetune", "--data", DATA, "--init", str(init), "--out", str(out), "--epochs", "2",
+                   "--lr", "1e-2", "--warmup-steps", "2", "--batch-size", "4", "--device", "cpu", "--no-progress",
+                   "--answers", str(answers), "--answer-tokens", "8"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [round(e["epoch"]) for e in metrics["epochs"]] == [1, 2]  # one full-split val loss per epoch
+    assert all(e["val"] > 0 for e in metrics["epochs"]) and "(epoch 1.00)" in text
+    got = json.loads(answers.read_text())
+    from pytorch_mqa.training.data import split_examples
+
+    held_out = split_examples(records, 0.1, 0)[1]
+    assert [r["instruction"] for r in got] == [r["instruction"] for r in held_out]
+    assert all(set(r) >= {"instruction", "output", "model_response"} for r in got)
+    assert all(isinstance(r["model_response"], str) for r in got)
