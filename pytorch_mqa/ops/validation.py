@@ -1,10 +1,11 @@
 """Input validation of both ops (DESIGN §4): every message names the argument, the expected and
-the received value. Runs once per public call, before anything is launched."""
+the received value. The public functions run them once per call, before the op; the op itself
+does not validate again. Capacity (`check_cache_capacity`) needs the lengths on the host, so it
+runs where the op reads them, once, before anything is written."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -70,13 +71,6 @@ def validate_attention(q, k, v, causal=False, scale=None) -> None:
     _check_flags(causal, scale)
 
 
-def host_lengths(cache_seqlens: Tensor) -> Optional[Tensor]:
-    """The lengths if reading them costs no device sync (CPU tensor, not tracing), else None."""
-    if cache_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    return cache_seqlens
-
-
 def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, scale=None) -> None:
     _check_tensor("q", q, "(B, Tq, Hq, D)")
     _check_tensor("k_cache", k_cache, "(B, S, Hkv, D)")
@@ -92,7 +86,7 @@ def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, sca
         given, missing = ("k", "v") if v is None else ("v", "k")
         raise ValueError(f"{missing}: expected a tensor because {given} is given (pass both or neither), got None")
     B, Tq = q.shape[0], q.shape[1]
-    S, Hkv, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
     if k is not None:
         for name, x in (("k", k), ("v", v)):
             _check_tensor(name, x, "(B, Tq, Hkv, D)")
@@ -108,22 +102,24 @@ def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, sca
     if cache_seqlens.device.type != "cpu" and cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens: expected device {q.device} or cpu, got {cache_seqlens.device}")
     _check_flags(causal, scale)
-    L = host_lengths(cache_seqlens)
-    if L is not None and B > 0:
-        lens = L.tolist()  # one host read (cheaper than two reductions for a decode step)
-        lo = min(lens)
-        if lo < 0:
-            b = lens.index(lo)
-            raise ValueError(f"cache_seqlens: expected values >= 0, got {lo} for sequence {b}")
-        new = Tq if k is not None else 0
-        hi = max(lens)
-        if hi + new > S:
-            b = lens.index(hi)
-            raise ValueError(
-                f"cache_seqlens: expected cache_seqlens[b] + Tq <= S = {S} (cache capacity), got "
-                f"cache_seqlens[{b}] = {hi} with Tq = {new} new rows"
-            )
 
 
+def check_cache_capacity(lens: list, S: int, new: int) -> None:
+    """DESIGN §4's capacity check on lengths read on the host: 0 <= L_b and L_b + new <= S.
 
-__all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "host_lengths"]
+    Called where the lengths are read (the CPU kernel, or the dispatch of a GPU backend given
+    host lengths), once per call and before anything is written.
+    """
+    if not lens:
+        return
+    lo, hi = min(lens), max(lens)
+    if lo < 0:
+        raise ValueError(f"cache_seqlens: expected values >= 0, got {lo} for sequence {lens.index(lo)}")
+    if hi + new > S:
+        raise ValueError(
+            f"cache_seqlens: expected cache_seqlens[b] + Tq <= S = {S} (cache capacity), got "
+            f"cache_seqlens[{lens.index(hi)}] = {hi} with Tq = {new} new rows"
+        )
+
+
+__all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]
