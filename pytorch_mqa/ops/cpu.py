@@ -190,19 +190,19 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
     S = k_cache.shape[1]
     lens = cache_seqlens.tolist()  # the one host read of the lengths in this call
     new = Tq if k is not None else 0
-    check_cache_capacity(lens, S, new)
+    lo, hi = check_cache_capacity(lens, S, new)
     if B == 0 or Tq == 0:
         return _empty_result(q)
-    hi = max(lens)
-    uniform = min(lens) == hi
+    uniform = lo == hi
     if new:
         _append(k_cache, k, lens, uniform)
         _append(v_cache, v, lens, uniform)
     n_keys = hi + new  # the longest visible prefix
     if n_keys == 0:
         return _empty_result(q)
-    kc = k_cache.narrow(1, 0, n_keys).transpose(1, 2)  # (B, Hkv, n_keys, D): views of the caches
-    vc = v_cache.narrow(1, 0, n_keys).transpose(1, 2)
+    if n_keys < S:
+        k_cache, v_cache = k_cache.narrow(1, 0, n_keys), v_cache.narrow(1, 0, n_keys)
+    kc, vc = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, Hkv, n_keys, D): views of the caches
     if kc.stride(-1) != 1:
         kc, vc = kc.contiguous(), vc.contiguous()
     if uniform:

@@ -71,7 +71,41 @@ def validate_attention(q, k, v, causal=False, scale=None) -> None:
     _check_flags(causal, scale)
 
 
+def _kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale) -> bool:
+    """True only if every check of `validate_kv_cache` passes, in few attribute reads (a decode
+    step calls this per layer). False sends the call through the detailed checks, which raise."""
+    try:
+        if (causal is not True and causal is not False) or not (
+            scale is None or (type(scale) in (float, int) and math.isfinite(scale))
+        ):
+            return False
+        qs, ks = q.shape, k_cache.shape
+        if len(qs) != 4 or len(ks) != 4 or v_cache.shape != ks:
+            return False
+        dt, dev = q.dtype, q.device
+        if dt not in SUPPORTED_DTYPES or k_cache.dtype != dt or v_cache.dtype != dt:
+            return False
+        B, Tq, Hq, D = qs
+        if ks[0] != B or ks[3] != D or not 1 <= D <= MAX_HEAD_DIM or ks[2] < 1 or Hq % ks[2]:
+            return False
+        if k_cache.device != dev or v_cache.device != dev:
+            return False
+        if k is not None or v is not None:
+            want = (B, Tq, ks[2], D)
+            for x in (k, v):
+                if x.shape != want or x.dtype != dt or x.device != dev:
+                    return False
+        if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
+            return False
+        ld = cache_seqlens.device
+        return ld.type == "cpu" or ld == dev
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, scale=None) -> None:
+    if _kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale):
+        return
     _check_tensor("q", q, "(B, Tq, Hq, D)")
     _check_tensor("k_cache", k_cache, "(B, S, Hkv, D)")
     _check_tensor("v_cache", v_cache, "(B, S, Hkv, D)")
@@ -104,14 +138,15 @@ def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, sca
     _check_flags(causal, scale)
 
 
-def check_cache_capacity(lens: list, S: int, new: int) -> None:
+def check_cache_capacity(lens: list, S: int, new: int) -> tuple[int, int]:
     """DESIGN §4's capacity check on lengths read on the host: 0 <= L_b and L_b + new <= S.
+    Returns (min, max) of the lengths ((0, 0) for an empty batch).
 
     Called where the lengths are read (the CPU kernel, or the dispatch of a GPU backend given
     host lengths), once per call and before anything is written.
     """
     if not lens:
-        return
+        return 0, 0
     lo, hi = min(lens), max(lens)
     if lo < 0:
         raise ValueError(f"cache_seqlens: expected values >= 0, got {lo} for sequence {lens.index(lo)}")
@@ -120,6 +155,7 @@ def check_cache_capacity(lens: list, S: int, new: int) -> None:
             f"cache_seqlens: expected cache_seqlens[b] + Tq <= S = {S} (cache capacity), got "
             f"cache_seqlens[{lens.index(hi)}] = {hi} with Tq = {new} new rows"
         )
+    return lo, hi
 
 
 __all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]
