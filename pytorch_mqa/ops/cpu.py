@@ -87,10 +87,15 @@ def attention_forward(q, k, v, causal: bool, scale: float):
 
 
 def _expansion(B, Hq, Hkv):
-    """How many copies of each KV head the backward should see. The kernel's GQA backward runs
-    one task per (batch, KV head), so B * Hkv below the thread count leaves threads idle (MQA at
-    B = 1: 3x slower on 2 threads than with K/V expanded). Expanding by e, the smallest divisor of
-    G that gives every thread a task, costs a copy of K/V and a sum of dK/dV over e."""
+    """Into how many parts e to split the G query heads of each KV head so that the kernel has a
+    task per thread: e is the smallest divisor of G with B * Hkv * e >= threads (1 if there are
+    enough tasks already). With fewer tasks than threads the kernel runs its one task inline and
+    the BLAS calls inside it go multi-threaded, one parallel region per small matmul: MQA at B = 1
+    on 2 threads was 3x slower in the backward, and on a loaded machine (every region waits for
+    a descheduled thread) a decode step went from 0.06 ms to over 50 ms.
+
+    The backward expands K/V e times (a copy of K/V and a sum of dK/dV over e); the one-row
+    decode views its G query rows per KV head as e heads of G/e rows (no copy)."""
     G, threads = Hq // Hkv, torch.get_num_threads()
     if G == 1 or B * Hkv >= threads:
         return 1
@@ -214,10 +219,13 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
 
 
 def _one_row(q, kc, vc, scale, mask):
-    """Tq = 1: the G query heads of each KV head attend as G rows of one head (a view of q)."""
+    """Tq = 1: the G query heads of each KV head attend as G rows of one head (a view of q), or
+    as e heads of G/e rows when B * Hkv alone would leave threads idle (see `_expansion`); the
+    kernel maps query head h' to KV head h' // e, so K/V are still not expanded."""
     B, _, Hq, D = q.shape
     Hkv = kc.shape[1]
-    qg = q.reshape(B, Hkv, Hq // Hkv, D)  # a view: Tq = 1, so (Hq) splits into (Hkv, G)
+    e = _expansion(B, Hq, Hkv)
+    qg = q.reshape(B, Hkv * e, Hq // (Hkv * e), D)  # a view: Tq = 1, so (Hq) splits into (Hkv*e, G/e)
     if qg.stride(-1) != 1:
         qg = qg.contiguous()
     out, lse = _flash(qg, kc, vc, 0.0, False, attn_mask=mask, scale=scale)

@@ -188,3 +188,16 @@ def test_inductor_writes_the_caches_in_place():
     code = "\n".join(codes)
     assert "torch.ops.pytorch_mqa.attention_with_kv_cache.default(" in code
     assert "copy_" not in code and "clone" not in code
+
+
+@pytest.mark.parametrize("case", [c for c in KV_CACHE_SHAPES if c[1] == 1], ids=lambda c: str(c[:6]))
+@pytest.mark.parametrize("with_new", [True, False])
+def test_decode_one_row_with_and_without_head_split(case, with_new, threads):
+    # One query row: G query heads per KV head as rows of one head, or split into e heads.
+    q, kc, vc, k, v, lens = kv_cache_inputs(case, torch.float32, seed=10, with_new=with_new)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out, lse = pytorch_mqa.attention_with_kv_cache(q, kc, vc, k, v, cache_seqlens=lens, return_lse=True)
+    want, want_lse = reference.attention_with_kv_cache(q, kc2, vc2, k, v, lens)
+    assert torch.equal(kc, kc2)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-5)
