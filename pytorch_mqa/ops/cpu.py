@@ -225,6 +225,14 @@ def _one_row(q, kc, vc, scale, mask):
     B, _, Hq, D = q.shape
     Hkv = kc.shape[1]
     e = _expansion(B, Hq, Hkv)
+    if Hkv == 1 and e > 1:
+        # MQA: head i takes query heads i, i + e, ...; the kernel lays its output out as (rows,
+        # heads), which is then query-head order already: no copy of out or lse.
+        qg = q.reshape(B, Hq // e, e, D).transpose(1, 2)
+        if qg.stride(-1) != 1:
+            qg = qg.contiguous()
+        out, lse = _flash(qg, kc, vc, 0.0, False, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).reshape(B, 1, Hq, D), lse.transpose(1, 2).reshape(B, Hq, 1)
     qg = q.reshape(B, Hkv * e, Hq // (Hkv * e), D)  # a view: Tq = 1, so (Hq) splits into (Hkv*e, G/e)
     if qg.stride(-1) != 1:
         qg = qg.contiguous()
