@@ -16,7 +16,11 @@ wherever its semantics match the contract, and add what it lacks:
   has the same length, one index_put otherwise), then the kernel reads the caches as strided
   views of the rows some sequence can see: no copy of K/V, no loop over sequences. For one query
   row the G query heads of a KV head become G query rows of one head (a free view), so each K/V
-  row is read once per KV head instead of once per query head. Ragged lengths use a float mask.
+  row is read once per KV head instead of once per query head (or e times, when B * Hkv alone
+  would leave threads idle: see `_expansion`). Ragged lengths use a float mask.
+- parallelism of the backward: with fewer (batch, KV head) pairs than threads, K/V are expanded
+  just enough to give every thread a task (`_expansion`); in float16/bfloat16 with G > 1 fully,
+  so that dK/dV are summed over the query heads in float32.
 
 Lengths are read on the host once per call, and the capacity check (DESIGN §4) happens there,
 before anything is written. The oracle (`pytorch_mqa.reference`) is the readable definition the
