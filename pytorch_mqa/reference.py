@@ -4,10 +4,12 @@ Layout is BSHD: q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D). Query head h reads KV hea
 G = Hq // Hkv. K/V are never expanded: q is regrouped to (B, Hkv, G*Tq, D) so one matmul per KV
 head serves all G query heads.
 
-Every function takes `upcast`: True (the default) computes in float32 (float64 stays float64)
-and rounds only the result, False mimics a low-precision kernel (matmul inputs and P in the input
-dtype, softmax in float32). The tests use the second to measure PyTorch's own low-precision error
-(DESIGN §5).
+Every attention function (`attention`, `attention_backward`, `attention_with_kv_cache`) takes
+`upcast`: True (the default) computes in float32 (float64 stays float64) and rounds only the
+result, False mimics a low-precision kernel (matmul inputs and P in the input dtype, softmax in
+float32). The tests use the second to measure PyTorch's own low-precision error (DESIGN §5).
+Nothing here depends on the device: the same math runs, mask and all, wherever the tensors live.
+The fast CPU kernels are `pytorch_mqa.ops.cpu`; this module is what they are tested against.
 """
 
 from __future__ import annotations
@@ -97,32 +99,36 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, upcast:
     return out, lse.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
 
 
-def attention_backward(dout, q, k, v, lse, delta, causal: bool = False, scale: float | None = None):
-    """Analytic backward in float32: returns (dq, dk, dv) in the input dtypes.
+def attention_backward(
+    dout, q, k, v, lse, delta, causal: bool = False, scale: float | None = None, upcast: bool = True
+):
+    """Analytic backward: returns (dq, dk, dv) in the input dtypes.
 
     lse (B, Hq, Tq) is the forward's log-sum-exp; delta (B, Hq, Tq) is rowsum(dout * out) minus
     the incoming gradient of lse (zero when only `out` is used), so dS = P * (dP - delta).
-    dK/dV are summed over the G query heads of each KV head.
+    dK/dV are summed over the G query heads of each KV head. upcast=True computes in float32;
+    False runs the matmuls on inputs, P and dS in the input dtype (P and dS from float32 math).
     """
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    cdt = _compute_dtype(q.dtype, True)
+    cdt = _compute_dtype(q.dtype, upcast)
     mask = causal_mask(Tq, Tk, q.device)[None, None] if causal else None
-    s = _scores(q, k, scale, Hkv, cdt, mask)  # (B, Hkv, G*Tq, Tk)
-    lse_g = lse.to(cdt).reshape(B, Hkv, G * Tq, 1)
+    s = _scores(q, k, scale, Hkv, cdt, mask)  # (B, Hkv, G*Tq, Tk), float32 (or float64)
+    acc = s.dtype
+    lse_g = lse.to(acc).reshape(B, Hkv, G * Tq, 1)
     # exp(-inf - (-inf)) is NaN; rows with lse = -inf saw no key and have P = 0.
     p = torch.where(torch.isinf(lse_g), torch.zeros_like(s), torch.exp(s - lse_g))
     do = _group_q(dout.to(cdt), Hkv)  # (B, Hkv, G*Tq, D)
     vt = v.to(cdt).permute(0, 2, 3, 1)  # (B, Hkv, D, Tk)
-    dp = torch.matmul(do, vt)
-    ds = p * (dp - delta.to(cdt).reshape(B, Hkv, G * Tq, 1))
+    dp = torch.matmul(do, vt).to(acc)
+    ds = (p * (dp - delta.to(acc).reshape(B, Hkv, G * Tq, 1))).to(cdt)
     kk = k.to(cdt).transpose(1, 2)  # (B, Hkv, Tk, D)
-    dq = _ungroup(torch.matmul(ds, kk) * scale, Tq, G)
+    dq = _ungroup(torch.matmul(ds, kk).to(acc) * scale, Tq, G)
     qg = _group_q(q.to(cdt), Hkv)
-    dk = (torch.matmul(ds.transpose(-1, -2), qg) * scale).transpose(1, 2)  # (B, Tk, Hkv, D)
-    dv = torch.matmul(p.transpose(-1, -2), do).transpose(1, 2)
+    dk = (torch.matmul(ds.transpose(-1, -2), qg).to(acc) * scale).transpose(1, 2)  # (B, Tk, Hkv, D)
+    dv = torch.matmul(p.to(cdt).transpose(-1, -2), do).transpose(1, 2)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
@@ -180,11 +186,7 @@ def attention_with_kv_cache(
         Lk = L
     Lk = Lk.clamp(0, S)
     kc, vc = k_cache, v_cache
-    if q.device.type == "cpu" and B > 0:
-        # Lengths are on the host: only read the rows some sequence can see.
-        Smax = int(Lk.max())
-        kc, vc = kc[:, :Smax], vc[:, :Smax]
-    Tk = kc.shape[1]
+    Tk = S
     j = torch.arange(Tk, device=q.device)[None, None, :]  # (1, 1, Tk)
     vis = j < Lk[:, None, None]  # (B, 1, Tk)
     if causal:

@@ -92,3 +92,30 @@ def test_append_masks_out_of_range_rows():
     assert torch.all(buf[:, :2] == -7) and torch.all(buf[:, 2 + S :] == -7)
     assert torch.equal(cache[0, 3:5], new[0, :2])  # rows 3, 4 written; the third is dropped
     assert torch.all(cache[0, :3] == -7) and torch.all(cache[1] == -7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_backward_upcast_false_is_a_low_precision_estimate(dtype):
+    # upcast=False rounds matmul inputs to the input dtype: close to the float32 backward, not equal.
+    q, k, v = attention_inputs((1, 6, 9, 4, 2, 16), dtype, seed=6)
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(q.shape, generator=gen).to(dtype)
+    out, lse = reference.attention(q, k, v, causal=True)
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)
+    hi = reference.attention_backward(dout, q, k, v, lse, delta, causal=True)
+    lo = reference.attention_backward(dout, q, k, v, lse, delta, causal=True, upcast=False)
+    for a, b in zip(hi, lo):
+        assert a.dtype == b.dtype == dtype
+        err = (a.float() - b.float()).abs().max().item()
+        assert 0 < err < 0.1
+
+
+def test_reference_kv_cache_reads_no_length_on_the_host():
+    # The oracle is device-independent: on meta tensors (no data) it still runs, so no branch
+    # of it reads a length on the host.
+    q = torch.empty(2, 1, 4, 8, device="meta")
+    kc, vc = torch.empty(2, 16, 2, 8, device="meta"), torch.empty(2, 16, 2, 8, device="meta")
+    k, v = torch.empty(2, 1, 2, 8, device="meta"), torch.empty(2, 1, 2, 8, device="meta")
+    lens = torch.empty(2, dtype=torch.int32, device="meta")
+    out, lse = reference.attention_with_kv_cache(q, kc, vc, k, v, lens)
+    assert out.shape == (2, 1, 4, 8) and lse.shape == (2, 4, 1)

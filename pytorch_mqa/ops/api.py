@@ -1,5 +1,6 @@
 """The public functions `attention` and `attention_with_kv_cache`: validate once, fill defaults,
-pick the backend, call the registered op."""
+pick the backend, call the registered op (`torch.ops.pytorch_mqa.*`, which does not validate
+again)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,16 @@ def attention_with_kv_cache(
     validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = _pick_backend("attention_with_kv_cache", backend, q.device)
-    out, lse = attention_with_kv_cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name)
+    if torch.is_grad_enabled() and (
+        q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or (k is not None and (k.requires_grad or v.requires_grad))
+    ):
+        # Not differentiable: without grad mode the caches never join an autograd graph (the op
+        # has no autograd kernel, and PyTorch's fallback would attach history to mutated inputs
+        # when an input requires grad).
+        with torch.no_grad():
+            out, lse = attention_with_kv_cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name)
+    else:
+        out, lse = attention_with_kv_cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name)
     return (out, lse) if return_lse else out
 
 

@@ -1,7 +1,9 @@
 """What the registered ops run: one function per op and direction, switching on the backend.
 
-`backend` reaching here is concrete ("reference", "triton" or "cuda"). The Triton launchers are
-imported when first used (Triton is optional); csrc is built and loaded on first use.
+`backend` reaching here is concrete ("reference", "triton" or "cuda") and the inputs are already
+validated by the public functions (`pytorch_mqa.ops.api`). On CPU tensors "reference" runs the
+CPU kernels of `pytorch_mqa.ops.cpu`; on other devices it runs the oracle itself. The Triton
+launchers are imported when first used (Triton is optional); csrc is built and loaded on first use.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 from pytorch_mqa import reference
 from pytorch_mqa.ops import build, cpu
 from pytorch_mqa.ops.backends import USER_BACKENDS
-from pytorch_mqa.ops.validation import host_lengths
+from pytorch_mqa.ops.validation import check_cache_capacity
 
 
 def _triton_attention():
@@ -36,6 +38,8 @@ def _user_result(backend, op, result):
 
 
 def attention_forward(q, k, v, causal, scale, backend):
+    if backend == "reference" and q.device.type == "cpu":
+        return cpu.attention_forward(q, k, v, causal, scale)
     if backend == "reference" or q.numel() == 0 or k.shape[1] == 0:
         return reference.attention(q, k, v, causal=causal, scale=scale)
     if backend in USER_BACKENDS:
@@ -47,6 +51,8 @@ def attention_forward(q, k, v, causal, scale, backend):
 
 
 def attention_backward(dout, q, k, v, lse, delta, causal, scale, backend):
+    """The backward in delta form (delta = rowsum(dO * O) - dLSE), for the Triton kernel and the
+    oracle. On CPU tensors the autograd of `attention` calls `attention_backward_cpu` instead."""
     if backend == "reference" or q.numel() == 0 or k.shape[1] == 0:
         return reference.attention_backward(dout, q, k, v, lse, delta, causal=causal, scale=scale)
     if backend in USER_BACKENDS:
@@ -57,10 +63,11 @@ def attention_backward(dout, q, k, v, lse, delta, causal, scale, backend):
 
 
 def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend):
-    if backend == "reference" and q.device.type == "cpu" and q.shape[0] > 0 and q.shape[1] > 0:
-        L = host_lengths(cache_seqlens)
-        if L is not None:
-            return cpu.attention_with_kv_cache_host(q, k_cache, v_cache, k, v, L.tolist(), causal, scale)
+    if backend == "reference" and q.device.type == "cpu":
+        return cpu.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)
+    if cache_seqlens.device.type == "cpu":
+        # Lengths on the host: check capacity here (one read) before anything is written.
+        check_cache_capacity(cache_seqlens.tolist(), k_cache.shape[1], q.shape[1] if k is not None else 0)
     cache_seqlens = cache_seqlens.to(q.device, non_blocking=True)
     if backend == "reference" or q.shape[0] == 0 or q.shape[1] == 0:
         # Tq == 0 appends nothing and attends nothing: the reference returns empty results.

@@ -1,48 +1,71 @@
-"""Registration of the custom ops: schema -> fake impl -> autograd, each a few lines.
+"""Registration of the custom ops: schema -> kernel -> fake impl -> autograd, each a few lines.
 
     torch.ops.pytorch_mqa.attention(q, k, v, causal, scale, backend) -> (out, lse)
     torch.ops.pytorch_mqa.attention_backward(dout, q, k, v, lse, delta, causal, scale, backend)
-        -> (dq, dk, dv)
+        -> (dq, dk, dv)                                       delta form: Triton and the oracle
+    torch.ops.pytorch_mqa.attention_backward_cpu(dout, q, k, v, out, lse, dlse?, causal, scale)
+        -> (dq, dk, dv)                                       the CPU kernel's backward
     torch.ops.pytorch_mqa.attention_with_kv_cache(q, k_cache!, v_cache!, k?, v?, cache_seqlens,
         causal, scale, backend) -> (out, lse)
     torch.ops.pytorch_mqa.attention_with_kv_cache_cuda(...)   the csrc/ kernel (CUDA only)
 
-`backend` reaching an op is already concrete; `pytorch_mqa.ops.api` resolves "auto", validates
-and fills defaults.
+The schemas are defined with `torch.library.Library.define` and the kernels registered with
+`Library.impl`, the layer `torch.library.custom_op` itself builds on: an eager call is one
+dispatcher call into the kernel (a few microseconds) instead of the custom_op wrappers' tens to
+hundreds. The mutation of k_cache / v_cache is declared in the schema (`Tensor(a!)`), so
+torch.compile functionalizes the op and inductor writes the caches in place. The kernels do not
+validate: `pytorch_mqa.ops.api` does, once per call; `backend` reaching an op is concrete.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
-from pytorch_mqa.ops import dispatch
-from pytorch_mqa.ops.validation import validate_attention, validate_kv_cache
+from pytorch_mqa.ops import cpu, dispatch
 
+_lib = torch.library.Library("pytorch_mqa", "FRAGMENT")
 
-@torch.library.custom_op("pytorch_mqa::attention", mutates_args=())
-def attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    validate_attention(q, k, v, causal, scale)
-    return dispatch.attention_forward(q, k, v, causal, scale, backend)
+# One kernel for every device: it switches on the backend and the device (see dispatch.py).
+_ANY_DEVICE = "CompositeExplicitAutograd"
 
 
-@attention_op.register_fake
-def _(q, k, v, causal, scale, backend):
+def _fake_out_lse(q):
     B, Tq, Hq, D = q.shape
     return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
 
 
-@torch.library.custom_op("pytorch_mqa::attention_backward", mutates_args=())
-def _attention_backward_op(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.attention_backward(dout, q, k, v, lse, delta, causal, scale, backend)
+# ---- attention -------------------------------------------------------------------------------
+
+_lib.define("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, str backend) -> (Tensor, Tensor)")
+_lib.impl("attention", dispatch.attention_forward, _ANY_DEVICE)
 
 
-@_attention_backward_op.register_fake
+@torch.library.register_fake("pytorch_mqa::attention", lib=_lib)
+def _(q, k, v, causal, scale, backend):
+    return _fake_out_lse(q)
+
+
+_lib.define(
+    "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, bool causal, "
+    "float scale, str backend) -> (Tensor, Tensor, Tensor)"
+)
+_lib.impl("attention_backward", dispatch.attention_backward, _ANY_DEVICE)
+
+
+@torch.library.register_fake("pytorch_mqa::attention_backward", lib=_lib)
 def _(dout, q, k, v, lse, delta, causal, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_lib.define(
+    "attention_backward_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+    "bool causal, float scale) -> (Tensor, Tensor, Tensor)"
+)
+_lib.impl("attention_backward_cpu", cpu.attention_backward, "CPU")
+
+
+@torch.library.register_fake("pytorch_mqa::attention_backward_cpu", lib=_lib)
+def _(dout, q, k, v, out, lse, dlse, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -57,51 +80,54 @@ def _attention_autograd(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
+    if ctx.backend == "reference" and q.device.type == "cpu":
+        # The CPU kernel's backward takes O and dLSE itself (it skips the dLSE term when it is 0).
+        dq, dk, dv = torch.ops.pytorch_mqa.attention_backward_cpu(
+            dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale
+        )
+        return dq, dk, dv, None, None, None
     # delta = rowsum(dO * O) - dLSE, laid out (B, Hq, Tq) like lse; see pytorch_mqa.reference.attention_backward.
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)
     if dlse is not None:
         delta = delta - dlse
-    dq, dk, dv = _attention_backward_op(
+    dq, dk, dv = torch.ops.pytorch_mqa.attention_backward(
         dout, q, k, v, lse, delta.contiguous(), ctx.causal, ctx.scale, ctx.backend
     )
     return dq, dk, dv, None, None, None
 
 
-attention_op.register_autograd(_attention_autograd, setup_context=_attention_setup_context)
+torch.library.register_autograd(
+    "pytorch_mqa::attention", _attention_autograd, setup_context=_attention_setup_context, lib=_lib
+)
+
+# ---- attention_with_kv_cache -----------------------------------------------------------------
+
+_lib.define(
+    "attention_with_kv_cache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+    "Tensor cache_seqlens, bool causal, float scale, str backend) -> (Tensor, Tensor)"
+)
+_lib.impl("attention_with_kv_cache", dispatch.attention_with_kv_cache_forward, _ANY_DEVICE)
 
 
-@torch.library.custom_op("pytorch_mqa::attention_with_kv_cache", mutates_args=("k_cache", "v_cache"))
-def attention_with_kv_cache_op(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    k: Optional[Tensor],
-    v: Optional[Tensor],
-    cache_seqlens: Tensor,
-    causal: bool,
-    scale: float,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)
-    return dispatch.attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend)
-
-
-@attention_with_kv_cache_op.register_fake
+@torch.library.register_fake("pytorch_mqa::attention_with_kv_cache", lib=_lib)
 def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend):
-    B, Tq, Hq, D = q.shape
-    return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
+    return _fake_out_lse(q)
 
 
 # The csrc/ kernel's op. Its schema is defined here, once, at import (no compile); the CUDA kernel
 # is registered by csrc/bindings.cpp when pytorch_mqa.ops.build.load_extension() loads the library.
-torch.library.define(
-    "pytorch_mqa::attention_with_kv_cache_cuda",
-    "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens, "
-    "bool causal, float scale) -> (Tensor, Tensor)",
+_lib.define(
+    "attention_with_kv_cache_cuda(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+    "Tensor cache_seqlens, bool causal, float scale) -> (Tensor, Tensor)"
 )
 
 
-@torch.library.register_fake("pytorch_mqa::attention_with_kv_cache_cuda")
+@torch.library.register_fake("pytorch_mqa::attention_with_kv_cache_cuda", lib=_lib)
 def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale):
-    B, Tq, Hq, D = q.shape
-    return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
+    return _fake_out_lse(q)
+
+
+attention_op = torch.ops.pytorch_mqa.attention.default
+attention_with_kv_cache_op = torch.ops.pytorch_mqa.attention_with_kv_cache.default
+
+__all__ = ["attention_op", "attention_with_kv_cache_op"]

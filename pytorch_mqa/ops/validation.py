@@ -1,10 +1,11 @@
 """Input validation of both ops (DESIGN §4): every message names the argument, the expected and
-the received value. Runs once per public call, before anything is launched."""
+the received value. The public functions run them once per call, before the op; the op itself
+does not validate again. Capacity (`check_cache_capacity`) needs the lengths on the host, so it
+runs where the op reads them, once, before anything is written."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -70,14 +71,41 @@ def validate_attention(q, k, v, causal=False, scale=None) -> None:
     _check_flags(causal, scale)
 
 
-def host_lengths(cache_seqlens: Tensor) -> Optional[Tensor]:
-    """The lengths if reading them costs no device sync (CPU tensor, not tracing), else None."""
-    if cache_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    return cache_seqlens
+def _kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale) -> bool:
+    """True only if every check of `validate_kv_cache` passes, in few attribute reads (a decode
+    step calls this per layer). False sends the call through the detailed checks, which raise."""
+    try:
+        if (causal is not True and causal is not False) or not (
+            scale is None or (type(scale) in (float, int) and math.isfinite(scale))
+        ):
+            return False
+        qs, ks = q.shape, k_cache.shape
+        if len(qs) != 4 or len(ks) != 4 or v_cache.shape != ks:
+            return False
+        dt, dev = q.dtype, q.device
+        if dt not in SUPPORTED_DTYPES or k_cache.dtype != dt or v_cache.dtype != dt:
+            return False
+        B, Tq, Hq, D = qs
+        if ks[0] != B or ks[3] != D or not 1 <= D <= MAX_HEAD_DIM or ks[2] < 1 or Hq % ks[2]:
+            return False
+        if k_cache.device != dev or v_cache.device != dev:
+            return False
+        if k is not None or v is not None:
+            want = (B, Tq, ks[2], D)
+            for x in (k, v):
+                if x.shape != want or x.dtype != dt or x.device != dev:
+                    return False
+        if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
+            return False
+        ld = cache_seqlens.device
+        return ld.type == "cpu" or ld == dev
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, scale=None) -> None:
+    if _kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale):
+        return
     _check_tensor("q", q, "(B, Tq, Hq, D)")
     _check_tensor("k_cache", k_cache, "(B, S, Hkv, D)")
     _check_tensor("v_cache", v_cache, "(B, S, Hkv, D)")
@@ -92,7 +120,7 @@ def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, sca
         given, missing = ("k", "v") if v is None else ("v", "k")
         raise ValueError(f"{missing}: expected a tensor because {given} is given (pass both or neither), got None")
     B, Tq = q.shape[0], q.shape[1]
-    S, Hkv, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
     if k is not None:
         for name, x in (("k", k), ("v", v)):
             _check_tensor(name, x, "(B, Tq, Hkv, D)")
@@ -108,22 +136,26 @@ def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, sca
     if cache_seqlens.device.type != "cpu" and cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens: expected device {q.device} or cpu, got {cache_seqlens.device}")
     _check_flags(causal, scale)
-    L = host_lengths(cache_seqlens)
-    if L is not None and B > 0:
-        lens = L.tolist()  # one host read (cheaper than two reductions for a decode step)
-        lo = min(lens)
-        if lo < 0:
-            b = lens.index(lo)
-            raise ValueError(f"cache_seqlens: expected values >= 0, got {lo} for sequence {b}")
-        new = Tq if k is not None else 0
-        hi = max(lens)
-        if hi + new > S:
-            b = lens.index(hi)
-            raise ValueError(
-                f"cache_seqlens: expected cache_seqlens[b] + Tq <= S = {S} (cache capacity), got "
-                f"cache_seqlens[{b}] = {hi} with Tq = {new} new rows"
-            )
 
 
+def check_cache_capacity(lens: list, S: int, new: int) -> tuple[int, int]:
+    """DESIGN §4's capacity check on lengths read on the host: 0 <= L_b and L_b + new <= S.
+    Returns (min, max) of the lengths ((0, 0) for an empty batch).
 
-__all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "host_lengths"]
+    Called where the lengths are read (the CPU kernel, or the dispatch of a GPU backend given
+    host lengths), once per call and before anything is written.
+    """
+    if not lens:
+        return 0, 0
+    lo, hi = min(lens), max(lens)
+    if lo < 0:
+        raise ValueError(f"cache_seqlens: expected values >= 0, got {lo} for sequence {lens.index(lo)}")
+    if hi + new > S:
+        raise ValueError(
+            f"cache_seqlens: expected cache_seqlens[b] + Tq <= S = {S} (cache capacity), got "
+            f"cache_seqlens[{lens.index(hi)}] = {hi} with Tq = {new} new rows"
+        )
+    return lo, hi
+
+
+__all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]

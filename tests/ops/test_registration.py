@@ -60,3 +60,32 @@ def test_compile_fullgraph(backend):
     assert torch.equal(kc, kc_e) and torch.equal(vc, vc_e)  # the mutation happened exactly once
     got.backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("with_dlse", [False, True])
+@pytest.mark.parametrize("shape", [(1, 5, 7, 4, 2, 16), (2, 6, 3, 4, 1, 8)], ids=str)
+def test_opcheck_attention_backward_cpu(with_dlse, shape):
+    q, k, v = attention_inputs(shape, torch.float32, seed=5)
+    out, lse = torch.ops.pytorch_mqa.attention(q, k, v, True, 0.25, "reference")
+    gen = torch.Generator().manual_seed(6)
+    dout = torch.randn(out.shape, generator=gen)
+    dlse = torch.randn(lse.shape, generator=gen) if with_dlse else None
+    torch.library.opcheck(
+        torch.ops.pytorch_mqa.attention_backward_cpu.default, (dout, q, k, v, out, lse, dlse, True, 0.25)
+    )
+
+
+def test_compile_fullgraph_with_auto_backend():
+    # backend="auto" reads a context variable and the environment: a constant to dynamo, no break.
+    torch._dynamo.reset()
+    q1, kc, vc, k1, v1, lens = kv_cache_inputs((2, 1, 16, 4, 2, 16, [5, 9]), torch.float32, seed=4)
+    kc_e, vc_e = kc.clone(), vc.clone()
+
+    def step(q1, kc, vc, k1, v1, lens):
+        out = pytorch_mqa.attention(q1, kc, vc)
+        return out.sum() + pytorch_mqa.attention_with_kv_cache(q1, kc, vc, k1, v1, cache_seqlens=lens).sum()
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(q1, kc, vc, k1, v1, lens)
+    want = step(q1, kc_e, vc_e, k1, v1, lens)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(kc, kc_e)

@@ -111,7 +111,8 @@ def test_the_cache_op_and_the_op_checks(registered):
     kc2, vc2 = kc.clone(), vc.clone()
     out = pytorch_mqa.attention_with_kv_cache(q, kc, vc, k, v, cache_seqlens=lens, backend="mine_decode")
     want = pytorch_mqa.attention_with_kv_cache(q, kc2, vc2, k, v, cache_seqlens=lens, backend="reference")
-    assert decode.calls == 1 and torch.equal(out, want) and torch.equal(kc, kc2)
+    # "reference" on CPU runs the CPU kernel, not the oracle the user backend wraps: equal to rounding.
+    assert decode.calls == 1 and torch.allclose(out, want, atol=1e-6) and torch.equal(kc, kc2)
     with pytest.raises(ValueError, match="cache_seqlens"):  # validation still runs before the user kernel
         pytorch_mqa.attention_with_kv_cache(q, kc, vc, k, v, cache_seqlens=16, backend="mine_decode")
     assert decode.calls == 1
