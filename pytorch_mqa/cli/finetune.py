@@ -17,8 +17,8 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from pytorch_mqa.cli.common import (UserError, add_optim_arguments, check_heads, check_optim_args, check_resume_steps,
-                                    prepare_out, remove_paths, resume_command, set_max_steps, stop_on_signals,
+from pytorch_mqa.cli.common import (UserError, add_optim_arguments, check_at_least, check_heads, check_optim_args,
+                                    check_resume_steps, prepare_out, remove_paths, resume_command, set_max_steps, stop_on_signals,
                                     stop_reason, train_config_from_args)
 from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.threads import set_threads
@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the tokenizer saved with --init, or GPT-2's")
     parser.add_argument("--n-kv-head", type=int, default=None,
                         help="convert MHA weights to GQA/MQA before fine-tuning (default: keep the checkpoint's)")
+    parser.add_argument("--n-head", type=int, default=None,
+                        help="query heads of a bare weights file (a .pt/.bin/.safetensors state dict without "
+                             "config.json), which does not say; GPT-2 sizes use n_embd // 64")
+    parser.add_argument("--tokenizer-dir", default=None,
+                        help="with --tokenizer gpt2: a directory with vocab.bpe + encoder.json, vocab.json + "
+                             "merges.txt, or tiktoken's cache (default: tiktoken's cache)")
     parser.add_argument("--max-len", type=int, default=None, help="tokens per example (default: the model's block_size)")
     parser.add_argument("--no-mask-prompt", action="store_true", help="also train on the prompt tokens")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the records held out for validation")
@@ -61,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_optim_args(args)
     check_heads(None, args.n_kv_head)
+    check_at_least(args, 1, "n_head")
     if not 0.0 < args.val_fraction < 1.0:
         raise UserError("--val-fraction", f"expected a fraction in (0, 1), got {args.val_fraction}")
     if args.answer_tokens < 1:
@@ -90,6 +97,7 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
         check_resume_steps(resume, ckpt, args.max_steps)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(ckpt if args.resume else args.init, n_kv_head=args.n_kv_head,
+                                                n_head=args.n_head, tokenizer_dir=args.tokenizer_dir,
                                                 device="cpu" if args.fsdp else device,
                                                 tokenizer_kind="gpt2" if args.tokenizer == "gpt2" else None)
     model = model.float()

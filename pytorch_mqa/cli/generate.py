@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", choices=("saved", "gpt2"), default="saved",
                         help="the tokenizer saved with the checkpoint (default) or GPT-2's")
     parser.add_argument("--n-kv-head", type=int, default=None, help="convert an MHA checkpoint to GQA/MQA on load")
+    parser.add_argument("--n-head", type=int, default=None,
+                        help="query heads of a bare weights file (a .pt/.bin/.safetensors state dict without "
+                             "config.json), which does not say; GPT-2 sizes use n_embd // 64")
+    parser.add_argument("--tokenizer-dir", default=None,
+                        help="with --tokenizer gpt2: a directory with vocab.bpe + encoder.json, vocab.json + "
+                             "merges.txt, or tiktoken's cache (default: tiktoken's cache)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto = cuda if available")
     parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="attention backend of the model's ops")
@@ -62,6 +68,7 @@ def check_sampling_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     check_heads(None, args.n_kv_head)
+    check_at_least(args, 1, "n_head")
     if args.input is not None and not args.instruction:
         raise UserError("--input", "only used with --instruction (the Alpaca input field)")
     device = str(resolve_device(args.device))
@@ -70,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, device: str) -> int:
-    model, tokenizer = load_model_and_tokenizer(args.init, n_kv_head=args.n_kv_head, device=device, dtype=args.dtype,
+    model, tokenizer = load_model_and_tokenizer(args.init, n_kv_head=args.n_kv_head, n_head=args.n_head,
+                                                tokenizer_dir=args.tokenizer_dir, device=device, dtype=args.dtype,
                                                 tokenizer_kind="gpt2" if args.tokenizer == "gpt2" else None)
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.instruction:

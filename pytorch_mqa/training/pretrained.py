@@ -31,24 +31,26 @@ def _load_checked(path: str, **kwargs) -> GPT:
         raise FileFormatError(path, f"could not be read ({type(e).__name__}: {e})", MODEL_EXPECTED) from e
 
 
-def load_model_and_tokenizer(path: str, *, n_kv_head=None, device="cpu", dtype=None, tokenizer_kind=None):
+def load_model_and_tokenizer(path: str, *, n_kv_head=None, device="cpu", dtype=None, tokenizer_kind=None,
+                             n_head=None, tokenizer_dir=None):
     """A GPT and its tokenizer from `path`: a directory written by train/finetune, or a GPT-2 directory.
 
     The tokenizer is the one saved beside the weights; else GPT-2's vocab.json/merges.txt in the
-    directory; else (or with tokenizer_kind="gpt2") GPT-2's from tiktoken's cache.
+    directory; else (or with tokenizer_kind="gpt2") GPT-2's from `tokenizer_dir` or tiktoken's cache.
+    `n_head` is for weights files that do not say how many heads they have (a bare state dict).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory or weights file; expected {MODEL_EXPECTED}")
     check_model_files(path)  # cheap: a garbage or truncated file is named before anything else is tried
     directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if tokenizer_kind == "gpt2":
-        tokenizer = GPT2Tokenizer()
+        tokenizer = GPT2Tokenizer(path=tokenizer_dir)
     else:
         try:
             tokenizer = load_tokenizer(directory)
         except FileNotFoundError:
-            tokenizer = GPT2Tokenizer()  # a bare GPT-2 checkpoint: raises a clear error if not cached
-    model = _load_checked(path, n_kv_head=n_kv_head, dtype=dtype, device=device)
+            tokenizer = GPT2Tokenizer(path=tokenizer_dir)  # a bare GPT-2 checkpoint: a clear error if not found
+    model = _load_checked(path, n_kv_head=n_kv_head, n_head=n_head, dtype=dtype, device=device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the "
                          f"model's ({model.config.vocab_size}); expected the tokenizer saved with these weights")
