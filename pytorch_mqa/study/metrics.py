@@ -31,19 +31,23 @@ def mean_logprob(model, tokenizer, sentences: list[str], device) -> float:
 @torch.no_grad()
 def sentence_scores(model, tokenizer, sentences: list[str], device) -> list[dict]:
     """Per sentence: its tokens (as text), the log-probability (nats) of each token after the first,
-    their sum and mean. A sentence longer than the context is scored on its first block_size + 1 tokens."""
+    their sum and mean, and how many of the scored tokens are the tokenizer's unknown token (an unknown
+    word or character is one frequent id, easy to predict, so it flatters a sentence full of them).
+    A sentence longer than the context is scored on its first block_size + 1 tokens."""
     model.eval()
     out = []
+    unk = getattr(tokenizer, "unk_id", None)
     for s in sentences:
         ids = tokenizer.encode(s)[: model.config.block_size + 1]
+        n_unk = 0 if unk is None else sum(i == unk for i in ids[1:])
         if len(ids) < 2:
             out.append({"text": s, "tokens": [tokenizer.decode([i]) for i in ids], "logprobs": [], "sum": 0.0,
-                        "mean": None})
+                        "mean": None, "unknown": 0})
             continue
         x = torch.tensor([ids], device=device)
         lp = (-token_nll(model(x[:, :-1]), x[:, 1:]))[0].tolist()
         out.append({"text": s, "tokens": [tokenizer.decode([i]) for i in ids], "logprobs": lp, "sum": sum(lp),
-                    "mean": sum(lp) / len(lp)})
+                    "mean": sum(lp) / len(lp), "unknown": n_unk})
     return out
 
 

@@ -175,6 +175,7 @@ def explain(results: dict) -> list[str]:
         "is " + ", ".join(f"{g[0]:+.3f} ± {_ci(g[1])} ({n})" for n, g in gaps.items())
         + f"; it is above zero beyond its interval in {n_pos} of {len(gaps)} variants: " + reading
         + " Every sentence and the log-probability of each of its tokens are listed under *Scored sentences*."
+        + _unknown_note(results)
     )
     b = results.get("baseline")
     if b:
@@ -271,6 +272,18 @@ def render_report(results: dict) -> str:
     for v in results["variants"]:
         lines += [f"**{v['name']}**", "", "```", v["sample"], "```", ""]
     return "\n".join(lines)
+
+
+def _unknown_note(results: dict) -> str:
+    """A sentence on unknown tokens in the scored sentences, where there are any."""
+    first = results["variants"][0]["runs"][0]["sentences"]
+    counts = {k: (sum(x.get("unknown", 0) for x in v), sum(len(x["logprobs"]) for x in v)) for k, v in first.items()}
+    if not any(u for u, _ in counts.values()):
+        return ""
+    parts = [f"{u} of the {n} scored {'in-domain' if k == 'in_domain' else 'control'} tokens" for k, (u, n) in
+             counts.items() if u]
+    return (" Of these, " + " and ".join(parts) + " are the tokenizer's unknown token, one frequent id that is easy to "
+            "predict: it makes the sentences holding it look more predictable than their words are.")
 
 
 def _md(text: str) -> str:

@@ -190,7 +190,7 @@ def test_own_sentences_are_scored_by_every_variant(tmp_path):
     p = dict(tokenizer="word", n_layer=1, n_head=2, n_embd=16, block_size=24, batch_size=4, max_steps=4, lr=1e-2,
              warmup_steps=1, eval_interval=4, eval_iters=1, seeds=1, gen_tokens=4, dropout=0.1, weight_decay=0.0,
              schedule="constant")
-    mine = ["The while statement repeats a suite.", "Bananas are yellow."]
+    mine = ["The while statement repeats a suite while an expression is true.", "Bananas are yellow."]
     results = study.run_study(p, str(tmp_path / "out"), corpus=str(corpus), progress=False, sentences=mine,
                               sentences_source="mine.txt")
     assert results["study"]["sentences"]["in_domain"] == mine
@@ -200,3 +200,6 @@ def test_own_sentences_are_scored_by_every_variant(tmp_path):
         assert [x["text"] for x in scored] == mine and all(x["logprobs"] for x in scored)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "the sentences of mine.txt" in report and "Bananas are yellow." in report
+    scored = results["variants"][0]["runs"][0]["sentences"]["in_domain"]
+    assert scored[0]["unknown"] == 0 and scored[1]["unknown"] == 2  # "are", "yellow." after the first token
+    assert "2 of the" in report and "unknown token" in report
