@@ -56,6 +56,7 @@ class DecodeStep:
         self.model, self.cache = model, cache
         self.fn = compiled_decode_step()
         self.graph = None
+        self.compiled = False
         self.cuda = cache.device.type == "cuda"
         # "auto" resolved here, on the host (a `use_backend` block or the environment may choose);
         # the graph sees a constant name and recompiles if a later call resolves another.
@@ -66,8 +67,15 @@ class DecodeStep:
 
     def _call(self, tokens: Tensor) -> Tensor:
         c = self.cache
-        with _freezing():
+        if self.compiled:
             return self.fn(self.model, tokens, c.k, c.v, c.cache_seqlens, self.backend)
+        # A step compiles (if dynamo has no graph for this model and shape) on its first call
+        # only: the static shapes leave the guards nothing to fail on later, so the config patch
+        # (tens of microseconds) is paid once, not per step.
+        with _freezing():
+            out = self.fn(self.model, tokens, c.k, c.v, c.cache_seqlens, self.backend)
+        self.compiled = True
+        return out
 
     def _capture(self, tokens: Tensor) -> None:
         self.tokens = tokens.clone()

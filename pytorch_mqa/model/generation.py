@@ -165,7 +165,7 @@ class _Stepper:
         return torch.cat([self.model(s[None])[:, -1] for s in self.seqs])
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd or version-counter work per op: nothing here is differentiated
 def _generate_steps(model, prompts: Prompts, config: GenerationConfig) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
     """Yields (tokens (B,), done_before (B,) bool or None) per step, on the model's device."""
     lists = _as_lists(prompts)

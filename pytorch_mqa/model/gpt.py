@@ -3,9 +3,12 @@
 Read top to bottom: `GPTConfig`, `CausalSelfAttention`, `MLP`, `Block`, `GPT`. The architecture
 is GPT-2's (pre-LayerNorm, learned positions, GELU(tanh) MLP, tied input/output embeddings);
 the only change is that K and V have `n_kv_head` heads, each shared by `n_head // n_kv_head`
-query heads. Attention goes through the package's ops, `attention` for prefill/training and
-`attention_with_kv_cache` for cached decoding, so CUDA tensors run the kernels and CPU tensors the
-reference. The config is in `model/config.py`; checkpoint loading and conversion in `model/checkpoints.py`.
+query heads. Attention goes through the package's ops, `attention` without a cache (training,
+prefill) and `attention_with_kv_cache` with one (cached prefill, decoding), so CUDA tensors run
+the kernels and CPU tensors the CPU path. Every mode runs the same `Block.forward`, through
+`GPT.logits`; the compiled decode step of `generate(compile=True)` (model/decode.py) is that
+body too. The config is in `model/config.py`; checkpoint loading and conversion in
+`model/checkpoints.py`.
 """
 
 from __future__ import annotations
