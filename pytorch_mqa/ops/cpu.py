@@ -29,7 +29,6 @@ tests compare these kernels against.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -269,10 +268,6 @@ def _ragged(q, kc, vc, key_lens, causal, scale):
         out = out.masked_fill(empty[:, :, None, None], 0.0)
         lse = lse.masked_fill(empty[:, None, :], float("-inf"))
     return out.contiguous(), lse.contiguous()
-
-
-# --------------------------------------------------------------------------------------------
-# Compiled decoding (used by the model until generation calls the op inside its graph)
 
 
 __all__ = ["attention_forward", "attention_backward", "attention_with_kv_cache"]
