@@ -11,6 +11,10 @@ Formats (detected from the keys):
 - The from-scratch layout (`tok_emb`, `pos_emb`, `trf_blocks.N.att.W_query|W_key|W_value|
   out_proj`, `trf_blocks.N.ff.layers.0|2`, `trf_blocks.N.norm1|norm2.scale|shift`,
   `final_norm`, `out_head`).
+
+An output head equal to the embedding (or absent) is tied, as in GPT-2; a different one is kept
+untied (`GPTConfig(tie_embeddings=False)`, e.g. the from-scratch tutorial's own `out_head`).
+Writing the Hugging Face and from-scratch layouts back is model/export.py's.
 - `GPT.save_pretrained`: config.json with `"format": "pytorch_mqa.GPT"` + model.safetensors.
 """
 
@@ -143,18 +147,21 @@ def _n_layer(sd: dict, pattern: str) -> int:
     return max(idx) + 1
 
 
-def _tied_head(m: _Mapper, name: str, wte: torch.Tensor) -> None:
-    """An output head stored beside the embedding must equal it (GPT-2 ties them)."""
-    if m.has(name):
-        head = m.take(name, tuple(wte.shape))
-        if not torch.equal(head, wte):
-            raise ValueError(
-                f"{m.fmt} checkpoint: {name} differs from the token embedding; this GPT ties its "
-                f"output head to the embedding and cannot hold an untied head"
-            )
+def _head(m: _Mapper, name: str, wte: torch.Tensor, out: dict, cfg: dict, tied: Optional[bool] = None) -> None:
+    """The output head: tied to the embedding when absent or equal to it (GPT-2), else kept as an
+    untied `lm_head.weight` with `tie_embeddings=False` (the from-scratch tutorial's `out_head`).
+    `tied` (from config.json) overrides what the tensors say."""
+    head = m.take(name, tuple(wte.shape)) if m.has(name) else None
+    if tied is None:
+        tied = head is None or torch.equal(head, wte)
+    if not tied:
+        if head is None:
+            raise ValueError(f"{m.fmt} checkpoint: its config says the output head is untied, but {name} is missing")
+        out["lm_head.weight"] = head
+    cfg["tie_embeddings"] = bool(tied)
 
 
-def _from_hf(sd: dict, n_head: int) -> tuple[dict, dict]:
+def _from_hf(sd: dict, n_head: int, tied: Optional[bool] = None) -> tuple[dict, dict]:
     """Hugging Face GPT-2 -> (our state dict, config fields). Conv1D weights are (in, out)."""
     p = "transformer." if any(k.startswith("transformer.") for k in sd) else ""
     m = _Mapper(sd, "Hugging Face GPT-2")
@@ -183,8 +190,8 @@ def _from_hf(sd: dict, n_head: int) -> tuple[dict, dict]:
         conv1d(s + "mlp.c_fc", d + "mlp.c_fc", C, 4 * C)
         conv1d(s + "mlp.c_proj", d + "mlp.c_proj", 4 * C, C)
     norm(p + "ln_f", "transformer.ln_f")
-    _tied_head(m, "lm_head.weight", out["transformer.wte.weight"])
     cfg = dict(vocab_size=V, block_size=block, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, n_embd=C, bias=bias)
+    _head(m, "lm_head.weight", out["transformer.wte.weight"], out, cfg, tied)
     return m.finish(out), cfg
 
 
@@ -218,8 +225,8 @@ def _from_scratch(sd: dict, n_head: int) -> tuple[dict, dict]:
         linear(s + "ff.layers.0", d + "mlp.c_fc", C, 4 * C)
         linear(s + "ff.layers.2", d + "mlp.c_proj", 4 * C, C)
     norm("final_norm", "transformer.ln_f")
-    _tied_head(m, "out_head.weight", out["transformer.wte.weight"])
     cfg = dict(vocab_size=V, block_size=block, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, n_embd=C, bias=True)
+    _head(m, "out_head.weight", out["transformer.wte.weight"], out, cfg)
     return m.finish(out), cfg
 
 
@@ -228,12 +235,35 @@ def _from_ours(cls, sd: dict, config: dict) -> tuple[dict, dict]:
     cfg = GPTConfig(**fields)
     with torch.device("meta"):
         expected = cls(cfg).state_dict()
-    expected.pop("lm_head.weight")
+    expected.pop("lm_head.weight", None)
     m = _Mapper(sd, "pytorch_mqa")
     out = {k: m.take(k, tuple(v.shape)) for k, v in expected.items()}
-    if "lm_head.weight" in sd:
-        _tied_head(m, "lm_head.weight", out["transformer.wte.weight"])
+    _head(m, "lm_head.weight", out["transformer.wte.weight"], out, fields, cfg.tie_embeddings if "tie_embeddings"
+          in fields else None)
     return m.finish(out), fields
+
+
+def _infer_ours_config(sd: dict, n_head: Optional[int], path) -> dict:
+    """GPTConfig fields of a bare state dict in this package's layout (no config.json), from its shapes.
+
+    The shapes give everything but the number of query heads: with `n_head`, the KV heads follow
+    from the fused projection's rows, (n_head + 2 n_kv_head) * head_dim.
+    """
+    if n_head is None:
+        raise ValueError(f"n_head: the pytorch_mqa weights file {path} has no config.json beside it and its shapes "
+                         "do not say how many query heads it has; pass n_head= (the CLI's --n-head)")
+    V, C = sd["transformer.wte.weight"].shape
+    if C % n_head:
+        raise ValueError(f"n_head: expected a divisor of the weights' n_embd = {C}, got {n_head}")
+    D = C // n_head
+    rows = sd["transformer.h.0.attn.c_attn.weight"].shape[0] if "transformer.h.0.attn.c_attn.weight" in sd else 3 * C
+    n_kv = (rows // D - n_head) // 2
+    if rows % D or n_kv < 1 or (n_head + 2 * n_kv) * D != rows or n_head % n_kv:
+        raise ValueError(f"n_head: {n_head} query heads of dim {D} do not fit the fused projection's {rows} rows "
+                         "((n_head + 2 n_kv_head) * head_dim)")
+    return dict(vocab_size=int(V), block_size=int(sd["transformer.wpe.weight"].shape[0]),
+                n_layer=_n_layer(sd, r"transformer\.h\.(\d+)\."), n_head=n_head, n_kv_head=n_kv, n_embd=int(C),
+                bias="transformer.h.0.attn.c_attn.bias" in sd)
 
 
 def _hf_n_head(config: dict, n_head: Optional[int], C: int, fmt: str) -> int:
@@ -328,13 +358,14 @@ def load_pretrained(cls, path, *, n_kv_head=None, n_head=None, dtype=None, devic
     if fmt == "hf":
         _check_hf_config(config)
         C = sd["transformer.wte.weight" if "transformer.wte.weight" in sd else "wte.weight"].shape[1]
-        ours, fields = _from_hf(sd, _hf_n_head(config, n_head, C, "Hugging Face GPT-2"))
+        tied = config.get("tie_word_embeddings") if config else None
+        ours, fields = _from_hf(sd, _hf_n_head(config, n_head, C, "Hugging Face GPT-2"), tied)
     elif fmt == "scratch":
         C = sd["tok_emb.weight"].shape[1]
         ours, fields = _from_scratch(sd, _hf_n_head(config, n_head, C, "from-scratch GPT-2"))
     else:
         if not config:
-            raise ValueError(f"path: a pytorch_mqa checkpoint needs its config.json beside the weights ({path})")
+            config = _infer_ours_config(sd, n_head, path)
         ours, fields = _from_ours(cls, sd, config)
     fields.setdefault("n_kv_head", fields["n_head"])
     if n_kv_head is not None and n_kv_head != fields["n_kv_head"]:
@@ -344,22 +375,25 @@ def load_pretrained(cls, path, *, n_kv_head=None, n_head=None, dtype=None, devic
     with torch.device("meta"):
         model = cls(GPTConfig(**fields))
     missing, unexpected = model.load_state_dict(ours, strict=False, assign=True)
-    missing = [k for k in missing if k != "lm_head.weight"]
+    if fields.get("tie_embeddings", True):
+        missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"checkpoint: missing {missing}, unexpected {unexpected}")
-    model.lm_head.weight = model.transformer.wte.weight
+    if fields.get("tie_embeddings", True):
+        model.lm_head.weight = model.transformer.wte.weight
     return model.to(device=device or "cpu", dtype=dtype).eval()
 
 
 def save_pretrained(model, directory) -> None:
-    """Write config.json and model.safetensors (the tied lm_head is not stored)."""
+    """Write config.json and model.safetensors (a tied lm_head is not stored; an untied one is)."""
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
     config = {"format": OUR_FORMAT, **asdict(model.config)}
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tied = model.config.tie_embeddings
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": OUR_FORMAT})
 
 

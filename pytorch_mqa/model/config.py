@@ -15,6 +15,7 @@ class GPTConfig:
     n_embd: int  # model width; head dim is n_embd // n_head
     dropout: float = 0.0  # dropout on embeddings and residual branches (not on attention probs)
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2: True)
+    tie_embeddings: bool = True  # output head = token embedding (GPT-2: True; the from-scratch tutorial's out_head: False)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):

@@ -6,11 +6,26 @@ different lengths waste no padding: every sequence has its own `cache_seqlens`),
 sequences decode together, one token per step (Tq = 1). Every mode runs the same `GPT.logits`
 body; `use_cache=False` recomputes the whole prefix every step, for comparison, and
 `compile=True` runs the decode step as one compiled graph. All give the same greedy tokens.
+
+Past the context (nanoGPT's rule): the model always sees the last `block_size` tokens of each
+sequence, so a prompt longer than the context, or prompt + new tokens past it, keeps going with
+the oldest tokens dropped; `generate` says so once (a `ContextCropWarning`). A sequence of
+`block_size` tokens predicts its next token (the last new token is never fed back, so prompt +
+max_new_tokens - 1 <= block_size needs no crop). With the cache, a sequence whose cache is full is
+re-filled from its cropped window (the last block_size tokens) before its next step: with
+learned absolute positions every token's keys and values change when the window moves, so
+rolling the cache would not compute what the uncached model computes; past the context each
+step therefore costs one full window, as without the cache, and the greedy tokens stay the same.
+
+Any model that maps ids (B, T) to logits (B, T, V) can generate: through a KVCache when it
+supports one (`supports_cache`), else recomputing its window every step; `model.config.block_size`
+is its context when it has one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -19,9 +34,13 @@ from torch import Tensor
 
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.model.decode import DecodeStep
-from pytorch_mqa.model.sampling import apply_repetition_penalty, next_token
+from pytorch_mqa.model.sampling import REPETITION_RULES, apply_repetition_penalty, next_token
 
 Prompts = Union[Tensor, Sequence[Sequence[int]]]
+
+
+class ContextCropWarning(UserWarning):
+    """Generation goes past the model's context: the oldest tokens drop out of it (nanoGPT's rule)."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +48,9 @@ class GenerationConfig:
     """How to generate; validated once, when built.
 
     temperature = 0 is greedy; top_k / top_p filter before sampling; repetition_penalty > 1
-    penalises every token already in the prompt or the output (see apply_repetition_penalty).
+    penalises every token already in the prompt or the output, by `repetition_rule` ("ctrl": a
+    positive logit divided by the penalty, a negative one multiplied; "divide": every seen logit
+    divided; see apply_repetition_penalty).
     A sequence stops after emitting eos_id (included in its output). seed makes sampling
     reproducible (a torch.Generator on the model's device). use_cache=False recomputes the
     whole prefix each step; compile=True runs each decode step as one compiled graph (see
@@ -41,6 +62,7 @@ class GenerationConfig:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     repetition_penalty: float = 1.0
+    repetition_rule: str = "ctrl"
     eos_id: Optional[int] = None
     use_cache: bool = True
     seed: Optional[int] = None
@@ -63,6 +85,8 @@ class GenerationConfig:
             raise ValueError(f"top_p: expected None or a float in (0, 1], got {self.top_p!r}")
         if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty: expected a number > 0 (1.0 = none), got {self.repetition_penalty!r}")
+        if self.repetition_rule not in REPETITION_RULES:
+            raise ValueError(f"repetition_rule: expected one of {REPETITION_RULES}, got {self.repetition_rule!r}")
         if self.eos_id is not None and (not _is_int(self.eos_id) or self.eos_id < 0):
             raise ValueError(f"eos_id: expected None or an int >= 0, got {self.eos_id!r}")
         if self.seed is not None and not _is_int(self.seed):
@@ -106,63 +130,109 @@ def _as_lists(prompts: Prompts) -> list[list[int]]:
     return out
 
 
+def supports_cache(model) -> bool:
+    """Whether `model` decodes through a KVCache (the package's GPT does; a bigram model does not)."""
+    return callable(getattr(model, "logits", None)) and hasattr(getattr(model, "config", None), "n_kv_head")
+
+
+def _block_size(model) -> Optional[int]:
+    return getattr(getattr(model, "config", None), "block_size", None)
+
+
+def _logits(model, idx: Tensor) -> Tensor:
+    out = model(idx)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def _check_prompts(model, prompts: list[list[int]], max_new_tokens: int) -> None:
     if not prompts:
         raise ValueError("prompts: expected at least one prompt, got none")
-    V, block = model.config.vocab_size, model.config.block_size
+    V = getattr(getattr(model, "config", None), "vocab_size", None)
     for b, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompts[{b}]: expected at least one token, got an empty prompt")
-        if min(p) < 0 or max(p) >= V:
+        if min(p) < 0 or (V is not None and max(p) >= V):
             raise ValueError(f"prompts[{b}]: expected token ids in [0, {V}), got one of {min(p)}..{max(p)}")
-        if len(p) + max_new_tokens > block:
-            raise ValueError(
-                f"prompts[{b}]: prompt length {len(p)} + max_new_tokens {max_new_tokens} = "
-                f"{len(p) + max_new_tokens} exceeds the model's block_size {block}; shorten the "
-                f"prompt or ask for fewer tokens"
-            )
+    block, longest = _block_size(model), max(len(p) for p in prompts)
+    # The last new token is never fed back: prompt + max_new_tokens - 1 positions are used.
+    if block is not None and max_new_tokens > 0 and longest + max_new_tokens - 1 > block:
+        warnings.warn(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} pass the model's context of {block} "
+            f"tokens: the context is cropped to the last {block} tokens (nanoGPT's rule), so the oldest tokens "
+            "drop out of it", ContextCropWarning, stacklevel=5)
 
 
 class _Stepper:
-    """Produces next-token logits (B, V) for the running sequences, with or without a cache."""
+    """Produces next-token logits (B, V) for the running sequences, with or without a cache.
+
+    Each sequence is kept whole (on the device: no host sync per step); the model sees its last
+    `block` tokens.
+    """
 
     def __init__(self, model, prompts: list[list[int]], config: GenerationConfig, device):
-        self.model, self.use_cache, self.device = model, config.use_cache, device
-        self.prompts = prompts
-        self.same_length = len({len(p) for p in prompts}) == 1
+        self.model, self.device = model, device
+        self.block = _block_size(model)
+        self.use_cache = config.use_cache and supports_cache(model)
+        self.seqs = [torch.tensor(p, dtype=torch.long, device=device) for p in prompts]
         self.step = None
         if self.use_cache:
-            S = max(len(p) for p in prompts) + config.max_new_tokens
-            self.cache = KVCache.for_model(model, len(prompts), S)
+            # Positions ever used: the longest prompt + max_new_tokens - 1, at most the context.
+            S = min(max(len(p) for p in prompts) + max(config.max_new_tokens - 1, 0), self.block)
+            self.cache = KVCache.for_model(model, len(prompts), max(S, 1))
             if config.compile:
                 self.step = DecodeStep(model, self.cache)
-        else:
-            self.seqs = [torch.tensor(p, dtype=torch.long, device=device) for p in prompts]
+
+    def _windows(self, rows) -> list[Tensor]:
+        return [self.seqs[b] if self.block is None else self.seqs[b][-self.block :] for b in rows]
+
+    def _fill(self, rows: list[int]) -> Tensor:
+        """Re-fill the cache rows `rows` from their windows (prefill); their last logits (len(rows), V)."""
+        m, c = self.model, self.cache
+        windows = self._windows(rows)
+        if len(rows) == c.batch_size and len({len(w) for w in windows}) == 1:
+            c.reset()
+            return m(torch.stack(windows), cache=c)[:, -1]
+        out = []
+        for b, w in zip(rows, windows):
+            view = c.rows(b, b + 1)
+            view.reset()
+            out.append(m(w[None], cache=view)[:, -1])
+        return torch.cat(out)
 
     def prefill(self) -> Tensor:
-        m, dev = self.model, self.device
         if self.use_cache:
-            if self.same_length:
-                return m(torch.tensor(self.prompts, dtype=torch.long, device=dev), cache=self.cache)[:, -1]
-            rows = []
-            for b, p in enumerate(self.prompts):
-                idx = torch.tensor([p], dtype=torch.long, device=dev)
-                rows.append(m(idx, cache=self.cache.rows(b, b + 1))[:, -1])
-            return torch.cat(rows)
+            return self._fill(list(range(len(self.seqs))))
         return self._recompute()
 
     def decode(self, tokens: Tensor) -> Tensor:
+        self.seqs = [torch.cat([s, t[None]]) for s, t in zip(self.seqs, tokens)]
+        if not self.use_cache:
+            return self._recompute()
+        c = self.cache
+        full = [b for b, L in enumerate(c.lengths) if L >= c.max_seqlen]  # the host mirror: no sync
+        if len(full) == c.batch_size:
+            return self._fill(full)
+        if full:  # some sequences move their window: re-fill those, step the others one token
+            rows = dict(zip(full, self._fill(full)))
+            for b in range(c.batch_size):
+                if b not in rows:
+                    rows[b] = self.model(tokens[b : b + 1, None], cache=c.rows(b, b + 1))[0, -1]
+            return torch.stack([rows[b] for b in range(c.batch_size)])
         if self.step is not None:
             return self.step(tokens)
-        if self.use_cache:
-            return self.model(tokens[:, None], cache=self.cache)[:, -1]
-        self.seqs = [torch.cat([s, t[None]]) for s, t in zip(self.seqs, tokens)]
-        return self._recompute()
+        return self.model(tokens[:, None], cache=c)[:, -1]
 
     def _recompute(self) -> Tensor:
-        if self.same_length:
-            return self.model(torch.stack(self.seqs))[:, -1]
-        return torch.cat([self.model(s[None])[:, -1] for s in self.seqs])
+        windows = self._windows(range(len(self.seqs)))
+        if len({len(w) for w in windows}) == 1:
+            return _logits(self.model, torch.stack(windows))[:, -1]
+        return torch.cat([_logits(self.model, w[None])[:, -1] for w in windows])
 
 
 @torch.inference_mode()  # no autograd or version-counter work per op: nothing here is differentiated
@@ -171,19 +241,15 @@ def _generate_steps(model, prompts: Prompts, config: GenerationConfig) -> Iterat
     lists = _as_lists(prompts)
     _check_prompts(model, lists, config.max_new_tokens)
     n_new, temperature, top_k, top_p = config.max_new_tokens, config.temperature, config.top_k, config.top_p
-    penalty, eos_id = config.repetition_penalty, config.eos_id
+    penalty, rule, eos_id = config.repetition_penalty, config.repetition_rule, config.eos_id
     if n_new == 0:
         return
-    device = model.transformer.wte.weight.device
+    device = _device(model)
     generator = None
     if config.seed is not None and temperature != 0:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    B, V = len(lists), model.config.vocab_size
+    B = len(lists)
     seen = None
-    if penalty != 1.0:
-        seen = torch.zeros(B, V, dtype=torch.bool, device=device)
-        for b, p in enumerate(lists):
-            seen[b, torch.tensor(p, device=device)] = True
     done = torch.zeros(B, dtype=torch.bool, device=device) if eos_id is not None else None
     rows = torch.arange(B, device=device)
     was_training = model.training
@@ -191,9 +257,13 @@ def _generate_steps(model, prompts: Prompts, config: GenerationConfig) -> Iterat
     try:
         stepper = _Stepper(model, lists, config, device)
         logits = stepper.prefill()
+        if penalty != 1.0:  # the vocabulary is the logits' width (any model)
+            seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+            for b, p in enumerate(lists):
+                seen[b, torch.tensor(p, device=device)] = True
         for step in range(n_new):
             if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, penalty)
+                logits = apply_repetition_penalty(logits, seen, penalty, rule)
             tokens = next_token(logits, temperature, top_k, top_p, generator)
             if seen is not None:
                 seen[rows, tokens] = True
@@ -244,8 +314,10 @@ def generate(
     model/decode.py); the first call for a model pays the compilation (seconds), later ones
     with the same cache shape (batch, longest prompt + max_new_tokens) reuse it. The compiled
     step holds the weights as constants: after changing them in place, call
-    torch.compiler.reset(). Raises ValueError when a prompt plus max_new_tokens is longer than
-    the model's block_size.
+    torch.compiler.reset(). max_new_tokens is never cut short: past the model's block_size the
+    context is cropped to its last block_size tokens (a ContextCropWarning, once; see the module
+    docstring). `model` may be any module mapping ids (B, T) to logits (B, T, V); one without a
+    KV cache (see supports_cache) recomputes its window every step.
     """
     config = _config(config, max_new_tokens, options)
     if on_token is not None or config.eos_id is not None:
@@ -264,4 +336,4 @@ def generate(
     return torch.stack(steps, dim=1).tolist()
 
 
-__all__ = ["GenerationConfig", "generate", "stream_generate"]
+__all__ = ["GenerationConfig", "generate", "stream_generate", "supports_cache", "ContextCropWarning"]

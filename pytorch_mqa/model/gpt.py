@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
-from pytorch_mqa.model import checkpoints
+from pytorch_mqa.model import checkpoints, export
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.model.config import GPTConfig
 from pytorch_mqa.model.loss import next_token_loss
@@ -95,7 +95,8 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -187,9 +188,23 @@ class GPT(nn.Module):
         """
         return checkpoints.load_pretrained(cls, path, n_kv_head=n_kv_head, n_head=n_head, dtype=dtype, device=device)
 
-    def save_pretrained(self, directory) -> None:
-        """Write config.json and model.safetensors (lm_head is tied to wte and not stored)."""
-        checkpoints.save_pretrained(self, directory)
+    def save_pretrained(self, directory, format: str = "pytorch_mqa") -> None:
+        """Write the model to `directory`.
+
+        format "pytorch_mqa" (the default): config.json + model.safetensors, read back by
+        from_pretrained (a tied lm_head is not stored, an untied one is). "hf": a Hugging Face GPT-2
+        directory that transformers.GPT2LMHeadModel.from_pretrained loads with the same logits
+        (GQA/MQA written with repeated KV heads). "scratch": the from-scratch tutorial's layout
+        (tok_emb, trf_blocks, out_head), one torch.save file `model.pth` in `directory`.
+        """
+        if format == "pytorch_mqa":
+            checkpoints.save_pretrained(self, directory)
+        elif format == export.HF_FORMAT:
+            export.save_hf(self, directory)
+        elif format == export.SCRATCH_FORMAT:
+            export.save_scratch(self, directory)
+        else:
+            raise ValueError(f"format: expected 'pytorch_mqa', 'hf' or 'scratch', got {format!r}")
 
 
 __all__ = ["GPTConfig", "GPT", "Block", "CausalSelfAttention", "MLP"]

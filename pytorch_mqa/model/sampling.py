@@ -10,15 +10,25 @@ from torch import Tensor
 
 
 
-def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """Penalise the tokens marked in `seen` (bool, same shape as logits), as in CTRL / HF.
+REPETITION_RULES = ("ctrl", "divide")
 
-    A positive logit is divided by `penalty`, a negative one multiplied by it, so with
-    penalty > 1 a seen token always becomes less likely (dividing a negative logit would raise
-    it). penalty = 1 changes nothing.
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float, rule: str = "ctrl") -> Tensor:
+    """Penalise the tokens marked in `seen` (bool, same shape as logits).
+
+    rule "ctrl" (the default; CTRL, Keskar et al. 2019, and Hugging Face's
+    RepetitionPenaltyLogitsProcessor): a positive logit is divided by `penalty`, a negative one
+    multiplied by it, so with penalty > 1 a seen token always becomes less likely.
+    rule "divide": every seen logit is divided by `penalty` whatever its sign, the simpler rule of
+    some tutorials; a seen token with a negative logit then becomes *more* likely.
+    penalty = 1 changes nothing under either rule.
     """
     if penalty == 1.0:
         return logits
+    if rule == "divide":
+        return torch.where(seen, logits / penalty, logits)
+    if rule != "ctrl":
+        raise ValueError(f"rule: expected one of {REPETITION_RULES}, got {rule!r}")
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
@@ -66,4 +76,4 @@ def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) 
     return sample(logits_to_probs(logits, temperature, top_k, top_p), generator)
 
 
-__all__ = ["apply_repetition_penalty", "top_k_filter", "top_p_filter", "logits_to_probs", "sample", "next_token"]
+__all__ = ["REPETITION_RULES", "apply_repetition_penalty", "top_k_filter", "top_p_filter", "logits_to_probs", "sample", "next_token"]

@@ -3,13 +3,14 @@ seeds, EOS, streaming, limits."""
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
 
 from model_helpers import tiny_gpt
 from pytorch_mqa import KVCache, generate
-from pytorch_mqa.model.generation import GenerationConfig, stream_generate
+from pytorch_mqa.model.generation import ContextCropWarning, GenerationConfig, stream_generate
 from pytorch_mqa.model.sampling import apply_repetition_penalty, logits_to_probs, sample, top_k_filter, top_p_filter
 
 INF = float("inf")
@@ -136,11 +137,10 @@ def test_eos_stops_each_sequence_and_streams():
 
 def test_limits_and_bad_arguments():
     model = tiny_gpt(2, block_size=16)
-    assert generate(model, [[1] * 10], 6, temperature=0)  # 10 + 6 == block_size is fine
-    with pytest.raises(ValueError, match="block_size"):
-        generate(model, [[1] * 10], 7, temperature=0)
-    with pytest.raises(ValueError, match="block_size"):
-        generate(model, [[1] * 17], 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no crop, no warning
+        assert generate(model, [[1] * 10], 7, temperature=0)  # 10 + 7 - 1 == block_size: every position used
+        assert len(generate(model, [[1] * 16], 1, temperature=0)[0]) == 1  # a full context predicts its next token
     with pytest.raises(ValueError, match="empty prompt"):
         generate(model, [[1, 2], []], 3)
     with pytest.raises(ValueError, match="token ids"):
@@ -149,7 +149,68 @@ def test_limits_and_bad_arguments():
         generate(model, [[1]], 3, temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1]], 3, top_p=0.0)
+    with pytest.raises(ValueError, match="repetition_rule"):
+        generate(model, [[1]], 3, repetition_penalty=1.2, repetition_rule="sometimes")
     assert generate(model, [[1], [2, 3]], 0) == [[], []]
+
+
+def _crop_reference(model, prompt, n):
+    """nanoGPT's loop: greedy, the model sees the last block_size tokens, nothing cached."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq[-model.config.block_size:]]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_generation_past_the_context_crops_like_nanogpt(n_kv_head):
+    model = tiny_gpt(n_kv_head, block_size=16)
+    prompts = [[1] * 10, [2, 3, 4], list(range(1, 31))]  # the last is longer than the context
+    with pytest.warns(ContextCropWarning, match="cropped to the last 16 tokens") as record:
+        cached = generate(model, prompts, 40, temperature=0)
+    assert len(record) == 1  # said once
+    with pytest.warns(ContextCropWarning):
+        uncached = generate(model, prompts, 40, temperature=0, use_cache=False)
+    assert cached == uncached and [len(x) for x in cached] == [40, 40, 40]  # never cut short
+    assert cached == [_crop_reference(model, p, 40) for p in prompts]
+    with pytest.warns(ContextCropWarning):
+        same = generate(model, [[5, 6]] * 2, 30, temperature=0)  # one batch, every row re-filled at once
+    assert same[0] == same[1] == _crop_reference(model, [5, 6], 30)
+
+
+def test_any_model_mapping_ids_to_logits_generates():
+    from pytorch_mqa.model.bigram import BigramConfig, BigramLM
+    from pytorch_mqa.model.generation import supports_cache
+
+    torch.manual_seed(0)
+    bigram = BigramLM(BigramConfig(vocab_size=11, block_size=4))
+    torch.nn.init.normal_(bigram.table.weight)
+    assert not supports_cache(bigram) and supports_cache(tiny_gpt(1))
+    with pytest.warns(ContextCropWarning):
+        out = generate(bigram, [[1, 2]], 12, temperature=0)[0]
+    want, t = [], 2
+    for _ in range(12):
+        t = int(bigram.table.weight[t].argmax())
+        want.append(t)
+    assert out == want
+
+    class Plain(torch.nn.Module):  # no config at all: no context limit, no cache
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(7, 7)
+
+        def forward(self, idx):
+            return self.emb(idx).cumsum(1)
+
+    assert len(generate(Plain(), [[1, 2, 3]], 5, temperature=1.0, seed=0)[0]) == 5
+
+
+def test_repetition_rules():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0, "ctrl").tolist() == [[1.0, -4.0, 1.0]]
+    assert apply_repetition_penalty(logits, seen, 2.0, "divide").tolist() == [[1.0, -1.0, 1.0]]
 
 
 def test_generate_restores_training_mode():

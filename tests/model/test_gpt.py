@@ -149,12 +149,15 @@ def test_scratch_layout(hf_dir, tmp_path):
         GPT.from_pretrained(tmp_path / "model.pth", n_head=2)
 
 
-def test_scratch_layout_untied_head_is_refused(hf_dir, tmp_path):
-    sd = to_scratch_layout(GPT.from_pretrained(hf_dir[1]))
+def test_scratch_layout_untied_head_is_kept(hf_dir, tmp_path):
+    tied = GPT.from_pretrained(hf_dir[1])
+    sd = to_scratch_layout(tied)
     sd["out_head.weight"] = sd["out_head.weight"] + 1.0
     torch.save(sd, tmp_path / "m.pth")
-    with pytest.raises(ValueError, match="out_head.weight differs from the token embedding"):
-        GPT.from_pretrained(tmp_path / "m.pth", n_head=4)
+    model = GPT.from_pretrained(tmp_path / "m.pth", n_head=4)
+    assert model.config.tie_embeddings is False
+    torch.testing.assert_close(model.lm_head.weight, tied.transformer.wte.weight + 1.0)
+    torch.testing.assert_close(model.transformer.wte.weight, tied.transformer.wte.weight)
 
 
 def test_loading_errors_name_the_keys(hf_dir, tmp_path):
