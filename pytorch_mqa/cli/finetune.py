@@ -154,7 +154,7 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
     prompt_len, block = len(tokenizer.encode(format_prompt(example))), model.config.block_size
     if args.fsdp:  # the weights are sharded over the processes: generation needs them whole
         response, note = None, f" [none under --fsdp: generate from {ckpt} as shown below]"
-    elif prompt_len < block:
+    elif prompt_len <= block:
         response = respond(model, tokenizer, example, RESPONSE_TOKENS)
         budget = response_budget(prompt_len, RESPONSE_TOKENS, block)
         note = (f" [at most {budget} tokens: the {prompt_len}-token prompt is kept whole in the model's "
@@ -179,7 +179,7 @@ def write_answers(path: str, model, tokenizer, records: list[dict], max_new_toke
     out = []
     for r in tqdm(records, desc="answers", leave=False):
         prompt_len = len(tokenizer.encode(format_prompt(r)))
-        response = respond(model, tokenizer, r, max_new_tokens) if prompt_len < block else None
+        response = respond(model, tokenizer, r, max_new_tokens) if prompt_len <= block else None
         out.append({**r, "model_response": response})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

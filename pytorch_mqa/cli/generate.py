@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 from pytorch_mqa.cli.common import UserError, check_at_least, check_heads
 from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.dtypes import DTYPE_CHOICES
 from pytorch_mqa.model import generate
+from pytorch_mqa.model.generation import ContextCropWarning, supports_cache
 from pytorch_mqa.ops.backends import BACKEND_CHOICES, use_backend
 from pytorch_mqa.training.data import format_prompt
 from pytorch_mqa.training.pretrained import load_model_and_tokenizer
@@ -30,7 +32,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None,
                         help="sample within the smallest set of tokens of total probability p (default: off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="divide the logits of tokens already seen by this (1 = off)")
+                        help="penalise tokens already in the prompt or the output (1 = off), by --repetition-rule")
+    parser.add_argument("--repetition-rule", choices=("ctrl", "divide"), default="ctrl",
+                        help="ctrl (CTRL / Hugging Face): a seen token's positive logit is divided by the penalty, a "
+                             "negative one multiplied, so it always becomes less likely; divide: every seen logit is "
+                             "divided, whatever its sign (the simpler rule some tutorials use)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: unseeded)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (no KV cache)")
 
@@ -110,14 +116,16 @@ def _generate(args: argparse.Namespace, device: str) -> int:
         printed = len(s)
 
     t0 = time.perf_counter()
-    out = generate(model, [prompt], max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id, use_cache=not args.no_cache,
-                   seed=args.seed, on_token=on_token)[0]
+    with warnings.catch_warnings():  # fit_context has said it, in this command's words
+        warnings.simplefilter("ignore", ContextCropWarning)
+        out = generate(model, [prompt], max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       repetition_penalty=args.repetition_penalty, repetition_rule=args.repetition_rule,
+                       eos_id=tokenizer.eos_id, use_cache=not args.no_cache, seed=args.seed, on_token=on_token)[0]
     dt = time.perf_counter() - t0
     tail = tokenizer.decode(produced)[printed:]
     sys.stdout.write(tail + "\n")
     print(f"[{len(out)} tokens in {dt:.2f} s: {len(out) / dt:.1f} tokens/s, "
-          f"{'no cache' if args.no_cache else 'KV cache'}, {device}]")
+          f"{'KV cache' if not args.no_cache and supports_cache(model) else 'no cache'}, {device}]")
     return 0
 
 
@@ -132,10 +140,10 @@ def fit_context(prompt: list[int], max_new: int, block: int, instruction: bool) 
         warn(f"the prompt is {len(prompt)} tokens, longer than the model's context of {block}: the model sees "
              f"only its last {block} tokens")
         prompt = prompt[len(prompt) - block:]
-    if len(prompt) + max_new > block:
+    if len(prompt) + max_new - 1 > block:  # the last new token is never fed back
         lost = "the Alpaca header of the prompt" if instruction else "the beginning of the prompt"
         warn(f"{len(prompt)} prompt + {max_new} new tokens exceed the model's context of {block} tokens: after "
-             f"{block - len(prompt)} new tokens the context is cropped to the last {block} tokens ({lost} drops "
+             f"{block - len(prompt) + 1} new tokens the context is cropped to the last {block} tokens ({lost} drops "
              "out first)")
     return prompt, max_new
 

@@ -4,6 +4,7 @@ KV-cache bytes per token, generation speed with and without the cache, cached-vs
 from __future__ import annotations
 
 import re
+import warnings
 from functools import partial
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from pytorch_mqa.core.devices import synchronize
 from pytorch_mqa.core.timing import time_round_robin
 from pytorch_mqa.model import KVCache, generate
+from pytorch_mqa.model.generation import ContextCropWarning
 from pytorch_mqa.model.loss import next_token_loss, token_nll
 
 SAMPLE_PROMPT = "The "
@@ -159,10 +161,13 @@ def generation_checks(model, prompt: list[int], new_tokens: int, device, repeats
 
 @torch.no_grad()
 def sample_text(model, tokenizer, n: int, seed: int) -> str:
+    """`n` sampled tokens after SAMPLE_PROMPT; past the context, the oldest tokens drop out of it."""
     prompt = tokenizer.encode(SAMPLE_PROMPT)
-    n = min(n, model.config.block_size - len(prompt))
-    ids = generate(model, [prompt], n, temperature=0.8, top_k=40, seed=seed, eos_id=tokenizer.eos_id)[0]
+    with warnings.catch_warnings():  # cropping is expected here: the report says how long samples are
+        warnings.simplefilter("ignore", ContextCropWarning)
+        ids = generate(model, [prompt], n, temperature=0.8, top_k=40, seed=seed, eos_id=tokenizer.eos_id)[0]
     return SAMPLE_PROMPT + tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
 
 
-__all__ = ["sentence_scores", "heldout_sentences", "read_sentences", "mean_logprob", "heldout_loss", "kv_bytes_per_token", "generation_checks", "sample_text", "SAMPLE_PROMPT"]
+__all__ = ["sentence_scores", "heldout_sentences", "read_sentences", "mean_logprob", "heldout_loss",
+           "kv_bytes_per_token", "generation_checks", "sample_text", "SAMPLE_PROMPT"]

@@ -55,11 +55,12 @@ def respond(model, tokenizer, example: dict, max_new_tokens: int = 64, **samplin
 
 
 def response_budget(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
-    """Tokens a response may have with the whole prompt still in the context."""
-    if prompt_len >= block_size:
-        raise ValueError(f"example: its prompt is {prompt_len} tokens, expected fewer than the model's context of "
+    """Tokens a response may have with the whole prompt still in the context (the last new token is
+    never fed back, so prompt + response - 1 positions are used)."""
+    if prompt_len > block_size:
+        raise ValueError(f"example: its prompt is {prompt_len} tokens, expected at most the model's context of "
                          f"{block_size} tokens, so that the whole prompt and some response fit")
-    return min(max_new_tokens, block_size - prompt_len)
+    return min(max_new_tokens, block_size - prompt_len + 1)
 
 
 __all__ = ["InstructionData", "respond", "response_budget"]

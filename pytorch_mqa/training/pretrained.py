@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+from pytorch_mqa.core.dtypes import as_dtype
 from pytorch_mqa.model import GPT
+from pytorch_mqa.model.bigram import BigramLM, is_bigram_checkpoint
 from pytorch_mqa.training.files import MODEL_EXPECTED, FileFormatError, check_model_files
 from pytorch_mqa.training.tokenizers import GPT2Tokenizer, load_tokenizer
 
@@ -21,6 +23,12 @@ def load_model(path: str, **kwargs) -> GPT:
 
 
 def _load_checked(path: str, **kwargs) -> GPT:
+    if os.path.isdir(path) and is_bigram_checkpoint(path):  # train --arch bigram/unigram
+        extra = {k for k, v in kwargs.items() if v is not None and k not in ("device", "dtype")}
+        if extra:
+            raise ValueError(f"{', '.join(sorted(extra))}: a bigram/unigram checkpoint has no attention heads")
+        model = BigramLM.from_pretrained(path, device=kwargs.get("device"))
+        return model if kwargs.get("dtype") is None else model.to(as_dtype(kwargs["dtype"]))
     try:
         return GPT.from_pretrained(path, **kwargs)
     except (FileFormatError, FileNotFoundError):
