@@ -258,8 +258,9 @@ def _run_study(p, out_dir, corpus, device, progress, match_params, gqa_kv, base_
     r = baseline
     print(f"bigram   baseline: val loss {r['val_loss_mean']:.4f}  ppl {r['val_perplexity_mean']:.3f}", flush=True)
 
-    prompt = batches.val[:16].tolist()
-    gen_tokens = min(p["gen_tokens"], p["block_size"] - len(prompt))
+    # Speed and cache checks stay inside the context (prompt + new tokens - 1 <= block_size: no crop).
+    prompt = batches.val[: min(16, p["block_size"] // 2)].tolist()
+    gen_tokens = min(p["gen_tokens"], p["block_size"] - len(prompt) + 1)
     results = []
     for name, config in variants:
         runs = [done[name, base_seed + s]["run"] for s in range(p["seeds"])]
