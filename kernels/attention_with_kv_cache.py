@@ -53,8 +53,10 @@ from .common import (
 SPLIT_ALIGN = 32
 # Programs wanted per launch, in waves over the SMs.
 WAVES = 2
+# Packed rows per combine program (its fp32 accumulator stays small at D = 128).
+COMBINE_M = 16
 # Decode configs (BLOCK_N, num_warps, num_stages); the compile check keeps this list spill-free.
-DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (32, 4, 2)]
+DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (32, 4, 2)]  # 128 x 4 warps spills
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -62,6 +64,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     args = {**named_args, **kwargs}
     elem = elem_bytes(args["DOT_PRECISION"])
     fits = [c for c in configs if c.num_stages * 2 * c.kwargs["BLOCK_N"] * args["BLOCK_D"] * elem <= 200 * 1024]
+    if elem == 4:  # fp32 tiles (tf32x3 keeps hi/lo halves): only 32-key tiles stay spill-free
+        fits = [c for c in fits if c.kwargs["BLOCK_N"] <= 32]
     return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.num_stages)]
 
 
@@ -206,10 +210,10 @@ def _combine_kernel(
     stride_lb, stride_lh, stride_lt,
     Tq, S, Hkv,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NEW: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLIT_ALIGN_: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_ALIGN_: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Merge the active splits: OutPart (NUM_SPLITS, B, Tq, Hq, D) fp32, LsePart (NUM_SPLITS, B, Hq, Tq)
-    -> Out (B, Tq, Hq, D), Lse (B, Hq, Tq). pid = bh * row_blocks + m on axis 0."""
+    """Merge the active splits in one streaming pass: OutPart (NUM_SPLITS, B, Tq, Hq, D) fp32,
+    LsePart (NUM_SPLITS, B, Hq, Tq) -> Out (B, Tq, Hq, D), Lse (B, Hq, Tq). pid = bh * row_blocks + m."""
     bh, pid_m = split_pid(tl.program_id(0), tl.cdiv(Tq * G, BLOCK_M))
     b = bh // Hkv
     hk = bh % Hkv
@@ -221,27 +225,27 @@ def _combine_kernel(
     t, h, row_ok = packed_rows(pid_m * BLOCK_M, hk, Tq, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     od_mask = row_ok[:, None] & (offs_d < D)[None, :]
-    offs_s = tl.arange(0, BLOCK_S)
     lse_row = LsePart + b * stride_qb + h * stride_qh + t * stride_qt
-    lse_all = tl.load(lse_row[:, None] + offs_s.to(tl.int64)[None, :] * stride_qs,
-                      mask=row_ok[:, None] & (offs_s < n_active)[None, :], other=float("-inf"))
-    m = tl.max(lse_all, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    part_row = OutPart + b * stride_pb + t[:, None] * stride_pt + h[:, None] * stride_ph + offs_d[None, :] * stride_pd
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     denom = tl.zeros([BLOCK_M], dtype=tl.float32)
-    part_row = OutPart + b * stride_pb + t[:, None] * stride_pt + h[:, None] * stride_ph + offs_d[None, :] * stride_pd
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for _ in range(n_active):
         lse_s = tl.load(lse_row, mask=row_ok, other=float("-inf"))
-        w = tl.math.exp(lse_s - m_safe)
         o_s = tl.load(part_row, mask=od_mask, other=0.0)
-        acc += w[:, None] * o_s
-        denom += w
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp(m - m_safe)
+        w = tl.math.exp(lse_s - m_safe)
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        denom = denom * alpha + w
+        m = m_new
         # Step the pointers (64-bit) rather than forming split * stride in 32 bits.
         lse_row += stride_qs
         part_row += stride_ps
     seen = denom > 0.0
     out = acc / tl.where(seen, denom, 1.0)[:, None]
-    lse = tl.where(seen, m_safe + tl.log(tl.where(seen, denom, 1.0)), float("-inf"))
+    lse = tl.where(seen, m + tl.log(tl.where(seen, denom, 1.0)), float("-inf"))
     tl.store(Out + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=od_mask)
     tl.store(Lse + b * stride_lb + h * stride_lh + t * stride_lt, lse, mask=row_ok)
@@ -252,9 +256,10 @@ def _combine_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _block_m(R: int) -> int:
-    """Packed rows per program: all G * Tq rows of a KV head up to 64, padded to >= 16 for tl.dot."""
-    return min(64, max(16, triton.next_power_of_2(R)))
+def _block_m(R: int, fp32: bool = False) -> int:
+    """Packed rows per program: all G * Tq rows of a KV head up to 64 (32 for fp32, whose
+    tf32x3 tiles take twice the registers), padded to >= 16 for tl.dot."""
+    return min(32 if fp32 else 64, max(16, triton.next_power_of_2(R)))
 
 
 @dataclass(frozen=True)
@@ -265,23 +270,24 @@ class DecodePlan:
     row_blocks: int  # programs per (batch, KV head) and split
     num_splits: int  # slices of the live keys
     split_programs: int  # grid of the split kernel (axis 0)
-    combine_programs: int  # grid of the combine kernel, 0 when it is skipped
+    combine_programs: int  # grid of the combine kernel (COMBINE_M rows each), 0 when it is skipped
 
     @property
     def launches(self) -> int:
         return 1 + (self.combine_programs > 0)
 
 
-def decode_plan(B: int, Hkv: int, Tq: int, G: int, S: int, sms: int, num_splits: int | None = None) -> DecodePlan:
+def decode_plan(B: int, Hkv: int, Tq: int, G: int, S: int, sms: int, num_splits: int | None = None,
+                fp32: bool = False) -> DecodePlan:
     """Splits for about WAVES waves of programs over `sms` SMs, at most one per SPLIT_ALIGN cache rows."""
     R = Tq * G
-    bm = _block_m(R)
+    bm = _block_m(R, fp32)
     row_blocks = triton.cdiv(R, bm)
     per_split = B * Hkv * row_blocks
     if num_splits is None:
         num_splits = triton.cdiv(WAVES * sms, max(1, per_split))
     num_splits = max(1, min(num_splits, triton.cdiv(S, SPLIT_ALIGN)))
-    combine = per_split if num_splits > 1 else 0
+    combine = B * Hkv * triton.cdiv(R, COMBINE_M) if num_splits > 1 else 0
     return DecodePlan(bm, row_blocks, num_splits, per_split * num_splits, combine)
 
 
@@ -295,7 +301,7 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
     B, Tq, Hq, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
-    plan = decode_plan(B, Hkv, Tq, G, S, sm_count(q.device), num_splits)
+    plan = decode_plan(B, Hkv, Tq, G, S, sm_count(q.device), num_splits, q.dtype == torch.float32)
     seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     upcast, precision = dot_flags(q.dtype)
     out = torch.empty((B, Tq, Hq, D), dtype=store_dtype(q.dtype, upcast), device=q.device)
@@ -320,6 +326,6 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
             out_part, lse_part, seqlens, out, lse,
             *out_part.stride(), *lse_part.stride(), *out.stride(), *lse.stride(),
             Tq, S, Hkv, G=G, D=D, BLOCK_D=block_d(D), HAS_NEW=has_new, NUM_SPLITS=plan.num_splits,
-            SPLIT_ALIGN_=SPLIT_ALIGN, BLOCK_S=triton.next_power_of_2(plan.num_splits), BLOCK_M=plan.block_m,
+            SPLIT_ALIGN_=SPLIT_ALIGN, BLOCK_M=COMBINE_M,
         )
     return out.to(q.dtype), lse
