@@ -59,7 +59,7 @@ struct TileConfig {
 // ------------------------------------------------------------------------------------------
 
 template <typename T, int D_MAX, bool EXACT_D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)  // 3 blocks per SM: ptxas keeps fp32 D = 256 spill-free
     attention_with_kv_cache_simt_kernel(const KvCacheParams p) {
   using Cfg = TileConfig<T, D_MAX>;
   constexpr int VEC = Cfg::kVec;

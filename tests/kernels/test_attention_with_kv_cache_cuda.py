@@ -93,6 +93,26 @@ def test_matches_reference(case, dtype, with_new, causal):
     _check_case(case, dtype, with_new, causal)
 
 
+# Preallocated caches: capacity S >= 4 x most live lengths, ragged lengths 0, 1, S - 1, S - Tq;
+# G 1 to 32; Tq 1 to 4 (live-length splits; new rows straddling a split edge at L = 62).
+PREALLOCATED = [
+    (5, 1, 2048, 8, 1, 128, [0, 1, 2047, 300, 63]),
+    (5, 2, 192, 4, 4, 64, [0, 1, 191, 190, 33]),
+    (4, 3, 640, 32, 1, 128, [0, 1, 639, 637]),
+    (5, 4, 200, 6, 3, 40, [0, 1, 199, 196, 62]),
+    (2, 1, 8192, 16, 2, 96, [1000, 8191]),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("with_new", [True, False], ids=["append", "no_append"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", PREALLOCATED, ids=str)
+def test_preallocated_caches(case, dtype, with_new, causal):
+    _check_case(case, dtype, with_new, causal, label="cuda preallocated")
+
+
 def _views(base_shape, view, dtype, gen):
     """The same view of one random buffer on CPU and on CUDA: (cpu_view, cuda_view)."""
     base = randn(base_shape, dtype, gen)

@@ -163,11 +163,16 @@ def _guarded(shape, dtype, gen, pad=(2, 5, 1, 3)):
     return view, buf
 
 
+def _dev(t, device):
+    return None if t is None else t.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("with_new", [True, False], ids=["append", "no_new"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("case", PREALLOCATED, ids=str)
-def test_preallocated_cache(case, dtype, with_new, causal):
+def test_preallocated_cache(case, dtype, with_new, causal, device):
     """Live-length splits on a planned GPU launch (132 SMs): matches the oracle, writes exactly
     rows [L_b, L_b + Tq) inside [0, S) and nothing outside the cache views."""
     B, Tq, S, Hq, Hkv, D, lengths = case
@@ -183,15 +188,20 @@ def test_preallocated_cache(case, dtype, with_new, causal):
     new32 = (k.float(), v.float()) if with_new else (None, None)
     ref32, lse32 = reference.attention_with_kv_cache(q.float(), ek.float(), ev.float(), *new32, seqlens, causal=causal)
     ref_lp, lse_lp = reference.attention_with_kv_cache(q, ek, ev, k, v, seqlens, causal=causal, upcast=False)
+    if device != "cpu":  # the same views of the same buffers on the device
+        buf_k, buf_v = buf_k.to(device), buf_v.to(device)
+        k_cache = buf_k[:B, 5 : 5 + S, 1:, 1 : 1 + D]
+        v_cache = buf_v[:B, 5 : 5 + S, 1:, 1 : 1 + D]
     with override_sm_count(132):
-        plan = kernel.decode_plan(B, Hkv, Tq, Hq // Hkv, S, 132)
+        plan = kernel.decode_plan(B, Hkv, Tq, Hq // Hkv, S, 132, fp32=dtype == torch.float32)
         assert plan.num_splits > 1
-        out, lse = kernel.attention_with_kv_cache(q, k_cache, v_cache, k, v, seqlens, causal, D**-0.5)
+        out, lse = kernel.attention_with_kv_cache(_dev(q, device), k_cache, v_cache, _dev(k, device), _dev(v, device),
+                                                  seqlens.to(device), causal, D**-0.5)
     assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_close(out, ref32, ref_lp, dtype, "out", LABEL + " preallocated")
-    assert_close(lse, lse32, lse_lp, dtype, "lse", LABEL + " preallocated")
+    assert_close(out.cpu(), ref32, ref_lp, dtype, "out", LABEL + " preallocated")
+    assert_close(lse.cpu(), lse32, lse_lp, dtype, "lse", LABEL + " preallocated")
     # Exact cache contents, and the sentinel guard region around the views untouched.
-    assert torch.equal(buf_k, expect_k) and torch.equal(buf_v, expect_v)
+    assert torch.equal(buf_k.cpu(), expect_k) and torch.equal(buf_v.cpu(), expect_v)
 
 
 @pytest.mark.parametrize("with_new", [True, False], ids=["append", "no_new"])
