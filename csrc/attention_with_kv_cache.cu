@@ -46,6 +46,24 @@ int capability_major(int device) {
   return n;
 }
 
+// Shared memory one block may opt into (bytes): 227 KiB on H100, 163 KiB on A100, 99 KiB on sm_86/89.
+int max_smem_optin(int device) {
+  static std::atomic<int> bytes[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) device = 0;
+  int n = bytes[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    bytes[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+size_t mma_smem_bytes(int64_t D) {
+  if (D <= 64) return kv_cache::MmaConfig<64>::kSmemBytes;
+  if (D <= 128) return kv_cache::MmaConfig<128>::kSmemBytes;
+  return kv_cache::MmaConfig<256>::kSmemBytes;
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // 16-byte vector access of K/V rows needs unit last stride, every other stride a multiple of the
@@ -114,14 +132,16 @@ void launch_simt(const KvCacheParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int D_MAX, bool EXACT_D>
-void launch_mma(const KvCacheParams& p, cudaStream_t stream) {
+void launch_mma(const KvCacheParams& p, int device, cudaStream_t stream) {
   constexpr size_t smem = kv_cache::MmaConfig<D_MAX>::kSmemBytes;
   auto kernel = kv_cache::attention_with_kv_cache_mma_kernel<T, D_MAX, EXACT_D>;
-  static const bool opted_in = [&] {  // above 48 KiB of dynamic shared memory needs an opt-in
+  // Above 48 KiB of dynamic shared memory a kernel needs an opt-in, once per device.
+  static std::atomic<bool> opted_in[kMaxDevices] = {};
+  const int slot = device >= 0 && device < kMaxDevices ? device : 0;
+  if (!opted_in[slot].load(std::memory_order_acquire)) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    return true;
-  }();
-  (void)opted_in;
+    opted_in[slot].store(true, std::memory_order_release);
+  }
   kernel<<<split_grid(p), kv_cache::kMmaThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -140,17 +160,17 @@ void dispatch_simt(const KvCacheParams& p, cudaStream_t stream) {
 }
 
 template <typename T>
-void dispatch_mma(const KvCacheParams& p, cudaStream_t stream) {
+void dispatch_mma(const KvCacheParams& p, int device, cudaStream_t stream) {
   if (p.head_dim == 64) {
-    launch_mma<T, 64, true>(p, stream);
+    launch_mma<T, 64, true>(p, device, stream);
   } else if (p.head_dim == 128) {
-    launch_mma<T, 128, true>(p, stream);
+    launch_mma<T, 128, true>(p, device, stream);
   } else if (p.head_dim < 64) {
-    launch_mma<T, 64, false>(p, stream);
+    launch_mma<T, 64, false>(p, device, stream);
   } else if (p.head_dim < 128) {
-    launch_mma<T, 128, false>(p, stream);
+    launch_mma<T, 128, false>(p, device, stream);
   } else {
-    launch_mma<T, 256, false>(p, stream);
+    launch_mma<T, 256, false>(p, device, stream);
   }
 }
 
@@ -268,15 +288,18 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kv_cache_cuda(
     p.lse_partial = lse_partial.data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
-  // Tensor cores for 16-bit inputs whose rows allow 16-byte cp.async on sm_80+; the CUDA-core
-  // kernel for fp32 (a TF32 mma would break the tolerance) and for unaligned rows.
-  const bool mma = dtype != at::kFloat && p.kv_vectorized && capability_major(q.get_device()) >= 8;
+  // Tensor cores for 16-bit inputs whose rows allow 16-byte cp.async, on sm_80+ devices that
+  // give a block the stage ring's shared memory; the CUDA-core kernel for fp32 (a TF32 mma would
+  // break the tolerance), for unaligned rows and for smaller devices.
+  const int device = q.get_device();
+  const bool mma = dtype != at::kFloat && p.kv_vectorized && capability_major(device) >= 8 &&
+                   mma_smem_bytes(D) <= static_cast<size_t>(max_smem_optin(device));
   switch (dtype) {
     case at::kHalf:
-      mma ? dispatch_mma<__half>(p, stream) : dispatch_simt<__half>(p, stream);
+      mma ? dispatch_mma<__half>(p, device, stream) : dispatch_simt<__half>(p, stream);
       break;
     case at::kBFloat16:
-      mma ? dispatch_mma<__nv_bfloat16>(p, stream) : dispatch_simt<__nv_bfloat16>(p, stream);
+      mma ? dispatch_mma<__nv_bfloat16>(p, device, stream) : dispatch_simt<__nv_bfloat16>(p, stream);
       break;
     default:
       dispatch_simt<float>(p, stream);

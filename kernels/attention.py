@@ -32,17 +32,29 @@ from .common import (
 )
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs whose K/V tiles cannot fit in shared memory (about 200 KB); they would only
-    cost compile time. Keeps at least one."""
-    args = {**named_args, **kwargs}
-    elem = elem_bytes(args["DOT_PRECISION"])
-    fits = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if c.num_stages * (bm + bn) * args["BLOCK_D"] * elem <= 200 * 1024:
-            fits.append(c)
-    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+def _pruner(fp32_configs: list[tuple[int, int, int, int]]):
+    """Config pruning for one kernel: 16-bit inputs keep the shared list, fp32 inputs (tf32x3 dots
+    hold hi/lo halves of every tile, about twice the registers) only `fp32_configs`; then drop
+    what cannot fit in shared memory (about 200 KB). Keeps at least one."""
+    fp32_set = set(fp32_configs)
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        elem = elem_bytes(args["DOT_PRECISION"])
+
+        def key(c):
+            return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+        fits = []
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if (key(c) in fp32_set) != (elem == 4) and len(configs) > 1:
+                continue
+            if c.num_stages * (bm + bn) * args["BLOCK_D"] * elem <= 200 * 1024:
+                fits.append(c)
+        return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+
+    return prune
 
 
 # Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages). tests/kernels/triton_compile_check.py
@@ -51,6 +63,11 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
 DKDV_CONFIGS = [(32, 64, 4, 2), (32, 32, 4, 1)]
 DQ_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1), (128, 64, 8, 2)]
+# fp32 inputs (tf32x3 keeps hi/lo halves of every tile): the only spill-free tiles at D = 96 / 128
+# (32x32 and 64x32 with 8 warps spill there too).
+FWD_FP32 = [(16, 32, 4, 1)]
+DKDV_FP32 = [(32, 16, 4, 1)]
+DQ_FP32 = [(16, 32, 4, 1)]
 # Keys of the autotune cache: power-of-two buckets of the lengths, never the raw lengths.
 TUNE_KEY = ["tq_bucket", "tk_bucket", "G", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
 
@@ -118,7 +135,8 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), FWD_CONFIGS, (128, 128)), key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), FWD_CONFIGS + FWD_FP32, (128, 128)), key=TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(FWD_FP32)})
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse,
@@ -203,7 +221,8 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), DKDV_CONFIGS, (128, 128)), key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), DKDV_CONFIGS + DKDV_FP32, (128, 128)), key=TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(DKDV_FP32)})
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,
@@ -317,7 +336,8 @@ def _dq_inner(
     return dq
 
 
-@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), DQ_CONFIGS, (128, 128)), key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), DQ_CONFIGS + DQ_FP32, (128, 128)), key=TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(DQ_FP32)})
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,

@@ -140,14 +140,16 @@ def test_scale_and_fp32_exactness():
 def test_config_pruning_keeps_fitting_tiles():
     from pytorch_mqa.kernels import attention as kernel
 
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in kernel.FWD_CONFIGS
-    ]
-    fp16_d128 = kernel._prune(configs, {}, BLOCK_D=128, DOT_PRECISION="tf32")
-    assert len(fp16_d128) == len(configs)
-    fp32_d256 = kernel._prune(configs, {}, BLOCK_D=256, DOT_PRECISION="ieee")
-    assert 1 <= len(fp32_d256) < len(configs)
-    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in fp32_d256)
+    tuples = kernel.FWD_CONFIGS + kernel.FWD_FP32
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tuples]
+    prune = kernel._pruner(kernel.FWD_FP32)
+    fp16_d128 = prune(configs, {}, BLOCK_D=128, DOT_PRECISION="tf32")
+    assert len(fp16_d128) == len(kernel.FWD_CONFIGS)  # every 16-bit config fits at D = 128
+    fp32 = prune(configs, {}, BLOCK_D=128, DOT_PRECISION="tf32x3")
+    got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fp32]
+    assert got == kernel.FWD_FP32  # fp32 inputs only get their own (spill-free) tiles
+    fp16_d256 = prune(configs, {}, BLOCK_D=256, DOT_PRECISION="tf32")
+    assert 1 <= len(fp16_d256) < len(kernel.FWD_CONFIGS)  # large stages no longer fit
 
 
 def test_opcheck():
@@ -214,5 +216,7 @@ def test_kernels_compile_for_gpu():
 def _compile_check(op):
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
-    res = subprocess.run([sys.executable, script, op], env=env, capture_output=True, text=True, timeout=600)
+    # --quick: the largest-tile case of each op, every dtype and every autotune config; the full
+    # case list runs with `python tests/kernels/triton_compile_check.py`.
+    res = subprocess.run([sys.executable, script, op, "--quick"], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

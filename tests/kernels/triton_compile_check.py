@@ -8,7 +8,7 @@ is compiled. Each cubin's registers, spills and shared memory come from `cuobjdu
 --dump-resource-usage` (shipped in Triton's wheel). Exit status 1 on a compile failure or on any
 spill. Must run without TRITON_INTERPRET (the tests call it in a subprocess):
 
-    python tests/kernels/triton_compile_check.py [attention] [attention_with_kv_cache] [--dtype bf16]
+    python tests/kernels/triton_compile_check.py [attention] [attention_with_kv_cache] [--dtype bf16] [--quick]
 """
 
 from __future__ import annotations
@@ -114,10 +114,17 @@ def _cases_attention(dtype):
     yield "gqa causal D96", 1, 2048, 2048, 12, 3, 96, True
 
 
+QUICK = False
+
+
+def _limit(cases):
+    return list(cases)[:1] if QUICK else cases
+
+
 def run_attention_with_kv_cache(dtype, out):
     saved = _patched(K, ["_decode_split_kernel", "_combine_kernel"], "", out)
     try:
-        for label, B, Tq, S, Hq, Hkv, D, with_new, causal in _cases_attention_with_kv_cache(dtype):
+        for label, B, Tq, S, Hq, Hkv, D, with_new, causal in _limit(_cases_attention_with_kv_cache(dtype)):
             for rec in (K._decode_split_kernel, K._combine_kernel):
                 rec.label = f"{label} {_dt_name(dtype)}"
             q = torch.empty((B, Tq, Hq, D), dtype=dtype)
@@ -136,7 +143,7 @@ def run_attention(dtype, out):
     names = ["_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"]
     saved = _patched(A, names, "", out)
     try:
-        for label, B, Tq, Tk, Hq, Hkv, D, causal in _cases_attention(dtype):
+        for label, B, Tq, Tk, Hq, Hkv, D, causal in _limit(_cases_attention(dtype)):
             for n in names:
                 getattr(A, n).label = f"{label} {_dt_name(dtype)}"
             q = torch.empty((B, Tq, Hq, D), dtype=dtype)
@@ -161,6 +168,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ops", nargs="*", help=f"any of {list(OPS)} (default: all)")
     ap.add_argument("--dtype", action="append", choices=list(DTYPES), help="default: fp16, bf16, fp32")
+    ap.add_argument("--quick", action="store_true", help="only the first (largest-tile) case of each op")
     args = ap.parse_args(argv)
     bad = [op for op in args.ops if op not in OPS]
     if bad:
@@ -168,6 +176,8 @@ def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("triton_compile_check: unset TRITON_INTERPRET (it compiles for a GPU)", file=sys.stderr)
         return 2
+    global QUICK
+    QUICK = args.quick
     driver.set_active(_CompileOnlyDriver())
     failed = spilled = 0
     print(f"{'kernel':<28} {'case':<28} {'config':<16} {'regs':>5} {'spill B':>8} {'smem B':>8}")
