@@ -138,7 +138,12 @@ def lse_to_log2(lse):
 
 def autotune_configs(names: tuple[str, ...], gpu: list[tuple], interpreter: tuple) -> list[triton.Config]:
     """triton.Config list from (*block sizes, num_warps, num_stages) tuples; under the interpreter
-    one config of `interpreter` block sizes (it cannot benchmark, and large blocks run fastest)."""
+    one config of `interpreter` block sizes (it cannot benchmark, and large blocks run fastest).
+    PYTORCH_MQA_TRITON_AUTOTUNE=0 (read at import) keeps only the first GPU config: one compile per
+    specialisation instead of one per config, for test runs that check results, not speed."""
     if interpreting():
         return [triton.Config(dict(zip(names, interpreter)), num_warps=4, num_stages=1)]
-    return [triton.Config(dict(zip(names, c[: len(names)])), num_warps=c[-2], num_stages=c[-1]) for c in gpu]
+    configs = [triton.Config(dict(zip(names, c[: len(names)])), num_warps=c[-2], num_stages=c[-1]) for c in gpu]
+    if os.environ.get("PYTORCH_MQA_TRITON_AUTOTUNE", "1") == "0":
+        return configs[:1]
+    return configs
