@@ -107,7 +107,7 @@ def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
     t, start, end, Tq, Tk, qk_scale, offs_d,
     D: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):
     """Online-softmax update over key blocks [start, end) (start a multiple of BLOCK_N)."""
     d_ok = offs_d < D
@@ -125,13 +125,15 @@ def _fwd_inner(
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if not FOLD_SCALE:
+            qk = qk * qk_scale  # log2 domain
         if MASK:
             visible = n_ok[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= t[:, None] + (Tk - Tq))
             qk = tl.where(visible, qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PRECISION)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PRECISION, FOLD_SCALE)
     return acc, l_i, m_i
 
 
@@ -147,7 +149,7 @@ def _attention_fwd_kernel(
     stride_lb, stride_lh, stride_lt,
     Tq, Tk, BH, Hkv, qk_scale, tq_bucket, tk_bucket,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (packed row block, batch * KV head), both on axis 0.
@@ -173,11 +175,11 @@ def _attention_fwd_kernel(
     full_end, masked_end = _key_ranges(row0, Tq, Tk, G, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        t, 0, full_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_N,
+        t, 0, full_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_N, FOLD_SCALE,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        t, full_end, masked_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N,
+        t, full_end, masked_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N, FOLD_SCALE,
     )
 
     out, lse = softmax_epilogue(acc, l_i, m_i)
@@ -405,6 +407,7 @@ def attention_forward(q, k, v, causal: bool, scale: float):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         Tq, Tk, B * Hkv, Hkv, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
         G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
+        FOLD_SCALE=scale > 0,
     )
     return out.to(q.dtype), lse
 

@@ -82,19 +82,22 @@ def _live_range(split, Lk, NUM_SPLITS: tl.constexpr, SPLIT_ALIGN_: tl.constexpr)
 
 @triton.jit
 def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_ok, offs_n, t, Lk, Tq, qk_scale,
-                  d_ok, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  d_ok, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  FOLD_SCALE: tl.constexpr):
     """One key block: K^T tile at k_ptrs (D, N), V tile at v_ptrs (N, D), keys masked by n_ok."""
     kt = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
     v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
-    qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if not FOLD_SCALE:
+        qk = qk * qk_scale
     visible = n_ok[None, :]
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= t[:, None] + (Lk - Tq))
     qk = tl.where(visible, qk, float("-inf"))
-    return online_softmax_step(acc, l_i, m_i, qk, v, DOT_PRECISION)
+    return online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PRECISION, FOLD_SCALE)
 
 
 @triton.autotune(
@@ -115,7 +118,7 @@ def _decode_split_kernel(
     Tq, S, Hkv, qk_scale, s_bucket,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_NEW: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT_ALIGN_: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, SPLIT_ALIGN_: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """pid = (bh * row_blocks + m) * NUM_SPLITS + split; packed row r = t * G + g.
 
@@ -181,7 +184,7 @@ def _decode_split_kernel(
             acc, l_i, m_i, q,
             kc_base + n64[None, :] * stride_kcs + offs_d[:, None] * stride_kcd,
             vc_base + n64[:, None] * stride_vcs + offs_d[None, :] * stride_vcd,
-            offs_n < cache_end, offs_n, t, Lk, Tq, qk_scale, d_ok, CAUSAL, UPCAST, DOT_PRECISION,
+            offs_n < cache_end, offs_n, t, Lk, Tq, qk_scale, d_ok, CAUSAL, UPCAST, DOT_PRECISION, FOLD_SCALE,
         )
     if HAS_NEW:
         for n0 in range(tl.maximum(start, L_cache), end, BLOCK_N):
@@ -191,7 +194,7 @@ def _decode_split_kernel(
                 acc, l_i, m_i, q,
                 k_base + src[None, :] * stride_kt + offs_d[:, None] * stride_kd,
                 v_base + src[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                offs_n < end, offs_n, t, Lk, Tq, qk_scale, d_ok, CAUSAL, UPCAST, DOT_PRECISION,
+                offs_n < end, offs_n, t, Lk, Tq, qk_scale, d_ok, CAUSAL, UPCAST, DOT_PRECISION, FOLD_SCALE,
             )
 
     out, lse = softmax_epilogue(acc, l_i, m_i)
@@ -319,7 +322,8 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
         *out_part.stride(), *lse_part.stride(),
         Tq, S, Hkv, scale * LOG2E, triton.next_power_of_2(max(S, 1)),
         G=G, D=D, BLOCK_D=block_d(D), NUM_SPLITS=plan.num_splits, HAS_NEW=has_new,
-        CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision, SPLIT_ALIGN_=SPLIT_ALIGN, BLOCK_M=plan.block_m,
+        CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision, FOLD_SCALE=scale > 0, SPLIT_ALIGN_=SPLIT_ALIGN,
+        BLOCK_M=plan.block_m,
     )
     if plan.combine_programs:
         _combine_kernel[(plan.combine_programs,)](

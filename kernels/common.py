@@ -106,13 +106,22 @@ def split_pid(pid, n_inner):
 
 
 @triton.jit
-def online_softmax_step(acc, l_i, m_i, qk, v, DOT_PRECISION: tl.constexpr):
-    """Fold one key block into the running softmax: qk (M, N) scores already in the log2 domain
-    and masked to -inf; v (N, D). Returns the updated (acc, l_i, m_i)."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+def online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr):
+    """Fold one key block into the running softmax (log2 domain); v (N, D); qk (M, N) masked to -inf.
+
+    FOLD_SCALE (needs qk_scale > 0): qk holds raw dot products and the scale goes into the exp2
+    argument, qk * qk_scale - m, one FFMA per score. Otherwise qk is already scaled. Returns the
+    updated (acc, l_i, m_i)."""
+    if FOLD_SCALE:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
     # A row that has seen no key yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_safe[:, None])
+    if FOLD_SCALE:
+        p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+    else:
+        p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)

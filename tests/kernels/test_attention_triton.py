@@ -130,10 +130,13 @@ def test_rows_without_keys_are_zero():
     assert torch.all(dq[:, :6] == 0) and not torch.isnan(dq).any()
 
 
-def test_scale_and_fp32_exactness():
+@pytest.mark.parametrize("scale", [0.05, 0.0, -0.2])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_scale_and_fp32_exactness(scale, causal):
+    # A positive scale is folded into the exp2 argument; zero / negative scales are applied first.
     q, k, v = attention_inputs((2, 17, 40, 6, 3, 24), torch.float32, seed=5)
-    out = pytorch_mqa.attention(q, k, v, scale=0.05, backend="triton")
-    ref, _ = reference.attention(q, k, v, scale=0.05)
+    out = pytorch_mqa.attention(q, k, v, scale=scale, causal=causal, backend="triton")
+    ref, _ = reference.attention(q, k, v, scale=scale, causal=causal)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
 
 

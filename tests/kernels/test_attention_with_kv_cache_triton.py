@@ -294,3 +294,17 @@ def test_kernels_compile_for_gpu():
         [sys.executable, script, "attention_with_kv_cache"], env=env, capture_output=True, text=True, timeout=900
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("scale", [0.3, 0.0, -0.3])
+def test_any_scale_sign(scale):
+    """A positive scale is folded into the exp2 argument (one FFMA); zero and negative scales take
+    the pre-scaled path, where masked keys must stay -inf (not NaN from -inf * 0)."""
+    case = (2, 2, 200, 4, 1, 16, [150, 0])
+    q, k_cache, v_cache, k, v, seqlens = kv_cache_inputs(case, torch.float32, seed=15)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    with override_sm_count(132):
+        out, lse = kernel.attention_with_kv_cache(q, k_cache, v_cache, k, v, seqlens, True, scale)
+    ref, ref_lse = reference.attention_with_kv_cache(q, kc, vc, k, v, seqlens, causal=True, scale=scale)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=0)
