@@ -27,6 +27,7 @@ from .common import (
     lse_to_log2,
     online_softmax_step,
     packed_rows,
+    sm_count,
     softmax_epilogue,
     store_dtype,
 )
@@ -233,25 +234,29 @@ def _attention_bwd_dkdv_kernel(
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_lb, stride_lh, stride_lt,
-    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
-    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
-    Tq, Tk, BH, Hkv, qk_scale, scale, tq_bucket, tk_bucket,
+    stride_dks, stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvs, stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    Tq, Tk, BH, Hkv, row_splits, qk_scale, scale, tq_bucket, tk_bucket,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (key block, batch * KV head): dK, dV summed over the G query heads.
+    """One program per (key block, batch * KV head, row split): dK, dV summed over the G query
+    heads and over the split's share of the packed rows.
 
     Q, DO (B, Tq, Hq, D); K, V (B, Tk, Hkv, D); Lse, Delta (B, Hq, Tq) fp32 with
-    Delta = rowsum(dO * O) - dLse -> DK, DV (B, Tk, Hkv, D). Lse and Delta share strides.
+    Delta = rowsum(dO * O) - dLse -> DK, DV (row_splits, B, Tk, Hkv, D): with row_splits > 1 the
+    launcher sums the fp32 partials (MQA has few key blocks, so the rows are split to fill the SMs).
     """
-    # Axis 0: consecutive pids walk the (batch, KV head) pairs of one key block; the first key
-    # blocks (the heaviest under the causal mask) start first.
+    # Axis 0: consecutive pids walk the row splits, then the (batch, KV head) pairs of one key
+    # block; the first key blocks (the heaviest under the causal mask) start first.
     pid = tl.program_id(0)
-    bh = (pid % BH).to(tl.int64)
+    rs = pid % row_splits
+    rest = pid // row_splits
+    bh = (rest % BH).to(tl.int64)
     b = bh // Hkv
     hk = bh % Hkv
-    n0 = (pid // BH) * BLOCK_N
+    n0 = (rest // BH) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Tk
     offs_d = tl.arange(0, BLOCK_D)
@@ -282,19 +287,27 @@ def _attention_bwd_dkdv_kernel(
     else:
         start = 0
         full_start = 0
+    # This split's rows: [r_lo, r_hi), a multiple of BLOCK_M long.
+    chunk = tl.cdiv(tl.cdiv(R, row_splits), BLOCK_M) * BLOCK_M
+    r_lo = rs * chunk
+    r_hi = tl.minimum(r_lo + chunk, R)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
-        offs_n, start, full_start, Tq, Tk, qk_scale, offs_d, G, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_M,
+        offs_n, tl.maximum(start, r_lo), tl.minimum(full_start, r_hi), Tq, Tk, qk_scale, offs_d,
+        G, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_M,
     )
     dk, dv = _dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
-        offs_n, full_start, R, Tq, Tk, qk_scale, offs_d, G, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_M,
+        offs_n, tl.maximum(full_start, r_lo), r_hi, Tq, Tk, qk_scale, offs_d,
+        G, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_M,
     )
     dk = dk * scale
+    DK += rs.to(tl.int64) * stride_dks
+    DV += rs.to(tl.int64) * stride_dvs
     tl.store(DK + b * stride_dkb + hk * stride_dkh + n64[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + n64[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
@@ -412,6 +425,18 @@ def attention_forward(q, k, v, causal: bool, scale: float):
     return out.to(q.dtype), lse
 
 
+# Packed rows per dK/dV row split, at least: below this a split costs more than it saves.
+MIN_ROWS_PER_SPLIT = 256
+MAX_ROW_SPLITS = 16
+
+
+def dkdv_row_splits(kv_programs: int, R: int, sms: int) -> int:
+    """Row splits of the dK/dV launch: about two waves of programs over `sms` SMs when the key
+    blocks alone are too few (MQA, small batch), each split at least MIN_ROWS_PER_SPLIT rows."""
+    want = triton.cdiv(2 * sms, max(1, kv_programs))
+    return max(1, min(want, triton.cdiv(R, MIN_ROWS_PER_SPLIT), MAX_ROW_SPLITS))
+
+
 def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float):
     """Gradients of attention: dout (B, Tq, Hq, D), lse/delta (B, Hq, Tq) fp32 -> (dq, dk, dv)."""
     B, Tq, Hq, D = q.shape
@@ -426,14 +451,24 @@ def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float):
     common = dict(G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision)
     buckets = (triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
 
+    splits = dkdv_row_splits(B * Hkv * triton.cdiv(Tk, max(c[1] for c in DKDV_CONFIGS)), Tq * G, sm_count(q.device))
+    if splits > 1:
+        dk_part = torch.empty((splits, B, Tk, Hkv, D), dtype=torch.float32, device=k.device)
+        dv_part = torch.empty((splits, B, Tk, Hkv, D), dtype=torch.float32, device=v.device)
+    else:
+        dk_part, dv_part = dk.unsqueeze(0), dv.unsqueeze(0)
+
     def grid_kv(meta):
-        return (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,)
+        return (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv * splits,)
 
     _attention_bwd_dkdv_kernel[grid_kv](
-        q, k, v, dout, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
-        Tq, Tk, B * Hkv, Hkv, scale * LOG2E, scale, *buckets, **common,
+        q, k, v, dout, lse, delta, dk_part, dv_part,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dk_part.stride(), *dv_part.stride(),
+        Tq, Tk, B * Hkv, Hkv, splits, scale * LOG2E, scale, *buckets, **common,
     )
+    if splits > 1:
+        dk = dk_part.sum(0).to(dk.dtype)
+        dv = dv_part.sum(0).to(dv.dtype)
 
     def grid_q(meta):
         return (triton.cdiv(Tq * G, meta["BLOCK_M"]) * B * Hkv,)
