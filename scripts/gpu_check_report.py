@@ -14,7 +14,7 @@ def main(out: str, total: int) -> int:
 
     steps = [json.loads(line) for line in open(f"{out}/steps.jsonl") if line.strip()]
     tests = {}
-    for name in ("tests_decode", "tests_attention"):
+    for name in ("tests_cuda", "tests_triton_decode", "tests_attention"):
         path = f"{out}/{name}.xml"
         if os.path.exists(path):
             s = ET.parse(path).getroot()
