@@ -11,7 +11,7 @@ At most two launches, in stream order:
    grid axis 0. The G query heads (x Tq rows) of a KV head are packed into the M dimension of
    `tl.dot` (>= 16 rows), so MQA/GQA decoding runs on tensor cores and reads each K/V tile once
    per group. The splits partition the *live* keys [0, Lk_b): each program reads cache_seqlens[b]
-   and takes its slice of cdiv(Lk_b, num_splits) keys (rounded up to SPLIT_ALIGN), so every
+   and takes its slice of cdiv(Lk_b, NUM_SPLITS) keys (rounded up to SPLIT_ALIGN), so every
    active program gets an equal share whatever the capacity S. Keys below L_b come from the
    cache; keys from L_b on come straight from k / v, and the program whose slice holds them (row
    block 0) writes them into the caches, masked to [0, S). No program reads a cache row another
@@ -70,10 +70,10 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 
 @triton.jit
-def _live_range(split, Lk, num_splits, SPLIT_ALIGN_: tl.constexpr):
+def _live_range(split, Lk, NUM_SPLITS: tl.constexpr, SPLIT_ALIGN_: tl.constexpr):
     """Keys [start, end) of `split` among the live keys [0, Lk), and the active split count
     (at least 1: with no live key, split 0 still writes the zero output and -inf LSE)."""
-    chunk = tl.cdiv(tl.cdiv(Lk, num_splits), SPLIT_ALIGN_) * SPLIT_ALIGN_
+    chunk = tl.cdiv(tl.cdiv(Lk, NUM_SPLITS), SPLIT_ALIGN_) * SPLIT_ALIGN_
     chunk = tl.maximum(chunk, SPLIT_ALIGN_)
     start = split * chunk
     end = tl.minimum(start + chunk, Lk)
@@ -115,18 +115,18 @@ def _decode_split_kernel(
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_os, stride_ob, stride_ot, stride_oh, stride_od,
     stride_ls, stride_lb, stride_lh, stride_lt,
-    Tq, S, Hkv, num_splits, qk_scale, s_bucket,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    Tq, S, Hkv, qk_scale, s_bucket,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_NEW: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FOLD_SCALE: tl.constexpr, SPLIT_ALIGN_: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """pid = (bh * row_blocks + m) * num_splits + split; packed row r = t * G + g.
+    """pid = (bh * row_blocks + m) * NUM_SPLITS + split; packed row r = t * G + g.
 
     Writes the split's normalised output to Out[split] (.., Tq, Hq, D) and its LSE (natural log)
     to Lse[split] (.., Hq, Tq); with HAS_NEW, appends K/V (B, Tq, Hkv, D) into KC/VC at L_b.
     """
     n_m = tl.cdiv(Tq * G, BLOCK_M)
-    bhm, split = split_pid(tl.program_id(0), num_splits)
+    bhm, split = split_pid(tl.program_id(0), NUM_SPLITS)
     bh, pid_m = split_pid(bhm, n_m)
     b = bh // Hkv
     hk = bh % Hkv
@@ -138,7 +138,7 @@ def _decode_split_kernel(
         Lk = tl.minimum(tl.maximum(L, 0), S)
         L_cache = Lk
     # A split past the live keys (split >= n_active) has start >= end: it loops over nothing and stores nothing.
-    start, end, n_active = _live_range(split, Lk, num_splits, SPLIT_ALIGN_)
+    start, end, n_active = _live_range(split, Lk, NUM_SPLITS, SPLIT_ALIGN_)
     active = split < n_active
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -211,12 +211,12 @@ def _combine_kernel(
     stride_qs, stride_qb, stride_qh, stride_qt,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lh, stride_lt,
-    Tq, S, Hkv, num_splits,
+    Tq, S, Hkv,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NEW: tl.constexpr,
-    SPLIT_ALIGN_: tl.constexpr, BLOCK_M: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_ALIGN_: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Merge the active splits in one streaming pass: OutPart (num_splits, B, Tq, Hq, D) fp32,
-    LsePart (num_splits, B, Hq, Tq) -> Out (B, Tq, Hq, D), Lse (B, Hq, Tq). pid = bh * row_blocks + m."""
+    """Merge the active splits in one streaming pass: OutPart (NUM_SPLITS, B, Tq, Hq, D) fp32,
+    LsePart (NUM_SPLITS, B, Hq, Tq) -> Out (B, Tq, Hq, D), Lse (B, Hq, Tq). pid = bh * row_blocks + m."""
     bh, pid_m = split_pid(tl.program_id(0), tl.cdiv(Tq * G, BLOCK_M))
     b = bh // Hkv
     hk = bh % Hkv
@@ -224,7 +224,7 @@ def _combine_kernel(
     if HAS_NEW:
         L = L + Tq
     Lk = tl.minimum(tl.maximum(L, 0), S)
-    _s, _e, n_active = _live_range(0, Lk, num_splits, SPLIT_ALIGN_)
+    _s, _e, n_active = _live_range(0, Lk, NUM_SPLITS, SPLIT_ALIGN_)
     t, h, row_ok = packed_rows(pid_m * BLOCK_M, hk, Tq, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     od_mask = row_ok[:, None] & (offs_d < D)[None, :]
@@ -320,8 +320,8 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
         q, k_cache, v_cache, kn, vn, seqlens, out_part, lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(),
         *out_part.stride(), *lse_part.stride(),
-        Tq, S, Hkv, plan.num_splits, scale * LOG2E, triton.next_power_of_2(max(S, 1)),
-        G=G, D=D, BLOCK_D=block_d(D), HAS_NEW=has_new,
+        Tq, S, Hkv, scale * LOG2E, triton.next_power_of_2(max(S, 1)),
+        G=G, D=D, BLOCK_D=block_d(D), NUM_SPLITS=plan.num_splits, HAS_NEW=has_new,
         CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision, FOLD_SCALE=scale > 0, SPLIT_ALIGN_=SPLIT_ALIGN,
         BLOCK_M=plan.block_m,
     )
@@ -329,7 +329,7 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
         _combine_kernel[(plan.combine_programs,)](
             out_part, lse_part, seqlens, out, lse,
             *out_part.stride(), *lse_part.stride(), *out.stride(), *lse.stride(),
-            Tq, S, Hkv, plan.num_splits, G=G, D=D, BLOCK_D=block_d(D), HAS_NEW=has_new,
+            Tq, S, Hkv, G=G, D=D, BLOCK_D=block_d(D), HAS_NEW=has_new, NUM_SPLITS=plan.num_splits,
             SPLIT_ALIGN_=SPLIT_ALIGN, BLOCK_M=COMBINE_M,
         )
     return out.to(q.dtype), lse
