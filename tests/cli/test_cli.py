@@ -109,19 +109,19 @@ def test_study_cli(trained, tmp_path, capsys):
 
 
 def test_backend_flag_forces_the_backend(trained, capsys, monkeypatch):
-    from pytorch_mqa.ops import dispatch
+    from pytorch_mqa.kernels import attention_with_kv_cache as kernel
     from pytorch_mqa.ops.backends import ENV_VAR
 
     _, out = trained
     monkeypatch.setenv(ENV_VAR, "auto")  # restored after the test
     seen = []
-    forward = dispatch.attention_with_kv_cache_forward
+    launch = kernel.attention_with_kv_cache
 
     def spy(*args):
-        seen.append(args[-1])
-        return forward(*args)
+        seen.append("triton")
+        return launch(*args)
 
-    monkeypatch.setattr(dispatch, "attention_with_kv_cache_forward", spy)
+    monkeypatch.setattr(kernel, "attention_with_kv_cache", spy)
     assert cli.main(["generate", "--init", str(out / "checkpoint"), "--backend", "triton", "--max-new-tokens", "3",
                      "--device", "cpu", "A"]) == 0
     assert seen and set(seen) == {"triton"}
