@@ -165,7 +165,7 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
         json.dump({"summary": summarize(history), "epochs": epochs,
                    "example": {**example, "model_response": response}, "history": history}, f, indent=1)
     if args.answers is not None:
-        write_answers(args.answers, model, tokenizer, val_recs, args.answer_tokens, block)
+        write_answers(args.answers, model, tokenizer, val_recs, args.answer_tokens, block, not args.no_progress)
     print(f"\nexample instruction: {example['instruction']!r}\nmodel response: {response!r}{note}")
     print(f"wrote {ckpt}/ (model, tokenizer, trainer state), {args.out}/loss.png, {args.out}/metrics.json")
     extra = f" --input {json.dumps(example['input'])}" if example.get("input") else ""
@@ -174,10 +174,11 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
     return 0
 
 
-def write_answers(path: str, model, tokenizer, records: list[dict], max_new_tokens: int, block: int) -> None:
+def write_answers(path: str, model, tokenizer, records: list[dict], max_new_tokens: int, block: int,
+                  progress: bool = True) -> None:
     """The held-out records with the model's greedy response to each added as "model_response"."""
     out = []
-    for r in tqdm(records, desc="answers", leave=False):
+    for r in tqdm(records, desc="answers", leave=False, disable=not progress):
         prompt_len = len(tokenizer.encode(format_prompt(r)))
         response = respond(model, tokenizer, r, max_new_tokens) if prompt_len <= block else None
         out.append({**r, "model_response": response})
