@@ -129,3 +129,19 @@ def test_backend_flag_forces_the_backend(trained, capsys, monkeypatch):
     capsys.readouterr()
     with pytest.raises(SystemExit):
         cli.main(["generate", "--init", str(out / "checkpoint"), "--backend", "fast", "A"])
+
+
+def test_generate_from_a_bare_scratch_layout_file_needs_n_head(trained, tmp_path, capsys):
+    from pytorch_mqa.model import GPT
+    from pytorch_mqa.training.tokenizers import load_tokenizer
+
+    _, out = trained
+    model = GPT.from_pretrained(str(out / "checkpoint"))
+    model.save_pretrained(str(tmp_path), format="scratch")  # tmp_path/model.pth: no config.json
+    load_tokenizer(str(out / "checkpoint")).save(str(tmp_path))
+    argv = ["generate", "--init", str(tmp_path / "model.pth"), "--max-new-tokens", "3", "--temperature", "0",
+            "--device", "cpu", "A"]
+    assert cli.main(argv) == 1
+    assert "n_head" in capsys.readouterr().err
+    assert cli.main(argv + ["--n-head", "2"]) == 0
+    assert "[3 tokens in" in capsys.readouterr().out
