@@ -107,8 +107,9 @@ def _variant_masks(B, Hq, Tq, Tk, key_lens, causal, window_size, alibi_slopes, d
 
 
 def _scores(q, k, scale, Hkv, cdt, key_mask, softcap=0.0, bias=None):
-    """Scores (B, Hkv, G*Tq, Tk) after softcap and ALiBi, -inf where not visible; and the tanh
-    of the softcap (None without softcap), which the backward needs.
+    """Scores (B, Hkv, G*Tq, Tk) after softcap and ALiBi, -inf where not visible; and the
+    softcap's derivative 1 - tanh^2 = 1 / cosh^2 (None without softcap), which the backward needs
+    (computed from cosh: 1 - t * t cancels where tanh saturates, the large-logit regime).
 
     key_mask broadcasts to (B, 1, Tq, Tk) and is True where a key is visible; bias is
     (B, Hq, Tq, Tk) or None.
@@ -118,8 +119,9 @@ def _scores(q, k, scale, Hkv, cdt, key_mask, softcap=0.0, bias=None):
     s = _raw_scores(q, k, scale, Hkv, cdt)
     t = None
     if softcap > 0:
-        t = torch.tanh(s / softcap)
-        s = softcap * t
+        x = s / softcap
+        t = torch.cosh(x).pow(-2)
+        s = softcap * torch.tanh(x)
     if bias is not None:
         s = s + _grouped(bias.to(s.dtype), B, Hq, Hkv, Tq, Tk)
     if key_mask is not None:
@@ -199,7 +201,7 @@ def attention_backward(
 
     lse (B, Hq, Tq) is the forward's log-sum-exp; delta (B, Hq, Tq) is rowsum(dout * out) minus
     the incoming gradient of lse (zero when only `out` is used), so dS = P * (dP - delta), with
-    dP = dO V^T times the dropout's keep / (1 - p). The softcap multiplies dS by 1 - tanh^2.
+    dP = dO V^T times the dropout's keep / (1 - p). The softcap multiplies dS by 1 - tanh^2 (as 1 / cosh^2).
     dK/dV are summed over the G query heads of each KV head. upcast=True computes in float32;
     False runs the matmuls on inputs, P and dS in the input dtype (P and dS from float32 math).
     """
@@ -223,7 +225,7 @@ def attention_backward(
         dp = dp * drop
     ds = p * (dp - delta.to(acc).reshape(B, Hkv, G * Tq, 1))
     if t is not None:
-        ds = ds * (1 - t * t)
+        ds = ds * t  # d(softcap * tanh(s / softcap)) / ds
     ds = ds.to(cdt)
     kk = k.to(cdt).transpose(1, 2)  # (B, Hkv, Tk, D)
     dq = _ungroup(torch.matmul(ds, kk).to(acc) * scale, Tq, G)

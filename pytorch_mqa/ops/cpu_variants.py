@@ -8,7 +8,7 @@ dropout_p) and of packed (varlen) sequences; what backend "reference" runs on CP
   lse = -inf here, and given a finite lse in the backward, where the mask makes their P zero.
 - softcap or dropout: the fused kernel has neither a score transform nor a dropout mask it can
   replay, so these run as explicit float32 math on the masked, transformed scores, with the
-  analytic backward (dS is multiplied by 1 - tanh^2 under softcap; the dropout mask is drawn again
+  analytic backward (dS is multiplied by 1 - tanh^2 = 1 / cosh^2 under softcap; the dropout mask is drawn again
   from the call's seed with `reference.dropout_keep`, so forward and backward use the same one).
 - varlen: one call of the above per sequence (the lengths are read on the host once).
 """
@@ -91,15 +91,17 @@ def _fused_backward(dout, q, k, v, out, lse, dlse, causal, scale, window_size, a
 
 
 def _explicit_scores(q, k, causal, scale, window_size, softcap, alibi_slopes):
-    """float32 scores (B, Hq, Tq, Tk) after softcap, ALiBi and the mask; and tanh (or None)."""
+    """float32 scores (B, Hq, Tq, Tk) after softcap, ALiBi and the mask; and the softcap's
+    derivative 1 / cosh^2 (or None): 1 - tanh^2 would cancel where tanh saturates."""
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     qh = q.float().transpose(1, 2).reshape(B, Hkv, (Hq // Hkv) * Tq, D)  # rows (g, t) per KV head
     s = torch.matmul(qh, k.float().permute(0, 2, 3, 1)).reshape(B, Hq, Tq, Tk) * scale
     t = None
     if softcap > 0:
-        t = torch.tanh(s / softcap)
-        s = t * softcap
+        x = s / softcap
+        t = torch.cosh(x).pow(-2)
+        s = torch.tanh(x) * softcap
     bias, empty = _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes)
     return s + bias, t, empty
 
@@ -143,7 +145,7 @@ def _explicit_backward(dout, q, k, v, out, lse, dlse, causal, scale, window_size
         delta = delta - dlse.float()
     ds = p * (dp - delta[..., None])
     if t is not None:
-        ds = ds * (1 - t * t)
+        ds = ds * t
     dsg = ds.reshape(B, Hkv, G * Tq, Tk)
     dq = torch.matmul(dsg, k.float().transpose(1, 2)).reshape(B, Hq, Tq, D).transpose(1, 2) * scale
     qg = q.float().transpose(1, 2).reshape(B, Hkv, G * Tq, D)
