@@ -166,9 +166,12 @@ def attention_varlen_backward(dout, q, k, v, cu_q, cu_k, max_q, max_k, out, lse,
         for b, (q0, q1, k0, k1) in enumerate(zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])):
             if q1 > q0 and k1 > k0:
                 dl = None if dlse is None else dlse[:, q0:q1][None]
+                # In float32: the fused kernel's float16/bfloat16 backward rounds dS to the input
+                # dtype, which put a packed bfloat16 MQA case just over the §5 bound.
+                f = lambda x: x.float()  # noqa: E731
                 g = _cpu_backward(
-                    dout[q0:q1][None], q[q0:q1][None], k[k0:k1][None], v[k0:k1][None], out[q0:q1][None],
-                    lse[:, q0:q1][None], dl, causal, scale, _per_sequence(var, b)
+                    f(dout[q0:q1][None]), f(q[q0:q1][None]), f(k[k0:k1][None]), f(v[k0:k1][None]),
+                    f(out[q0:q1][None]), lse[:, q0:q1][None], dl, causal, scale, _per_sequence(var, b)
                 )
                 dq[q0:q1], dk[k0:k1], dv[k0:k1] = g[0][0], g[1][0], g[2][0]
         return dq, dk, dv

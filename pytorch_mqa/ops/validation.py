@@ -210,8 +210,8 @@ def _check_cu_seqlens(name: str, cu, total: int, n_seq: int | None, max_name: st
         raise TypeError(f"{max_name}: expected a host int, got {type(max_seqlen).__name__}")
     if max_seqlen < 0:
         raise ValueError(f"{max_name}: expected an int >= 0, got {max_seqlen}")
-    if cu.device.type != "cpu":
-        return None  # the values live on the device: reading them would synchronise
+    if cu.device.type != "cpu" or torch.compiler.is_compiling():
+        return None  # on a device, reading the values would synchronise; a traced graph cannot read them
     vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{name}: expected {name}[0] == 0, got {vals[0]}")
@@ -229,7 +229,8 @@ def _check_cu_seqlens(name: str, cu, total: int, n_seq: int | None, max_name: st
 def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale) -> int:
     """Checks of `attention_varlen`'s tensors; returns the number of sequences B. The values of
     cu_seqlens (0 first, non-decreasing, ending at the total, within max_seqlen) are checked
-    when they are on the CPU; on a GPU that would be a device sync, so there they are not read."""
+    when they are on the CPU and the call is eager; on a GPU that would be a device sync, and
+    under torch.compile a data-dependent branch, so there they are not read."""
     for name, x, doc in (("q", q, "(total_q, Hq, D)"), ("k", k, "(total_k, Hkv, D)"), ("v", v, "(total_k, Hkv, D)")):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor {doc}, got {type(x).__name__}")
