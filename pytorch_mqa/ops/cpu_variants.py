@@ -11,12 +11,16 @@ dropout_p) and of packed (varlen) sequences; what backend "reference" runs on CP
   analytic backward (dS is multiplied by 1 - tanh^2 = 1 / cosh^2 under softcap; the dropout mask is drawn again
   from the call's seed with `reference.dropout_keep`, so forward and backward use the same one).
 - varlen: one call of the above per sequence (the lengths are read on the host once).
+- the cache op: the new rows are appended in place as in `pytorch_mqa.ops.cpu`, then one call
+  over the longest visible prefix with a per-sequence mask (each sequence's own offset).
 """
 
 from __future__ import annotations
 
 import torch
 
+from pytorch_mqa.ops.cpu import _append
+from pytorch_mqa.ops.validation import check_cache_capacity
 from pytorch_mqa.reference import dropout_keep
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -27,25 +31,29 @@ def has_variant(window_size, softcap, alibi_slopes, dropout_p) -> bool:
     return tuple(window_size) != (-1, -1) or softcap > 0 or alibi_slopes is not None or dropout_p > 0
 
 
-def _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes):
-    """Additive float32 mask (B|1, Hq|1, Tq, Tk) and the (B|1, Tq) rows that see no key."""
+def _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes, key_lens=None):
+    """Additive float32 mask (B|1, Hq|1, Tq, Tk) and the (B|1, Tq) rows that see no key.
+
+    key_lens: the keys each sequence has (the cache op), or None: all Tk; the offset of query i
+    is key_len - Tq."""
     left, right = window_size
-    i = torch.arange(Tq)[:, None]
-    j = torch.arange(Tk)[None, :]
-    diag = i + (Tk - Tq)
-    vis = torch.ones(Tq, Tk, dtype=torch.bool)
+    i = torch.arange(Tq)[None, :, None]
+    j = torch.arange(Tk)[None, None, :]
+    lens = torch.tensor([Tk] if key_lens is None else key_lens, dtype=torch.long)[:, None, None]
+    diag = i + (lens - Tq)  # (B|1, Tq, 1)
+    vis = j < lens
     if causal:
-        vis &= j <= diag
+        vis = vis & (j <= diag)
     if left >= 0:
-        vis &= j >= diag - left
+        vis = vis & (j >= diag - left)
     if right >= 0:
-        vis &= j <= diag + right
-    bias = torch.zeros(Tq, Tk).masked_fill_(~vis, float("-inf"))[None, None]
+        vis = vis & (j <= diag + right)
+    bias = torch.zeros(vis.shape).masked_fill_(~vis, float("-inf"))[:, None]
     if alibi_slopes is not None:
         slopes = alibi_slopes.float()
         slopes = slopes[None] if slopes.dim() == 1 else slopes
-        bias = bias - slopes[:, :, None, None] * (diag - j).abs().float()
-    return bias, ~vis.any(-1)[None]
+        bias = bias - slopes[:, :, None, None] * (diag - j).abs().float()[:, None]
+    return bias, ~vis.any(-1)
 
 
 def _bhsd(x):
@@ -90,7 +98,7 @@ def _fused_backward(dout, q, k, v, out, lse, dlse, causal, scale, window_size, a
     return dq.to(dt).contiguous(), dk.to(dt).contiguous(), dv.to(dt).contiguous()
 
 
-def _explicit_scores(q, k, causal, scale, window_size, softcap, alibi_slopes):
+def _explicit_scores(q, k, causal, scale, window_size, softcap, alibi_slopes, key_lens=None):
     """float32 scores (B, Hq, Tq, Tk) after softcap, ALiBi and the mask; and the softcap's
     derivative 1 / cosh^2 (or None): 1 - tanh^2 would cancel where tanh saturates."""
     B, Tq, Hq, D = q.shape
@@ -102,7 +110,7 @@ def _explicit_scores(q, k, causal, scale, window_size, softcap, alibi_slopes):
         x = s / softcap
         t = torch.cosh(x).pow(-2)
         s = torch.tanh(x) * softcap
-    bias, empty = _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes)
+    bias, empty = _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes, key_lens)
     return s + bias, t, empty
 
 
@@ -179,4 +187,34 @@ def attention_backward(dout, q, k, v, out, lse, dlse, causal, scale, window_size
     return _fused_backward(dout, q, k, v, out, lse, dlse, causal, scale, window_size, alibi_slopes)
 
 
-__all__ = ["has_variant", "attention_forward", "attention_backward"]
+def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, window_size, softcap, alibi_slopes):
+    """The cache op with window, softcap or ALiBi on CPU tensors: append k/v in place (lengths
+    checked first), then attend the longest visible prefix with per-sequence offsets: the fused
+    kernel with an additive mask, or (softcap) explicit float32 math."""
+    B, Tq, Hq, D = q.shape
+    lens = cache_seqlens.tolist()  # the one host read of the lengths in this call
+    new = Tq if k is not None else 0
+    lo, hi = check_cache_capacity(lens, k_cache.shape[1], new)
+    if B == 0 or Tq == 0 or hi + new == 0:
+        return _empty(q)
+    if new:
+        _append(k_cache, k, lens, lo == hi)
+        _append(v_cache, v, lens, lo == hi)
+    n = hi + new
+    kc, vc = k_cache.narrow(1, 0, n), v_cache.narrow(1, 0, n)
+    key_lens = [L + new for L in lens]
+    if softcap > 0:
+        s, _, empty = _explicit_scores(q, kc, causal, scale, window_size, softcap, alibi_slopes, key_lens)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+        return _pv(p, vc).to(q.dtype).contiguous(), lse.contiguous()
+    bias, empty = _bias(B, Hq, Tq, n, causal, window_size, alibi_slopes, key_lens)
+    out, lse = _flash(_bhsd(q), _bhsd(kc), _bhsd(vc), 0.0, False, attn_mask=bias, scale=scale)
+    out = out.transpose(1, 2)
+    if bool(empty.any()):
+        out = out.masked_fill(empty[:, :, None, None], 0.0)
+        lse = lse.masked_fill(empty[:, None, :], float("-inf"))
+    return out.contiguous(), lse.contiguous()
+
+
+__all__ = ["has_variant", "attention_forward", "attention_backward", "attention_with_kv_cache"]

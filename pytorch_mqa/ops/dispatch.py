@@ -214,10 +214,15 @@ def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, ca
 
 
 def _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var):
-    """The cache op with window, softcap or ALiBi: the oracle's masked math on every device
-    (per-sequence offsets), after the capacity check; the Triton and csrc kernels lack them."""
+    """The cache op with window, softcap or ALiBi: the CPU kernel of `cpu_variants` on CPU
+    tensors, else the oracle's masked math (per-sequence offsets) after the capacity check; the
+    Triton and csrc kernels lack them."""
     if backend in ("triton", "cuda"):
         _require(backend, "attention_with_kv_cache", var)
+    if backend == "reference" and q.device.type == "cpu":  # checks the capacity where it reads the lengths
+        return cpu_variants.attention_with_kv_cache(
+            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var["window_size"], var["softcap"], var["alibi_slopes"]
+        )
     if cache_seqlens.device.type == "cpu":
         check_cache_capacity(cache_seqlens.tolist(), k_cache.shape[1], q.shape[1] if k is not None else 0)
     cache_seqlens = cache_seqlens.to(q.device)

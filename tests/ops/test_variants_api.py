@@ -36,6 +36,7 @@ BAD = [
     ("cache dropout", lambda: pytorch_mqa.attention_with_kv_cache(qc, kc, vc, kn, vn, cache_seqlens=lens, dropout_p=0.1), ValueError, "dropout_p"),
     ("cache window", lambda: pytorch_mqa.attention_with_kv_cache(qc, kc, vc, kn, vn, cache_seqlens=lens, window_size=(0, -3)), ValueError, "window_size"),
     ("cache alibi", lambda: pytorch_mqa.attention_with_kv_cache(qc, kc, vc, kn, vn, cache_seqlens=lens, alibi_slopes=torch.ones(3, 4)), ValueError, "alibi_slopes"),
+    ("cache capacity", lambda: pytorch_mqa.attention_with_kv_cache(qc, kc.clone(), vc.clone(), kn, vn, cache_seqlens=torch.tensor([7, 8], dtype=torch.int32), window_size=(2, 0)), ValueError, "cache_seqlens"),
     ("cu int64", lambda: _varlen(cu_seqlens_q=cu.long()), TypeError, "cu_seqlens_q"),
     ("cu not monotonic", lambda: _varlen(cu_seqlens_k=torch.tensor([0, 3, 2], dtype=torch.int32)), ValueError, "cu_seqlens_k"),
     ("cu wrong total", lambda: _varlen(cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32)), ValueError, "cu_seqlens_q"),
