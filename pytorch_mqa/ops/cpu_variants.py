@@ -2,8 +2,10 @@
 dropout_p) and of packed (varlen) sequences; what backend "reference" runs on CPU tensors.
 
 - window and ALiBi without softcap or dropout: PyTorch's fused CPU attention
-  (`aten._scaled_dot_product_flash_attention_for_cpu`) and its backward with one additive float32
-  mask (0 / -inf for causal and window, -slope * |i + Tk - Tq - j| for ALiBi). Its semantics match
+  (`aten._scaled_dot_product_flash_attention_for_cpu`) and its backward with an additive float32
+  mask (0 / -inf for causal and window, -slope * |i + Tk - Tq - j| for ALiBi), run per block of
+  128 query rows over only the keys that block can see (`_blocks`), so that a window's work
+  scales with the window and not with Tk. Its semantics match
   except for rows that see no key, which it returns with lse = 0: they are set to zeros and
   lse = -inf here, and given a finite lse in the backward, where the mask makes their P zero.
 - softcap or dropout: the fused kernel has neither a score transform nor a dropout mask it can
@@ -31,16 +33,16 @@ def has_variant(window_size, softcap, alibi_slopes, dropout_p) -> bool:
     return tuple(window_size) != (-1, -1) or softcap > 0 or alibi_slopes is not None or dropout_p > 0
 
 
-def _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes, key_lens=None):
-    """Additive float32 mask (B|1, Hq|1, Tq, Tk) and the (B|1, Tq) rows that see no key.
+def _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes, key_lens=None, rows=None, cols=None):
+    """Additive float32 mask (B|1, Hq|1, rows, cols) and the (B|1, rows) rows that see no key.
 
     key_lens: the keys each sequence has (the cache op), or None: all Tk; the offset of query i
-    is key_len - Tq."""
+    is key_len - Tq. rows, cols: (start, stop) of a block of the (Tq, Tk) problem (default all)."""
     left, right = window_size
-    i = torch.arange(Tq)[None, :, None]
-    j = torch.arange(Tk)[None, None, :]
+    i = torch.arange(*(rows or (0, Tq)))[None, :, None]
+    j = torch.arange(*(cols or (0, Tk)))[None, None, :]
     lens = torch.tensor([Tk] if key_lens is None else key_lens, dtype=torch.long)[:, None, None]
-    diag = i + (lens - Tq)  # (B|1, Tq, 1)
+    diag = i + (lens - Tq)  # (B|1, rows, 1)
     vis = j < lens
     if causal:
         vis = vis & (j <= diag)
@@ -56,6 +58,28 @@ def _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes, key_lens=None):
     return bias, ~vis.any(-1)
 
 
+CHUNK = 128  # query rows per block when a window or the causal mask bounds the keys
+
+
+def _blocks(Tq, Tk, causal, window_size):
+    """[(i0, i1, j0, j1)]: query blocks and the one key range each can see. Keys outside every
+    row's window are never touched, so the work scales with the window, not with Tk."""
+    left, right = window_size
+    if left < 0 and right < 0 and not causal:
+        return [(0, Tq, 0, Tk)]
+    off = Tk - Tq
+    r = None if right < 0 else right
+    if causal:
+        r = 0 if r is None else min(r, 0)
+    out = []
+    for i0 in range(0, Tq, CHUNK):
+        i1 = min(Tq, i0 + CHUNK)
+        j0 = 0 if left < 0 else min(Tk, max(0, i0 + off - left))
+        j1 = Tk if r is None else max(j0, min(Tk, i1 - 1 + off + r + 1))
+        out.append((i0, i1, j0, j1))
+    return out
+
+
 def _bhsd(x):
     x = x.transpose(1, 2)
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -64,23 +88,29 @@ def _bhsd(x):
 def _fused_forward(q, k, v, causal, scale, window_size, alibi_slopes):
     B, Tq, Hq, D = q.shape
     Tk = k.shape[1]
-    bias, empty = _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes)
-    out, lse = _flash(_bhsd(q), _bhsd(k), _bhsd(v), 0.0, False, attn_mask=bias, scale=scale)
-    out = out.transpose(1, 2)
-    if bool(empty.any()):
-        out = out.masked_fill(empty[:, :, None, None], 0.0)
-        lse = lse.masked_fill(empty[:, None, :], float("-inf"))
-    return out.contiguous(), lse.contiguous()
+    qh, kh, vh = _bhsd(q), _bhsd(k), _bhsd(v)
+    out = q.new_zeros((B, Tq, Hq, D))
+    lse = torch.full((B, Hq, Tq), float("-inf"))
+    for i0, i1, j0, j1 in _blocks(Tq, Tk, causal, window_size):
+        if j1 == j0:
+            continue  # these rows see no key
+        bias, empty = _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes, rows=(i0, i1), cols=(j0, j1))
+        o, l = _flash(qh[:, :, i0:i1], kh[:, :, j0:j1], vh[:, :, j0:j1], 0.0, False, attn_mask=bias, scale=scale)
+        o = o.transpose(1, 2)
+        if bool(empty.any()):
+            o = o.masked_fill(empty[:, :, None, None], 0.0)
+            l = l.masked_fill(empty[:, None, :], float("-inf"))
+        out[:, i0:i1], lse[:, :, i0:i1] = o, l
+    return out, lse
 
 
 def _fused_backward(dout, q, k, v, out, lse, dlse, causal, scale, window_size, alibi_slopes):
-    """The kernel's backward with the mask; K/V expanded to Hq heads and dK/dV summed over the
-    G query heads in float32. A nonzero dLSE is carried by one padded head-dim column (q, k, v:
-    0; dO: 1; O: -dLSE), as in `pytorch_mqa.ops.cpu`."""
+    """The kernel's backward with the mask, per block of `_blocks`; K/V expanded to Hq heads and
+    dK/dV summed over the G query heads in float32. A nonzero dLSE is carried by one padded
+    head-dim column (q, k, v: 0; dO: 1; O: -dLSE), as in `pytorch_mqa.ops.cpu`."""
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    bias, _ = _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes)
     dt = q.dtype
     lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).float()  # empty rows: P = 0 by the mask
     if dlse is not None and bool(dlse.any()):
@@ -88,14 +118,23 @@ def _fused_backward(dout, q, k, v, out, lse, dlse, causal, scale, window_size, a
         q, k, v = (pad(x.float(), (0, 1)) for x in (q, k, v))
         dout = pad(dout.float(), (0, 1), value=1.0)
         out = torch.cat([out.float(), -dlse.float().transpose(1, 2).unsqueeze(-1)], dim=-1)
-    ke, ve = (x.repeat_interleave(G, dim=2) for x in (k, v))
-    dq, dk, dv = _flash_backward(
-        _bhsd(dout), _bhsd(q), _bhsd(ke), _bhsd(ve), _bhsd(out), lse, 0.0, False, attn_mask=bias, scale=scale
-    )
-    dq = dq.transpose(1, 2)[..., :D]
-    dk = dk.transpose(1, 2).unflatten(2, (Hkv, G)).sum(3, dtype=torch.float32)[..., :D]
-    dv = dv.transpose(1, 2).unflatten(2, (Hkv, G)).sum(3, dtype=torch.float32)[..., :D]
-    return dq.to(dt).contiguous(), dk.to(dt).contiguous(), dv.to(dt).contiguous()
+    ke, ve = (_bhsd(x.repeat_interleave(G, dim=2)) for x in (k, v))
+    qh, doh, oh = _bhsd(q), _bhsd(dout), _bhsd(out)
+    dq = torch.zeros(B, Tq, Hq, D, dtype=torch.float32)
+    dk = torch.zeros(B, Tk, Hkv, D, dtype=torch.float32)
+    dv = torch.zeros(B, Tk, Hkv, D, dtype=torch.float32)
+    for i0, i1, j0, j1 in _blocks(Tq, Tk, causal, window_size):
+        if j1 == j0:
+            continue
+        bias, _ = _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes, rows=(i0, i1), cols=(j0, j1))
+        gq, gk, gv = _flash_backward(
+            doh[:, :, i0:i1], qh[:, :, i0:i1], ke[:, :, j0:j1], ve[:, :, j0:j1], oh[:, :, i0:i1],
+            lse[:, :, i0:i1], 0.0, False, attn_mask=bias, scale=scale,
+        )
+        dq[:, i0:i1] = gq.transpose(1, 2)[..., :D]
+        dk[:, j0:j1] += gk.transpose(1, 2).unflatten(2, (Hkv, G)).sum(3, dtype=torch.float32)[..., :D]
+        dv[:, j0:j1] += gv.transpose(1, 2).unflatten(2, (Hkv, G)).sum(3, dtype=torch.float32)[..., :D]
+    return dq.to(dt), dk.to(dt), dv.to(dt)
 
 
 def _explicit_scores(q, k, causal, scale, window_size, softcap, alibi_slopes, key_lens=None):

@@ -142,3 +142,21 @@ def test_kv_cache_window_is_per_sequence():
         keys = slice(L + 1 - 3, L + 1)
         want = pytorch_mqa.attention(q[b : b + 1], kc[b : b + 1, keys], vc[b : b + 1, keys])
         torch.testing.assert_close(out[b : b + 1], want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", [dict(window_size=(7, 3)), dict(causal=True, window_size=(20, -1), alibi_slopes=torch.full((4,), 0.1))],
+                         ids=["win(7,3)", "causal+win(20,-1)+alibi"])
+def test_window_over_several_query_blocks(dtype, opts):
+    """Tq = 260, Tk = 300: three 128-row blocks, each over only the keys its rows can see."""
+    q, k, v = attention_inputs((1, 260, 300, 4, 1, 32), dtype, seed=8)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    wl = torch.zeros(1, 4, 260)
+    got = _grads(lambda a, b, c: pytorch_mqa.attention(a, b, c, return_lse=True, **opts), q, k, v, dout, wl)
+    r32 = _grads(lambda a, b, c: reference.attention(a, b, c, **opts), q.float(), k.float(), v.float(), dout, wl)
+    rlp = _grads(lambda a, b, c: reference.attention(a, b, c, upcast=False, **opts), q, k, v, dout, wl)
+    for name, a, b, c in zip(("dq", "dk", "dv"), got, r32, rlp):
+        assert_close(a, b, c, dtype, name, "variants blocks")
+    out = pytorch_mqa.attention(q, k, v, **opts)
+    assert_close(out, reference.attention(q.float(), k.float(), v.float(), **opts)[0],
+                 reference.attention(q, k, v, upcast=False, **opts)[0], dtype, "out", "variants blocks")
