@@ -1,5 +1,6 @@
-// Launcher of the CUDA decoding kernel: argument checks, the split count (static shapes only),
-// dtype / head-dim dispatch, launches on the current stream. Kernels: attention_with_kv_cache.cuh.
+// Launcher of the CUDA decoding kernels: argument checks, the split count (static shapes only),
+// kernel / dtype / head-dim dispatch, launches on the current stream. Kernels: decode_mma.cuh
+// (tensor cores), attention_with_kv_cache.cuh (CUDA cores), decode_common.cuh (combine).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -13,13 +14,13 @@
 #include <limits>
 
 #include "attention_with_kv_cache.cuh"
+#include "decode_mma.cuh"
 #include "attention_with_kv_cache.h"
 
 namespace pytorch_mqa {
 namespace {
 
 using kv_cache::KvCacheParams;
-using kv_cache::TileConfig;
 
 constexpr int kMaxDevices = 64;
 
@@ -34,22 +35,36 @@ int sm_count(int device) {
   return n;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Splits of the key axis [0, S): from B, Hkv, S, the row chunks and the SM count only, never from
-// the device lengths, so a captured CUDA graph stays valid for any cache_seqlens.
-void choose_splits(int64_t blocks, int64_t S, int block_n, int sms, int* num_splits, int* split_len) {
-  int64_t splits = 1;
-  if (S > block_n && blocks < sms) {
-    splits = ceil_div(2 * static_cast<int64_t>(sms), blocks);  // about two blocks per SM
-    splits = std::min(splits, ceil_div(S, kv_cache::kMinKeysPerSplit));
-    splits = std::max<int64_t>(1, std::min<int64_t>(splits, kv_cache::kMaxSplits));
+int capability_major(int device) {
+  static std::atomic<int> majors[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) device = 0;
+  int n = majors[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrComputeCapabilityMajor, device));
+    majors[device].store(n, std::memory_order_relaxed);
   }
-  int64_t len = ceil_div(std::max<int64_t>(S, 1), splits);
-  len = ceil_div(len, block_n) * block_n;
-  *split_len = static_cast<int>(len);
-  *num_splits = static_cast<int>(std::max<int64_t>(1, ceil_div(S, len)));
+  return n;
 }
+
+// Shared memory one block may opt into (bytes): 227 KiB on H100, 163 KiB on A100, 99 KiB on sm_86/89.
+int max_smem_optin(int device) {
+  static std::atomic<int> bytes[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) device = 0;
+  int n = bytes[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    bytes[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+size_t mma_smem_bytes(int64_t D) {
+  if (D <= 64) return kv_cache::MmaConfig<64>::kSmemBytes;
+  if (D <= 128) return kv_cache::MmaConfig<128>::kSmemBytes;
+  return kv_cache::MmaConfig<256>::kSmemBytes;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // 16-byte vector access of K/V rows needs unit last stride, every other stride a multiple of the
 // vector width and a 16-byte aligned base.
@@ -67,55 +82,95 @@ void check_4d(const at::Tensor& t, const char* name, const at::Tensor& q) {
               " (the dtype of q), got ", t.scalar_type());
 }
 
-template <typename T, int D_MAX, bool EXACT_D>
-void launch(KvCacheParams& p, int64_t row_chunks, int sms, const at::Tensor& q, cudaStream_t stream,
-            at::Tensor& o_partial, at::Tensor& lse_partial) {
-  using Cfg = TileConfig<T, D_MAX>;
-  const int64_t blocks = static_cast<int64_t>(p.batch) * p.heads_kv;
-  choose_splits(blocks * row_chunks, p.cache_len, Cfg::kBlockN, sms, &p.num_splits, &p.split_len);
-  if (p.num_splits > 1) {
-    const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
-    auto opts = q.options().dtype(at::kFloat);
-    o_partial = at::empty({p.num_splits, rows, p.head_dim}, opts);
-    lse_partial = at::empty({p.num_splits, rows}, opts);
-    p.o_partial = o_partial.data_ptr<float>();
-    p.lse_partial = lse_partial.data_ptr<float>();
+// Partials and the combine, shared by both kernels. Rows are (b, hq, t) flattened.
+void launch_combine(const KvCacheParams& p, cudaStream_t stream, at::ScalarType dtype) {
+  kv_cache::CombineParams c;
+  c.o_partial = p.o_partial;
+  c.lse_partial = p.lse_partial;
+  c.cache_seqlens = p.cache_seqlens;
+  c.seqlens_stride = p.seqlens_stride;
+  c.out = p.out;
+  c.lse = p.lse;
+  c.batch = p.batch;
+  c.seqlen_q = p.seqlen_q;
+  c.heads_q = p.heads_q;
+  c.head_dim = p.head_dim;
+  c.num_splits = p.num_splits;
+  c.cache_len = p.cache_len;
+  c.has_new = p.has_new;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+  const int64_t blocks = ceil_div(rows, kv_cache::kCombineWarps);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "attention_with_kv_cache_cuda: too many query rows (",
+              rows, ")");
+  const dim3 grid(static_cast<unsigned>(blocks));
+  const int threads = 32 * kv_cache::kCombineWarps;
+  switch (dtype) {
+    case at::kHalf:
+      kv_cache::combine_splits_kernel<__half><<<grid, threads, 0, stream>>>(c);
+      break;
+    case at::kBFloat16:
+      kv_cache::combine_splits_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(c);
+      break;
+    default:
+      kv_cache::combine_splits_kernel<float><<<grid, threads, 0, stream>>>(c);
+      break;
   }
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.num_splits),
-                  static_cast<unsigned>(row_chunks));
-  kv_cache::attention_with_kv_cache_kernel<T, D_MAX, EXACT_D><<<grid, kv_cache::kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.num_splits > 1) {
-    kv_cache::CombineParams c;
-    c.o_partial = p.o_partial;
-    c.lse_partial = p.lse_partial;
-    c.out = p.out;
-    c.lse = p.lse;
-    c.batch = p.batch;
-    c.seqlen_q = p.seqlen_q;
-    c.heads_q = p.heads_q;
-    c.head_dim = p.head_dim;
-    c.num_splits = p.num_splits;
-    const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
-    const int64_t combine_blocks = ceil_div(rows, kv_cache::kWarps);
-    TORCH_CHECK(combine_blocks <= std::numeric_limits<int32_t>::max(),
-                "attention_with_kv_cache_cuda: too many query rows (", rows, ")");
-    kv_cache::combine_splits_kernel<T><<<static_cast<unsigned>(combine_blocks), kv_cache::kThreads, 0, stream>>>(c);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+dim3 split_grid(const KvCacheParams& p) {
+  const int64_t blocks = static_cast<int64_t>(p.batch) * p.heads_kv * p.row_chunks * p.num_splits;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "attention_with_kv_cache_cuda: grid too large (",
+              blocks, " blocks)");
+  return dim3(static_cast<unsigned>(blocks));
+}
+
+template <typename T, int D_MAX, bool EXACT_D>
+void launch_simt(const KvCacheParams& p, cudaStream_t stream) {
+  kv_cache::attention_with_kv_cache_simt_kernel<T, D_MAX, EXACT_D><<<split_grid(p), kv_cache::kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int D_MAX, bool EXACT_D>
+void launch_mma(const KvCacheParams& p, int device, cudaStream_t stream) {
+  constexpr size_t smem = kv_cache::MmaConfig<D_MAX>::kSmemBytes;
+  auto kernel = kv_cache::attention_with_kv_cache_mma_kernel<T, D_MAX, EXACT_D>;
+  // Above 48 KiB of dynamic shared memory a kernel needs an opt-in, once per device.
+  static std::atomic<bool> opted_in[kMaxDevices] = {};
+  const int slot = device >= 0 && device < kMaxDevices ? device : 0;
+  if (!opted_in[slot].load(std::memory_order_acquire)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    opted_in[slot].store(true, std::memory_order_release);
+  }
+  kernel<<<split_grid(p), kv_cache::kMmaThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch_simt(const KvCacheParams& p, cudaStream_t stream) {
+  if (p.head_dim == 64) {
+    launch_simt<T, 64, true>(p, stream);
+  } else if (p.head_dim == 128) {
+    launch_simt<T, 128, true>(p, stream);
+  } else if (p.head_dim < 128) {
+    launch_simt<T, 128, false>(p, stream);
+  } else {
+    launch_simt<T, 256, false>(p, stream);
   }
 }
 
 template <typename T>
-void dispatch_head_dim(KvCacheParams& p, int64_t row_chunks, int sms, const at::Tensor& q, cudaStream_t stream,
-                       at::Tensor& o_partial, at::Tensor& lse_partial) {
+void dispatch_mma(const KvCacheParams& p, int device, cudaStream_t stream) {
   if (p.head_dim == 64) {
-    launch<T, 64, true>(p, row_chunks, sms, q, stream, o_partial, lse_partial);
+    launch_mma<T, 64, true>(p, device, stream);
   } else if (p.head_dim == 128) {
-    launch<T, 128, true>(p, row_chunks, sms, q, stream, o_partial, lse_partial);
+    launch_mma<T, 128, true>(p, device, stream);
+  } else if (p.head_dim < 64) {
+    launch_mma<T, 64, false>(p, device, stream);
   } else if (p.head_dim < 128) {
-    launch<T, 128, false>(p, row_chunks, sms, q, stream, o_partial, lse_partial);
+    launch_mma<T, 128, false>(p, device, stream);
   } else {
-    launch<T, 256, false>(p, row_chunks, sms, q, stream, o_partial, lse_partial);
+    launch_mma<T, 256, false>(p, device, stream);
   }
 }
 
@@ -169,9 +224,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kv_cache_cuda(
 
   const int64_t G = Hq / Hkv;
   const int64_t row_chunks = ceil_div(G * Tq, kv_cache::kRowsPerBlock);
-  TORCH_CHECK(B * Hkv <= std::numeric_limits<int32_t>::max() && row_chunks <= 65535,
-              "attention_with_kv_cache_cuda: grid too large (B * Hkv = ", B * Hkv, ", row chunks = ", row_chunks,
-              ")");
+  static_assert(kv_cache::kRowsPerBlock == kv_cache::kMmaRows, "both kernels serve 16 rows per block");
 
   KvCacheParams p{};
   p.q = q.data_ptr();
@@ -215,7 +268,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kv_cache_cuda(
   p.cache_len = static_cast<int>(S);
   p.head_dim = static_cast<int>(D);
   p.rows = static_cast<int>(G * Tq);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.row_chunks = static_cast<int>(row_chunks);
+  p.scale_log2 = static_cast<float>(scale * kv_cache::kLog2e);
   p.causal = causal;
   p.has_new = has_new;
   const int vec = 16 / static_cast<int>(q.element_size());
@@ -223,19 +277,35 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kv_cache_cuda(
                     (!has_new || (rows_vectorizable(*k, vec) && rows_vectorizable(*v, vec)));
 
   const int sms = sm_count(q.get_device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  p.num_splits = decode::choose_splits(B * Hkv * row_chunks, S, kv_cache::kSplitAlign, sms, kv_cache::kWaves,
+                                       kv_cache::kMaxSplits);
   at::Tensor o_partial, lse_partial;  // kept alive until the launches are enqueued
+  if (p.num_splits > 1) {
+    auto opts = q.options().dtype(at::kFloat);
+    o_partial = at::empty({p.num_splits, B * Hq * Tq, D}, opts);
+    lse_partial = at::empty({p.num_splits, B * Hq * Tq}, opts);
+    p.o_partial = o_partial.data_ptr<float>();
+    p.lse_partial = lse_partial.data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  // Tensor cores for 16-bit inputs whose rows allow 16-byte cp.async, on sm_80+ devices that
+  // give a block the stage ring's shared memory; the CUDA-core kernel for fp32 (a TF32 mma would
+  // break the tolerance), for unaligned rows and for smaller devices.
+  const int device = q.get_device();
+  const bool mma = dtype != at::kFloat && p.kv_vectorized && capability_major(device) >= 8 &&
+                   mma_smem_bytes(D) <= static_cast<size_t>(max_smem_optin(device));
   switch (dtype) {
     case at::kHalf:
-      dispatch_head_dim<__half>(p, row_chunks, sms, q, stream, o_partial, lse_partial);
+      mma ? dispatch_mma<__half>(p, device, stream) : dispatch_simt<__half>(p, stream);
       break;
     case at::kBFloat16:
-      dispatch_head_dim<__nv_bfloat16>(p, row_chunks, sms, q, stream, o_partial, lse_partial);
+      mma ? dispatch_mma<__nv_bfloat16>(p, device, stream) : dispatch_simt<__nv_bfloat16>(p, stream);
       break;
     default:
-      dispatch_head_dim<float>(p, row_chunks, sms, q, stream, o_partial, lse_partial);
+      dispatch_simt<float>(p, stream);
       break;
   }
+  if (p.num_splits > 1) launch_combine(p, stream, dtype);
   return {out, lse};
 }
 

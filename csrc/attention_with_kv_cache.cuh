@@ -1,37 +1,17 @@
-// Split-KV decoding attention over a preallocated KV cache, with the append of the new K/V rows
-// fused into the same kernel. No torch headers: the launcher (attention_with_kv_cache.cu) fills
-// `KvCacheParams` and picks the instantiation.
-//
-// Semantics (DESIGN §3, pytorch_mqa/reference.py::attention_with_kv_cache), per sequence b with
-// L = cache_seqlens[b] read on the device:
-//   * keys visible to sequence b: [0, Lk) with Lk = clamp(L + Tq_new, 0, S), Tq_new = Tq when new
-//     k/v are given, else 0;
-//   * key row j comes from the new k/v (row j - L) when j >= L, else from the cache; new rows are
-//     written to the cache at j, and only for 0 <= j < Lk <= S, so no write can pass S or go below 0;
-//   * causal: query t sees key j iff j <= t + Lk - Tq (bottom-right alignment, per sequence);
-//   * a query row that sees no key gives zeros and lse = -inf.
-//
-// Work decomposition: one block per (batch, KV head, split, row chunk). A row is one (query
-// position t, query head g of the group): the G heads of a KV head share every K/V tile the block
-// loads. G * Tq rows are served 16 at a time (a decode step with G <= 16 is one row chunk). The
-// key axis [0, S) is cut into `num_splits` ranges of `split_len` keys (a multiple of the tile);
-// the split count depends only on static shapes, so the launch is CUDA-graph safe. With more than
-// one split each block writes a partial (normalised output, lse) and `combine_splits_kernel`
-// merges them with LSE weights.
+// Split-KV decoding attention on CUDA cores, with the append of the new K/V rows fused into the
+// same kernel. The tensor-core kernel (decode_mma.cuh) serves fp16 / bf16 with 16-byte aligned
+// rows on sm_80+; this one serves the rest: fp32 inputs (a TF32 mma would break the DESIGN §5
+// tolerance, and no 3xTF32 path exists yet), rows that are not 16-byte aligned or whose head dim
+// is not a multiple of 8, and devices below sm_80. Semantics and work split: decode_common.cuh.
 //
 // Per tile of BLOCK_N keys: K/V rows to shared memory (16-byte vector loads when the launcher
 // found the rows aligned, element loads otherwise); scores with one thread per (key, group of
 // rows), so each K chunk is converted once and used for every row it serves; an online softmax
 // (one warp per row, shuffle max/sum reductions, base-2 exponentials); P @ V with each thread
-// owning one 16-byte column slice of a few output rows in registers, so each V chunk is
-// converted once per thread for all of them.
+// owning one 16-byte column slice of a few output rows in registers.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
+#include "decode_common.cuh"
 
 namespace pytorch_mqa {
 namespace kv_cache {
@@ -39,38 +19,7 @@ namespace kv_cache {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerBlock = 16;       // (query position, query head) rows served by one block
-constexpr int kMaxSplits = 64;          // bound of the combine kernel's weight buffer
-constexpr int kMinKeysPerSplit = 256;   // below this a split costs more than it saves
 constexpr int kSmemBudget = 46 * 1024;  // static shared memory per block (the limit is 48 KiB)
-
-struct KvCacheParams {
-  const void* q;        // (B, Tq, Hq, D)
-  void* k_cache;        // (B, S, Hkv, D), written at rows [L, L + Tq) ∩ [0, S)
-  void* v_cache;
-  const void* k_new;    // (B, Tq, Hkv, D) or nullptr
-  const void* v_new;
-  const int32_t* cache_seqlens;  // (B,) on the device
-  void* out;            // (B, Tq, Hq, D) contiguous
-  float* lse;           // (B, Hq, Tq) contiguous
-  float* o_partial;     // (num_splits, B, Hq, Tq, D) when num_splits > 1
-  float* lse_partial;   // (num_splits, B, Hq, Tq) when num_splits > 1
-
-  int64_t q_stride_b, q_stride_t, q_stride_h, q_stride_d;
-  int64_t kc_stride_b, kc_stride_s, kc_stride_h, kc_stride_d;
-  int64_t vc_stride_b, vc_stride_s, vc_stride_h, vc_stride_d;
-  int64_t kn_stride_b, kn_stride_t, kn_stride_h, kn_stride_d;
-  int64_t vn_stride_b, vn_stride_t, vn_stride_h, vn_stride_d;
-  int64_t seqlens_stride;
-
-  int batch, seqlen_q, heads_q, heads_kv, group, cache_len, head_dim;
-  int rows;          // group * seqlen_q
-  int num_splits;
-  int split_len;     // keys per split, a multiple of the tile's BLOCK_N
-  float scale_log2;  // scale * log2(e): scores live in the base-2 domain
-  bool causal;
-  bool has_new;
-  bool kv_vectorized;  // every K/V row (cache and new) is 16-byte aligned with unit last stride
-};
 
 // Tile sizes of one instantiation. q, K and V tiles are kept in the input dtype; K/V rows are
 // padded by 16 bytes so that lanes reading the same chunk of consecutive rows hit distinct banks.
@@ -103,82 +52,15 @@ struct TileConfig {
 };
 
 // ------------------------------------------------------------------------------------------
-// dtype helpers (no operators on __half/__nv_bfloat16: torch builds with __CUDA_NO_HALF_OPERATORS__)
-// ------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// A 16-byte chunk of T as floats (4 for float, 8 for half types).
-template <typename T>
-__device__ __forceinline__ void unpack(const uint4& u, float* f);
-
-template <>
-__device__ __forceinline__ void unpack<float>(const uint4& u, float* f) {
-  f[0] = __uint_as_float(u.x);
-  f[1] = __uint_as_float(u.y);
-  f[2] = __uint_as_float(u.z);
-  f[3] = __uint_as_float(u.w);
-}
-
-template <>
-__device__ __forceinline__ void unpack<__half>(const uint4& u, float* f) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 p = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-    f[2 * i] = p.x;
-    f[2 * i + 1] = p.y;
-  }
-}
-
-template <>
-__device__ __forceinline__ void unpack<__nv_bfloat16>(const uint4& u, float* f) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 p = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
-    f[2 * i] = p.x;
-    f[2 * i + 1] = p.y;
-  }
-}
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
-
-// ------------------------------------------------------------------------------------------
-// Main kernel. grid = (B * Hkv, num_splits, row chunks), block = kThreads.
+// CUDA-core kernel. grid = B * Hkv * row_chunks * num_splits (decode_index.h), block = kThreads.
 // D_MAX is the head-dim bound of the instantiation; EXACT_D means D == D_MAX (64 and 128), so
 // every head-dim loop has a compile-time trip count; otherwise D = p.head_dim <= D_MAX and the
 // columns past D are zero in shared memory.
 // ------------------------------------------------------------------------------------------
 
 template <typename T, int D_MAX, bool EXACT_D>
-__global__ void __launch_bounds__(kThreads)
-    attention_with_kv_cache_kernel(const KvCacheParams p) {
+__global__ void __launch_bounds__(kThreads, 3)  // 3 blocks per SM: ptxas keeps fp32 D = 256 spill-free
+    attention_with_kv_cache_simt_kernel(const KvCacheParams p) {
   using Cfg = TileConfig<T, D_MAX>;
   constexpr int VEC = Cfg::kVec;
   constexpr int CHUNKS = Cfg::kChunks;
@@ -204,22 +86,19 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = tid % 32;
   const int warp = tid / 32;
 
-  const int b = blockIdx.x / p.heads_kv;
-  const int h = blockIdx.x % p.heads_kv;
-  const int split = blockIdx.y;
-  const int row0 = blockIdx.z * R;
+  const BlockWork w = block_work(p);
+  if (!w.active) return;  // a split past the live keys: nothing to read or write (whole block)
+  const int b = w.b;
+  const int h = w.hk;
+  const int split = w.split;
+  const int row0 = w.chunk * R;
   const int rows = min(R, p.rows - row0);
   const int G = p.group;
   const int Tq = p.seqlen_q;
-
-  const int64_t L = static_cast<int64_t>(p.cache_seqlens[b * p.seqlens_stride]);
-  const int64_t n_new = p.has_new ? Tq : 0;
-  int64_t Lk = L + n_new;
-  Lk = Lk < 0 ? 0 : (Lk > p.cache_len ? p.cache_len : Lk);
-  const int64_t split_begin = static_cast<int64_t>(split) * p.split_len;
-  const int64_t split_end = min(split_begin + static_cast<int64_t>(p.split_len), Lk);
-  // Every row chunk of a split reads the new rows from k/v; only the first writes them.
-  const bool write_new = p.has_new && blockIdx.z == 0;
+  const int64_t L = w.L;
+  const int64_t Lk = w.Lk;
+  const int64_t split_begin = w.keys.begin;
+  const int64_t split_end = w.keys.end;
 
   const T* q = static_cast<const T*>(p.q);
   T* k_cache = static_cast<T*>(p.k_cache);
@@ -243,6 +122,20 @@ __global__ void __launch_bounds__(kThreads)
   if (tid < R) {
     m_s[tid] = neg_inf();
     l_s[tid] = 0.f;
+  }
+  // The first row chunk of the split that holds new rows writes them to the cache, once, before
+  // the tile loop (every chunk reads them from k/v, never from the cache).
+  if (p.has_new && w.chunk == 0) {
+    const int64_t first = split_begin > w.L_cache ? split_begin : w.L_cache;
+    for (int64_t i = tid; i < (split_end - first) * D; i += kThreads) {
+      const int64_t j = first + i / D;
+      const int64_t d = i % D;
+      const int64_t t = j - L;
+      k_cache[b * p.kc_stride_b + j * p.kc_stride_s + h * p.kc_stride_h + d * p.kc_stride_d] =
+          k_new[b * p.kn_stride_b + t * p.kn_stride_t + h * p.kn_stride_h + d * p.kn_stride_d];
+      v_cache[b * p.vc_stride_b + j * p.vc_stride_s + h * p.vc_stride_h + d * p.vc_stride_d] =
+          v_new[b * p.vn_stride_b + t * p.vn_stride_t + h * p.vn_stride_h + d * p.vn_stride_d];
+    }
   }
 
   float acc[ITEMS][VEC];
@@ -274,10 +167,6 @@ __global__ void __launch_bounds__(kThreads)
                 k_new + b * p.kn_stride_b + t * p.kn_stride_t + h * p.kn_stride_h + d0);
             vv = *reinterpret_cast<const uint4*>(
                 v_new + b * p.vn_stride_b + t * p.vn_stride_t + h * p.vn_stride_h + d0);
-            if (write_new) {
-              *reinterpret_cast<uint4*>(k_cache + kc_off) = kv;
-              *reinterpret_cast<uint4*>(v_cache + vc_off) = vv;
-            }
           } else {
             kv = *reinterpret_cast<const uint4*>(k_cache + kc_off);
             vv = *reinterpret_cast<const uint4*>(v_cache + vc_off);
@@ -300,10 +189,6 @@ __global__ void __launch_bounds__(kThreads)
             const int64_t t = j - L;
             kv = k_new[b * p.kn_stride_b + t * p.kn_stride_t + h * p.kn_stride_h + d * p.kn_stride_d];
             vv = v_new[b * p.vn_stride_b + t * p.vn_stride_t + h * p.vn_stride_h + d * p.vn_stride_d];
-            if (write_new) {
-              k_cache[kc_off] = kv;
-              v_cache[vc_off] = vv;
-            }
           } else {
             kv = k_cache[kc_off];
             vv = v_cache[vc_off];
@@ -447,7 +332,7 @@ __global__ void __launch_bounds__(kThreads)
     const int r = tid;
     const float l = l_s[r];
     // lse in natural log: m and log2(l) are base 2.
-    const float lse = l > 0.f ? (m_s[r] + log2f(l)) * 0.69314718055994531f : neg_inf();
+    const float lse = l > 0.f ? (m_s[r] + log2f(l)) * kLn2 : neg_inf();
     const int gr = row0 + r;
     const int t = gr / G;
     const int hq = h * G + gr % G;
@@ -457,58 +342,6 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       p.lse_partial[split * lse_rows + lse_row] = lse;
     }
-  }
-}
-
-// ------------------------------------------------------------------------------------------
-// Combine kernel: one warp per (b, hq, t) row merges the splits' partial outputs with weights
-// exp(lse_s - max_s lse_s). grid = ceil(B * Hq * Tq / kWarps), block = kThreads.
-// ------------------------------------------------------------------------------------------
-
-struct CombineParams {
-  const float* o_partial;    // (num_splits, B, Hq, Tq, D)
-  const float* lse_partial;  // (num_splits, B, Hq, Tq)
-  void* out;                 // (B, Tq, Hq, D) contiguous
-  float* lse;                // (B, Hq, Tq) contiguous
-  int batch, seqlen_q, heads_q, head_dim, num_splits;
-};
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) combine_splits_kernel(const CombineParams p) {
-  __shared__ float w_s[kWarps][kMaxSplits];
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int64_t n_rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;  // (b, hq, t) flattened
-  if (row >= n_rows) return;  // whole warp; no block-level barrier follows
-  const int ns = p.num_splits;
-
-  float m = neg_inf();
-  for (int s = lane; s < ns; s += 32) m = fmaxf(m, p.lse_partial[s * n_rows + row]);
-  m = warp_max(m);
-  float sum = 0.f;
-  for (int s = lane; s < ns; s += 32) {
-    // A split that saw no key has lse = -inf and weight 0; if none saw a key, all weights are 0.
-    const float w = m == neg_inf() ? 0.f : expf(p.lse_partial[s * n_rows + row] - m);
-    w_s[warp][s] = w;
-    sum += w;
-  }
-  sum = warp_sum(sum);
-  __syncwarp();
-
-  const int t = static_cast<int>(row % p.seqlen_q);
-  const int64_t bh = row / p.seqlen_q;
-  const int hq = static_cast<int>(bh % p.heads_q);
-  const int64_t b = bh / p.heads_q;
-  if (lane == 0) p.lse[row] = sum > 0.f ? m + logf(sum) : neg_inf();
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  T* out = static_cast<T*>(p.out) + ((b * p.seqlen_q + t) * p.heads_q + hq) * static_cast<int64_t>(p.head_dim);
-  for (int d = lane; d < p.head_dim; d += 32) {
-    float acc = 0.f;
-    for (int s = 0; s < ns; ++s) {
-      acc = fmaf(w_s[warp][s], p.o_partial[(s * n_rows + row) * p.head_dim + d], acc);
-    }
-    out[d] = from_float<T>(acc * inv);
   }
 }
 

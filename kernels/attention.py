@@ -14,49 +14,74 @@ give zeros and lse = -inf.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .common import (
+    LOG2E,
+    autotune_configs,
+    block_d,
+    dot_flags,
+    elem_bytes,
+    lse_to_log2,
+    online_softmax_step,
+    packed_rows,
+    sm_count,
+    softmax_epilogue,
+    store_dtype,
+)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _pruner(fp32_configs: list[tuple[int, int, int, int]]):
+    """Config pruning for one kernel: 16-bit inputs keep the shared list, fp32 inputs (tf32x3 dots
+    hold hi/lo halves of every tile, about twice the registers) only `fp32_configs`; then drop
+    what cannot fit in shared memory (about 200 KB). Keeps at least one."""
+    fp32_set = set(fp32_configs)
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        elem = elem_bytes(args["DOT_PRECISION"])
+
+        def key(c):
+            return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+        fits = []
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if (key(c) in fp32_set) != (elem == 4) and len(configs) > 1:
+                continue
+            if c.num_stages * (bm + bn) * args["BLOCK_D"] * elem <= 200 * 1024:
+                fits.append(c)
+        return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+
+    return prune
 
 
-def _configs(gpu: list[tuple[int, int, int, int]], interpreter: tuple[int, int]) -> list[triton.Config]:
-    """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages); one large config in the interpreter.
-
-    The interpreter cannot benchmark, so it gets a single config (autotune then skips timing);
-    large blocks also run fastest there.
-    """
-    if _interpreting():
-        bm, bn = interpreter
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
-
-
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs whose K/V tiles cannot fit in shared memory (about 200 KB) or that are too large
-    for the FMA path of exact fp32 dots; they would only cost compile time. Keeps at least one."""
-    args = {**named_args, **kwargs}
-    elem = 4 if args["DOT_PRECISION"] == "ieee" else 2
-    fits = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        smem = c.num_stages * (bm + bn) * args["BLOCK_D"] * elem
-        if smem <= 200 * 1024 and (elem == 2 or bm * bn <= 64 * 64):
-            fits.append(c)
-    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
-
-
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
-BWD_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1), (128, 64, 8, 2)]
+# Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages). tests/kernels/triton_compile_check.py
+# compiles every one for sm_90 and fails on spills: the forward's 128x64 with 4 warps and the dK/dV
+# kernel's 64x64 / 64x32 with 4 warps and 128x64 with 8 warps spill at D = 96 and 128, so they are gone.
+FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+DKDV_CONFIGS = [(32, 64, 4, 2), (32, 32, 4, 1)]
+DQ_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1), (128, 64, 8, 2)]
+# fp32 inputs (tf32x3 keeps hi/lo halves of every tile): the only spill-free tiles at D = 96 / 128
+# (32x32 and 64x32 with 8 warps spill there too).
+FWD_FP32 = [(16, 32, 4, 1)]
+DKDV_FP32 = [(32, 16, 4, 1)]
+DQ_FP32 = [(16, 32, 4, 1)]
 # Keys of the autotune cache: power-of-two buckets of the lengths, never the raw lengths.
 TUNE_KEY = ["tq_bucket", "tk_bucket", "G", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
+
+
+@triton.jit
+def _row_block_pid(pid, BH, Tq, Hkv, G: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Axis-0 pid -> (row0, b, hk) with BH = B * Hkv. Consecutive pids walk the (batch, KV head)
+    pairs of one row block; with CAUSAL the row blocks run last-first, so the heaviest start first."""
+    m = pid // BH
+    bh = (pid % BH).to(tl.int64)
+    if CAUSAL:
+        m = tl.cdiv(Tq * G, BLOCK_M) - 1 - m
+    return m * BLOCK_M, bh // Hkv, bh % Hkv
 
 
 @triton.jit
@@ -79,25 +104,11 @@ def _key_ranges(row0, Tq, Tk, G: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
-def _online_softmax_step(acc, l_i, m_i, qk, v, DOT_PRECISION: tl.constexpr):
-    """Fold one key block into the running softmax: qk (M, N) scores in the log2 domain, masked
-    to -inf; v (N, D). Returns the updated (acc, l_i, m_i). Shared by the forward and decode kernels."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    # A row that has seen no key yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
     t, start, end, Tq, Tk, qk_scale, offs_d,
     D: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):
     """Online-softmax update over key blocks [start, end) (start a multiple of BLOCK_N)."""
     d_ok = offs_d < D
@@ -115,17 +126,20 @@ def _fwd_inner(
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if not FOLD_SCALE:
+            qk = qk * qk_scale  # log2 domain
         if MASK:
             visible = n_ok[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= t[:, None] + (Tk - Tq))
             qk = tl.where(visible, qk, float("-inf"))
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v, DOT_PRECISION)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PRECISION, FOLD_SCALE)
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(FWD_CONFIGS, (128, 128)), key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), FWD_CONFIGS + FWD_FP32, (128, 128)), key=TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(FWD_FP32)})
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse,
@@ -134,29 +148,22 @@ def _attention_fwd_kernel(
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lh, stride_lt,
-    Tq, Tk, Hkv, qk_scale, tq_bucket, tk_bucket,
+    Tq, Tk, BH, Hkv, qk_scale, tq_bucket, tk_bucket,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (packed row block, batch * KV head).
+    """One program per (packed row block, batch * KV head), both on axis 0.
 
     Q (B, Tq, Hq, D), K/V (B, Tk, Hkv, D) -> Out (B, Tq, Hq, D), Lse (B, Hq, Tq) fp32 natural log.
     qk_scale = scale * log2(e).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)
-    hk = (pid_bh % Hkv).to(tl.int64)
-    row0 = pid_m * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    t = rows // G
-    h = hk * G + rows % G
-    row_ok = t < Tq
+    row0, b, hk = _row_block_pid(tl.program_id(0), BH, Tq, Hkv, G, CAUSAL, BLOCK_M)
+    t, h, row_ok = packed_rows(row0, hk, Tq, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
 
-    q_ptrs = Q + b * stride_qb + t.to(tl.int64)[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q_ptrs = Q + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -169,19 +176,17 @@ def _attention_fwd_kernel(
     full_end, masked_end = _key_ranges(row0, Tq, Tk, G, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        t, 0, full_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_N,
+        t, 0, full_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_N, FOLD_SCALE,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        t, full_end, masked_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N,
+        t, full_end, masked_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N, FOLD_SCALE,
     )
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_ptrs = Out + b * stride_ob + t.to(tl.int64)[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :] * stride_od
+    out, lse = softmax_epilogue(acc, l_i, m_i)
+    o_ptrs = Out + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + b * stride_lb + h * stride_lh + t.to(tl.int64) * stride_lt, lse, mask=row_ok)
+    tl.store(Lse + b * stride_lb + h * stride_lh + t * stride_lt, lse, mask=row_ok)
 
 
 @triton.jit
@@ -195,11 +200,8 @@ def _dkdv_inner(
     """Accumulate dK, dV of one key block over the packed rows [start, end)."""
     d_ok = offs_d < D
     for r0 in range(start, end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        t = rows // G
-        h = (rows % G).to(tl.int64)
-        row_ok = t < Tq
-        t64 = t.to(tl.int64)
+        t64, h, row_ok = packed_rows(r0, 0, Tq, G, BLOCK_M)  # bases already point at head hk * G
+        t = t64
         q = tl.load(q_base + t64[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         do = tl.load(do_base + t64[:, None] * stride_dot + h[:, None] * stride_doh + offs_d[None, :] * stride_dod,
@@ -209,8 +211,7 @@ def _dkdv_inner(
             do = do.to(tl.float32)
         lse = tl.load(lse_base + h * stride_lh + t64 * stride_lt, mask=row_ok, other=float("-inf"))
         delta = tl.load(delta_base + h * stride_lh + t64 * stride_lt, mask=row_ok, other=0.0)
-        # Rows that saw no key (or padding rows) have lse = -inf and P = 0: use +inf so exp2 gives 0.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = lse_to_log2(lse)  # rows that saw no key (or padding rows) get P = 0
         qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         pt = tl.math.exp2(qkt * qk_scale - lse2[None, :])
         if MASK:
@@ -223,7 +224,8 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=_configs(BWD_CONFIGS, (128, 128)), key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), DKDV_CONFIGS + DKDV_FP32, (128, 128)), key=TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(DKDV_FP32)})
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,
@@ -232,23 +234,29 @@ def _attention_bwd_dkdv_kernel(
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_lb, stride_lh, stride_lt,
-    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
-    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
-    Tq, Tk, Hkv, qk_scale, scale, tq_bucket, tk_bucket,
+    stride_dks, stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvs, stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    Tq, Tk, BH, Hkv, row_splits, qk_scale, scale, tq_bucket, tk_bucket,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (key block, batch * KV head): dK, dV summed over the G query heads.
+    """One program per (key block, batch * KV head, row split): dK, dV summed over the G query
+    heads and over the split's share of the packed rows.
 
     Q, DO (B, Tq, Hq, D); K, V (B, Tk, Hkv, D); Lse, Delta (B, Hq, Tq) fp32 with
-    Delta = rowsum(dO * O) - dLse -> DK, DV (B, Tk, Hkv, D). Lse and Delta share strides.
+    Delta = rowsum(dO * O) - dLse -> DK, DV (row_splits, B, Tk, Hkv, D): with row_splits > 1 the
+    launcher sums the fp32 partials (MQA has few key blocks, so the rows are split to fill the SMs).
     """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)
-    hk = (pid_bh % Hkv).to(tl.int64)
-    n0 = pid_n * BLOCK_N
+    # Axis 0: consecutive pids walk the row splits, then the (batch, KV head) pairs of one key
+    # block; the first key blocks (the heaviest under the causal mask) start first.
+    pid = tl.program_id(0)
+    rs = pid % row_splits
+    rest = pid // row_splits
+    bh = (rest % BH).to(tl.int64)
+    b = bh // Hkv
+    hk = bh % Hkv
+    n0 = (rest // BH) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Tk
     offs_d = tl.arange(0, BLOCK_D)
@@ -279,19 +287,27 @@ def _attention_bwd_dkdv_kernel(
     else:
         start = 0
         full_start = 0
+    # This split's rows: [r_lo, r_hi), a multiple of BLOCK_M long.
+    chunk = tl.cdiv(tl.cdiv(R, row_splits), BLOCK_M) * BLOCK_M
+    r_lo = rs * chunk
+    r_hi = tl.minimum(r_lo + chunk, R)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
-        offs_n, start, full_start, Tq, Tk, qk_scale, offs_d, G, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_M,
+        offs_n, tl.maximum(start, r_lo), tl.minimum(full_start, r_hi), Tq, Tk, qk_scale, offs_d,
+        G, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_M,
     )
     dk, dv = _dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
-        offs_n, full_start, R, Tq, Tk, qk_scale, offs_d, G, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_M,
+        offs_n, tl.maximum(full_start, r_lo), r_hi, Tq, Tk, qk_scale, offs_d,
+        G, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_M,
     )
     dk = dk * scale
+    DK += rs.to(tl.int64) * stride_dks
+    DV += rs.to(tl.int64) * stride_dvs
     tl.store(DK + b * stride_dkb + hk * stride_dkh + n64[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + n64[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
@@ -335,7 +351,8 @@ def _dq_inner(
     return dq
 
 
-@triton.autotune(configs=_configs(BWD_CONFIGS, (128, 128)), key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), DQ_CONFIGS + DQ_FP32, (128, 128)), key=TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(DQ_FP32)})
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,
@@ -345,22 +362,15 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_lb, stride_lh, stride_lt,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
-    Tq, Tk, Hkv, qk_scale, scale, tq_bucket, tk_bucket,
+    Tq, Tk, BH, Hkv, qk_scale, scale, tq_bucket, tk_bucket,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (packed row block, batch * KV head): dQ (B, Tq, Hq, D), no atomics."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)
-    hk = (pid_bh % Hkv).to(tl.int64)
-    row0 = pid_m * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    t = rows // G
-    t64 = t.to(tl.int64)
-    h = hk * G + rows % G
-    row_ok = t < Tq
+    row0, b, hk = _row_block_pid(tl.program_id(0), BH, Tq, Hkv, G, CAUSAL, BLOCK_M)
+    t64, h, row_ok = packed_rows(row0, hk, Tq, G, BLOCK_M)
+    t = t64
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     qd_mask = row_ok[:, None] & d_ok[None, :]
@@ -373,7 +383,7 @@ def _attention_bwd_dq_kernel(
         do = do.to(tl.float32)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + t64 * stride_lt, mask=row_ok, other=float("-inf"))
     delta = tl.load(Delta + b * stride_lb + h * stride_lh + t64 * stride_lt, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = lse_to_log2(lse)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
@@ -393,41 +403,38 @@ def _attention_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """(UPCAST, DOT_PRECISION): bf16 tiles are computed in fp32 under the interpreter (its bf16
-    is broken); fp32 dots use exact "ieee" products, 16-bit ones the hardware default."""
-    upcast = dtype == torch.bfloat16 and _interpreting()
-    return upcast, "ieee" if dtype == torch.float32 or upcast else "tf32"
-
-
-def _store_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
-    """The interpreter's fp32 -> bf16 cast truncates: there, results are stored in fp32 and rounded by torch."""
-    return torch.float32 if upcast else dtype
-
-
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
 def attention_forward(q, k, v, causal: bool, scale: float):
     """q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D) -> out (B, Tq, Hq, D) in q.dtype, lse (B, Hq, Tq) fp32."""
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    upcast, precision = _flags(q.dtype)
-    out = torch.empty((B, Tq, Hq, D), dtype=_store_dtype(q.dtype, upcast), device=q.device)
+    upcast, precision = dot_flags(q.dtype)
+    out = torch.empty((B, Tq, Hq, D), dtype=store_dtype(q.dtype, upcast), device=q.device)
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
 
     def grid(meta):
-        return (triton.cdiv(Tq * G, meta["BLOCK_M"]), B * Hkv)
+        return (triton.cdiv(Tq * G, meta["BLOCK_M"]) * B * Hkv,)
 
     _attention_fwd_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        Tq, Tk, Hkv, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
-        G=G, D=D, BLOCK_D=_block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
+        Tq, Tk, B * Hkv, Hkv, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
+        G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
+        FOLD_SCALE=scale > 0,
     )
     return out.to(q.dtype), lse
+
+
+# Packed rows per dK/dV row split, at least: below this a split costs more than it saves.
+MIN_ROWS_PER_SPLIT = 256
+MAX_ROW_SPLITS = 16
+
+
+def dkdv_row_splits(kv_programs: int, R: int, sms: int) -> int:
+    """Row splits of the dK/dV launch: about two waves of programs over `sms` SMs when the key
+    blocks alone are too few (MQA, small batch), each split at least MIN_ROWS_PER_SPLIT rows."""
+    want = triton.cdiv(2 * sms, max(1, kv_programs))
+    return max(1, min(want, triton.cdiv(R, MIN_ROWS_PER_SPLIT), MAX_ROW_SPLITS))
 
 
 def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float):
@@ -437,28 +444,38 @@ def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float):
     G = Hq // Hkv
     lse = lse.contiguous()
     delta = delta.to(torch.float32).contiguous()
-    upcast, precision = _flags(q.dtype)
-    dq = torch.empty((B, Tq, Hq, D), dtype=_store_dtype(q.dtype, upcast), device=q.device)
-    dk = torch.empty((B, Tk, Hkv, D), dtype=_store_dtype(k.dtype, upcast), device=k.device)
-    dv = torch.empty((B, Tk, Hkv, D), dtype=_store_dtype(v.dtype, upcast), device=v.device)
-    common = dict(G=G, D=D, BLOCK_D=_block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision)
+    upcast, precision = dot_flags(q.dtype)
+    dq = torch.empty((B, Tq, Hq, D), dtype=store_dtype(q.dtype, upcast), device=q.device)
+    dk = torch.empty((B, Tk, Hkv, D), dtype=store_dtype(k.dtype, upcast), device=k.device)
+    dv = torch.empty((B, Tk, Hkv, D), dtype=store_dtype(v.dtype, upcast), device=v.device)
+    common = dict(G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision)
     buckets = (triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
 
+    splits = dkdv_row_splits(B * Hkv * triton.cdiv(Tk, max(c[1] for c in DKDV_CONFIGS)), Tq * G, sm_count(q.device))
+    if splits > 1:
+        dk_part = torch.empty((splits, B, Tk, Hkv, D), dtype=torch.float32, device=k.device)
+        dv_part = torch.empty((splits, B, Tk, Hkv, D), dtype=torch.float32, device=v.device)
+    else:
+        dk_part, dv_part = dk.unsqueeze(0), dv.unsqueeze(0)
+
     def grid_kv(meta):
-        return (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)
+        return (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv * splits,)
 
     _attention_bwd_dkdv_kernel[grid_kv](
-        q, k, v, dout, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
-        Tq, Tk, Hkv, scale * LOG2E, scale, *buckets, **common,
+        q, k, v, dout, lse, delta, dk_part, dv_part,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dk_part.stride(), *dv_part.stride(),
+        Tq, Tk, B * Hkv, Hkv, splits, scale * LOG2E, scale, *buckets, **common,
     )
+    if splits > 1:
+        dk = dk_part.sum(0).to(dk.dtype)
+        dv = dv_part.sum(0).to(dv.dtype)
 
     def grid_q(meta):
-        return (triton.cdiv(Tq * G, meta["BLOCK_M"]), B * Hkv)
+        return (triton.cdiv(Tq * G, meta["BLOCK_M"]) * B * Hkv,)
 
     _attention_bwd_dq_kernel[grid_q](
         q, k, v, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dq.stride(),
-        Tq, Tk, Hkv, scale * LOG2E, scale, *buckets, **common,
+        Tq, Tk, B * Hkv, Hkv, scale * LOG2E, scale, *buckets, **common,
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

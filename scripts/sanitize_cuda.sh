@@ -16,4 +16,4 @@ command -v "$SANITIZER" >/dev/null 2>&1 || { echo "sanitize_cuda: $SANITIZER not
 "$PYTHON" -c "from pytorch_mqa.ops import build; build.load_extension()"
 
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
-    "$PYTHON" -m pytest -q -x tests/test_attention_with_kv_cache_cuda.py -m cuda -k "not graph" -p no:cacheprovider "$@"
+    "$PYTHON" -m pytest -q -x tests/kernels/test_attention_with_kv_cache_cuda.py -m cuda -k "not graph" -p no:cacheprovider "$@"

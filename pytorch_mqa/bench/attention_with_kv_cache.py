@@ -1,6 +1,10 @@
 """`bench attention_with_kv_cache`: one decode step (Tq = 1) through `attention_with_kv_cache` on
 every backend, beside `sdpa+write`: what users do without the package, `k_cache[:, L] = k` then
-SDPA over the first L+1 rows."""
+SDPA over the first L+1 rows.
+
+Each shape runs with an exact-fit cache (capacity S = L + 1) and, as a generator allocates it,
+a preallocated one (S = capacity x L, `capacity` > 1): a kernel that splits work over S instead
+of the live length shows up there."""
 
 from __future__ import annotations
 
@@ -15,12 +19,12 @@ from pytorch_mqa.bench.common import (budget_for, collapse_skips, plot_grid, max
                                       shapes_for, bhsd, mqa_providers)
 
 SHAPES = {
-    "cuda": dict(Hq=32, D=128, Hkv=(1, 8, 32), batch=(1, 16, 64), lengths=(1024, 4096, 16384)),
-    "cuda_quick": dict(Hq=32, D=128, Hkv=(1, 8, 32), batch=(1, 64), lengths=(1024, 16384)),
-    "cpu": dict(Hq=8, D=64, Hkv=(1, 2, 8), batch=(1, 16, 64), lengths=(1024, 4096, 16384)),
-    "cpu_quick": dict(Hq=8, D=64, Hkv=(1, 8), batch=(1, 16), lengths=(1024, 4096)),
+    "cuda": dict(Hq=32, D=128, Hkv=(1, 8, 32), batch=(1, 16, 64), lengths=(1024, 4096, 16384), capacity=(1, 4, 8)),
+    "cuda_quick": dict(Hq=32, D=128, Hkv=(1, 8, 32), batch=(1, 64), lengths=(1024, 16384), capacity=(1, 8)),
+    "cpu": dict(Hq=8, D=64, Hkv=(1, 2, 8), batch=(1, 16, 64), lengths=(1024, 4096, 16384), capacity=(1, 4)),
+    "cpu_quick": dict(Hq=8, D=64, Hkv=(1, 8), batch=(1, 16), lengths=(1024, 4096), capacity=(1,)),
 }
-COLUMNS = [("Hkv", "Hkv"), ("B", "B"), ("L", "L"), ("provider", "provider"), ("ms", "ms"),
+COLUMNS = [("Hkv", "Hkv"), ("B", "B"), ("L", "L"), ("S", "S"), ("provider", "provider"), ("ms", "ms"),
                   ("p20_ms", "p20"), ("p80_ms", "p80"), ("gbs", "GB/s"), ("pct_peak", "% peak")]
 
 
@@ -43,7 +47,8 @@ def run(device, dtype, calib, quick, shapes=None, cuda_graph=False, **options) -
     """Rows per (shape, provider); cuda_graph=True replays each timed call from a CUDA graph.
 
     Each case has B sequences holding L rows each; the call appends row L and attends L+1 rows.
-    The cache is allocated with exactly L+1 rows, so a provider that reads it whole is not penalised."""
+    capacity 1: the cache has exactly L+1 rows (a provider that reads it whole is not penalised);
+    capacity c > 1: S = c * L rows, of which L+1 are live."""
     shp = shapes_for(SHAPES, device, quick, shapes)
     Hq, D = shp["Hq"], shp["D"]
     budget = budget_for(device, quick, shp)
@@ -54,8 +59,8 @@ def run(device, dtype, calib, quick, shapes=None, cuda_graph=False, **options) -
     elt = torch.empty((), dtype=dtype).element_size()
     for Hkv in shp["Hkv"]:
         for B in shp["batch"]:
-            for L in shp["lengths"]:
-                S = L + 1
+            for L, cap in [(L, c) for L in shp["lengths"] for c in shp.get("capacity", (1,))]:
+                S = L + 1 if cap == 1 else cap * L
                 set_bytes = 2 * B * S * Hkv * D * elt
                 n_sets = timing.n_buffer_sets(set_bytes, device)
                 try:
@@ -68,12 +73,12 @@ def run(device, dtype, calib, quick, shapes=None, cuda_graph=False, **options) -
                         seqlens = torch.full((B,), L, dtype=torch.int32, device=device)
                         sets.append((q, kc, vc, k, v, seqlens, L))
                 except torch.OutOfMemoryError as exc:
-                    rows.append(dict(suite="attention_with_kv_cache", op="attention_with_kv_cache", provider="all", B=B, L=L, Hkv=Hkv,
+                    rows.append(dict(suite="attention_with_kv_cache", op="attention_with_kv_cache", provider="all", B=B, L=L, S=S, Hkv=Hkv,
                                      ms=None, reason=f"inputs do not fit: {str(exc).splitlines()[0][:120]}"))
                     release(device)
                     continue
-                base = dict(suite="attention_with_kv_cache", op="attention_with_kv_cache", case=f"B{B} L{L} Hq{Hq} Hkv{Hkv} D{D}",
-                            B=B, L=L, Tq=1, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype).replace("torch.", ""),
+                base = dict(suite="attention_with_kv_cache", op="attention_with_kv_cache", case=f"B{B} L{L} S{S} Hq{Hq} Hkv{Hkv} D{D}",
+                            B=B, L=L, S=S, Tq=1, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype).replace("torch.", ""),
                             buffer_sets=n_sets, cuda_graph=cuda_graph)
                 nbytes = timing.decode_bytes([L] * B, 1, Hq, Hkv, D, elt)
                 providers = [(f"mqa.{n}", _mqa_decode(n)) for n in backends] + [("sdpa+write", _sdpa_decode)]
@@ -95,5 +100,10 @@ def run(device, dtype, calib, quick, shapes=None, cuda_graph=False, **options) -
 
 
 def plot(rows, result, path):
+    def capacity(r):
+        S, L = r.get("S"), r.get("L")
+        return "" if S is None or L is None or S == L + 1 else f" S={S // L}L"
+
+    rows = [dict(r, provider=r["provider"] + capacity(r)) for r in rows if r.get("gbs")]
     plot_grid(rows, "Hkv", "B", "L", "gbs", "attention_with_kv_cache GB/s", "GB/s", "cache length L",
           path, result["environment"])

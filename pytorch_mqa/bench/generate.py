@@ -6,6 +6,10 @@ The weights are random: an HF `GPT2LMHeadModel` is built offline from a `GPT2Con
 `save_pretrained`, and loaded into our GPT with `GPT.from_pretrained`, so both run the same
 network. Without transformers our GPT is built from a GPTConfig and the HF row says why it is
 missing. The greedy tokens of every provider are compared with the cached run's.
+
+The CPU shape set is the small model the ratios are quoted for; the full (not --quick) run adds
+rows at GPT-2 small's shape (cached, compiled and HF only: recomputing every prefix of a 124M
+model takes minutes on two cores). Runs are timed round-robin by `pytorch_mqa.core.timing`.
 """
 
 from __future__ import annotations
@@ -13,51 +17,38 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from functools import partial
 
 import torch
 
 from pytorch_mqa.core.devices import synchronize
 from pytorch_mqa.core.plotting import new_figure, save_figure
+from pytorch_mqa.core.timing import time_round_robin
 from pytorch_mqa.model import GPT, GPTConfig, generate
 
-# CPU: a small GPT-2 on two threads; GPU: GPT-2 small (124M).
+# CPU: a small GPT-2 on two threads (plus GPT-2 small's shape in the full run); GPU: GPT-2 small
+# (124M). `extra` names shape sets run after this one, on its threads; `uncached=False` leaves
+# out the recomputing provider.
 SHAPES = {
     "cpu": dict(n_layer=4, n_head=8, n_embd=256, vocab_size=4096, block_size=1024, prompt=16, new_tokens=256,
-                repeats=3, threads=2, mqa_kv_heads=(1,)),
+                repeats=3, threads=2, mqa_kv_heads=(1,), extra=("cpu_gpt2_small",)),
     # quick: 32 new tokens, since the uncached run costs the sum of all prefix lengths.
     "cpu_quick": dict(n_layer=4, n_head=8, n_embd=256, vocab_size=4096, block_size=1024, prompt=16, new_tokens=32,
                       repeats=3, threads=2, mqa_kv_heads=(1,)),
+    "cpu_gpt2_small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16,
+                           new_tokens=64, repeats=3, threads=2, mqa_kv_heads=(1,), uncached=False),
     "cuda": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16, new_tokens=256,
                  repeats=3, threads=None, mqa_kv_heads=(4, 1)),
     "cuda_quick": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16,
                        new_tokens=256, repeats=1, threads=None, mqa_kv_heads=(1,)),
 }
 
-COLUMNS = [("provider", "provider"), ("n_kv_head", "n_kv_head"), ("new_tokens", "new tokens"),
-                    ("seconds", "s"), ("tokens_per_s", "tok/s"), ("same_tokens", "same tokens"),
-                    ("compile_seconds", "compile s")]
+COLUMNS = [("model", "model"), ("provider", "provider"), ("n_kv_head", "n_kv_head"), ("new_tokens", "new tokens"),
+           ("seconds", "s"), ("tokens_per_s", "tok/s"), ("same_tokens", "same tokens"),
+           ("compile_seconds", "compile s")]
 
 
 WARMUP_TOKENS = 8
-
-
-def _time_round_robin(providers, n_new: int, device, repeats: int, warmed=()) -> list[tuple[list[float], list]]:
-    """Per provider: (seconds of each of `repeats` runs, the last run's tokens), after a short
-    warm-up run each (prefill and a few decode steps) but those named in `warmed`. The runs go
-    round-robin over the providers, so a change in machine load hits all of them alike."""
-    for name, _, fn in providers:
-        if name not in warmed:
-            fn(min(WARMUP_TOKENS, n_new))
-    times: list[list[float]] = [[] for _ in providers]
-    tokens: list = [None] * len(providers)
-    for _ in range(repeats):
-        for i, (_, _, fn) in enumerate(providers):
-            synchronize(device)
-            t0 = time.perf_counter()
-            tokens[i] = fn(n_new)
-            synchronize(device)
-            times[i].append(time.perf_counter() - t0)
-    return list(zip(times, tokens))
 
 
 def _build_models(shp: dict, device, dtype, workdir: str):
@@ -88,14 +79,22 @@ def _build_models(shp: dict, device, dtype, workdir: str):
 
 def run(device, dtype, calib, quick, shapes=None, compile=False, **options) -> list[dict]:
     """Rows per provider; compile=True adds "mqa.compiled", generate(compile=True), whose one-time
-    compilation (its first call) is timed apart as compile_seconds and left out of tok/s."""
+    compilation (its first call) is timed apart as compile_seconds and left out of tok/s. The
+    shape sets named in the set's `extra` follow, on its thread count."""
     shp = shapes or SHAPES[device.type + ("_quick" if quick else "")]
+    rows = _run_shape(device, dtype, shp, compile)
+    for name in shp.get("extra", ()):
+        rows += _run_shape(device, dtype, dict(SHAPES[name], threads=shp.get("threads")), compile)
+    return rows
+
+
+def _run_shape(device, dtype, shp: dict, compile: bool) -> list[dict]:
     dtype = dtype if device.type == "cuda" else torch.float32  # the CPU path computes in float32
     old_threads = torch.get_num_threads()
     if device.type == "cpu" and shp.get("threads"):
         torch.set_num_threads(shp["threads"])
-    base = dict(suite="generate", op="generate", n_layer=shp["n_layer"], n_head=shp["n_head"],
-                n_embd=shp["n_embd"], vocab_size=shp["vocab_size"], prompt=shp["prompt"],
+    base = dict(suite="generate", op="generate", model=f"{shp['n_layer']}x{shp['n_embd']}", n_layer=shp["n_layer"],
+                n_head=shp["n_head"], n_embd=shp["n_embd"], vocab_size=shp["vocab_size"], prompt=shp["prompt"],
                 new_tokens=shp["new_tokens"], batch=1, dtype=str(dtype).replace("torch.", ""),
                 threads=torch.get_num_threads() if device.type == "cpu" else None)
     rows = []
@@ -109,8 +108,9 @@ def run(device, dtype, calib, quick, shapes=None, compile=False, **options) -> l
             def ours_fn(model, use_cache, compile=False):
                 return lambda n: generate(model, prompt, n, temperature=0, use_cache=use_cache, compile=compile)[0]
 
-            providers = [("mqa.cached", shp["n_head"], ours_fn(ours, True)),
-                         ("mqa.uncached", shp["n_head"], ours_fn(ours, False))]
+            providers = [("mqa.cached", shp["n_head"], ours_fn(ours, True))]
+            if shp.get("uncached", True):
+                providers.append(("mqa.uncached", shp["n_head"], ours_fn(ours, False)))
             first_call = None
             if compile:
                 # The graph is specialised to the cache shape, so the warm-up is a full-length run.
@@ -135,7 +135,13 @@ def run(device, dtype, calib, quick, shapes=None, compile=False, **options) -> l
                 rows.append(dict(base, provider="hf.transformers", n_kv_head=shp["n_head"], seconds=None,
                                  reason=hf_reason))
             reference_tokens = None
-            timed = _time_round_robin(providers, n_new, device, shp["repeats"], warmed=("mqa.compiled",))
+            timed = time_round_robin(
+                [partial(fn, n_new) for _, _, fn in providers],
+                shp["repeats"],
+                warmups=[None if name == "mqa.compiled" else partial(fn, min(WARMUP_TOKENS, n_new))
+                         for name, _, fn in providers],
+                sync=partial(synchronize, device),
+            )
             for (name, n_kv, _), (times, tokens) in zip(providers, timed):
                 seconds = statistics.median(times)
                 row = dict(base, provider=name, n_kv_head=n_kv, seconds=seconds, tokens_per_s=n_new / seconds,
@@ -174,23 +180,22 @@ def _add_ratios(rows: list[dict], n_head: int) -> None:
 def summary(rows: list[dict]) -> str:
     lines = []
     for r in rows:
-        name = "compiled" if r["provider"] == "mqa.compiled" else "cached"
+        name = f"{r.get('model', '')} {'compiled' if r['provider'] == 'mqa.compiled' else 'cached'}".strip()
         if "x_vs_uncached" in r:
             lines.append(f"{name} / uncached: {r['x_vs_uncached']:.2f}x")
         if "x_vs_hf" in r:
             lines.append(f"{name} / HF transformers: {r['x_vs_hf']:.2f}x")
         if r.get("compile_seconds") is not None:
-            lines.append(f"compile (once, not in tok/s): {r['compile_seconds']:.1f} s")
+            lines.append(f"{name}: compile (once, not in tok/s): {r['compile_seconds']:.1f} s")
     return "\n".join(lines)
 
 
 def plot(rows, result, path):
-    labels = [f"{r['provider']}\n(n_kv_head={r['n_kv_head']})" for r in rows]
+    labels = [f"{r.get('model', '')} {r['provider']}\n(n_kv_head={r['n_kv_head']})" for r in rows]
     fig, ax = new_figure(figsize=(1.8 * len(rows) + 2, 3.5))
     ax.bar(labels, [r["tokens_per_s"] for r in rows])
     ax.set_ylabel("tokens/s")
-    r0 = rows[0]
-    ax.set_title(f"greedy generation, {r0['n_layer']} layers, {r0['n_embd']} wide, {r0['new_tokens']} new tokens"
-                 f" — {result['environment']['device_name']}", fontsize=9)
+    ax.set_title(f"greedy generation (model: layers x width), batch 1 — {result['environment']['device_name']}",
+                 fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
     save_figure(fig, path)

@@ -5,7 +5,7 @@ Built on the op layer (`pytorch_mqa.ops`); nothing below imports it.
 
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.model.config import GPTConfig
-from pytorch_mqa.model.generation import generate, stream_generate
+from pytorch_mqa.model.generation import GenerationConfig, generate, stream_generate
 from pytorch_mqa.model.gpt import GPT
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "generate", "stream_generate"]
+__all__ = ["GPT", "GPTConfig", "GenerationConfig", "KVCache", "generate", "stream_generate"]

@@ -1,27 +1,92 @@
-"""Autoregressive generation: the prefill/decode loop (sampling helpers are in model/sampling.py).
+"""Autoregressive generation: `GenerationConfig` and the prefill/decode loop (sampling helpers are
+in model/sampling.py, the compiled decode step in model/decode.py).
 
 With the cache, each prompt is prefilled into its own rows of one `KVCache` (prompts of
 different lengths waste no padding: every sequence has its own `cache_seqlens`), then all
-sequences decode together, one token per step (Tq = 1). `use_cache=False` recomputes the whole
-prefix every step, for comparison; both give the same greedy tokens.
+sequences decode together, one token per step (Tq = 1). Every mode runs the same `GPT.logits`
+body; `use_cache=False` recomputes the whole prefix every step, for comparison, and
+`compile=True` runs the decode step as one compiled graph. All give the same greedy tokens.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from pytorch_mqa.model.cache import KVCache
+from pytorch_mqa.model.decode import DecodeStep
 from pytorch_mqa.model.sampling import apply_repetition_penalty, next_token
 
-# --------------------------------------------------------------------------------------------
-# Generation loop.
-# --------------------------------------------------------------------------------------------
-
 Prompts = Union[Tensor, Sequence[Sequence[int]]]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate; validated once, when built.
+
+    temperature = 0 is greedy; top_k / top_p filter before sampling; repetition_penalty > 1
+    penalises every token already in the prompt or the output (see apply_repetition_penalty).
+    A sequence stops after emitting eos_id (included in its output). seed makes sampling
+    reproducible (a torch.Generator on the model's device). use_cache=False recomputes the
+    whole prefix each step; compile=True runs each decode step as one compiled graph (see
+    model/decode.py) and needs the cache.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    eos_id: Optional[int] = None
+    use_cache: bool = True
+    seed: Optional[int] = None
+    compile: bool = False
+
+    def __post_init__(self):
+        def _is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def _is_real(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {self.max_new_tokens!r}")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature: expected a number >= 0 (0 is greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k: expected None or an int >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p: expected None or a float in (0, 1], got {self.top_p!r}")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty: expected a number > 0 (1.0 = none), got {self.repetition_penalty!r}")
+        if self.eos_id is not None and (not _is_int(self.eos_id) or self.eos_id < 0):
+            raise ValueError(f"eos_id: expected None or an int >= 0, got {self.eos_id!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed: expected None or an int, got {self.seed!r}")
+        for name in ("use_cache", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.compile and not self.use_cache:
+            raise ValueError(
+                "compile: expected use_cache=True (the compiled step is the cached decode step), got use_cache=False"
+            )
+
+
+def _config(config: Optional[GenerationConfig], max_new_tokens: Optional[int], options: dict) -> GenerationConfig:
+    """A GenerationConfig from a config, max_new_tokens and keyword options (which override it)."""
+    if config is None:
+        if max_new_tokens is None:
+            raise ValueError("max_new_tokens: expected an int >= 0 (or config=GenerationConfig(...)), got None")
+        return GenerationConfig(max_new_tokens, **options)
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"config: expected a GenerationConfig or None, got {type(config).__name__}")
+    if max_new_tokens is not None:
+        options = dict(options, max_new_tokens=max_new_tokens)
+    return dataclasses.replace(config, **options) if options else config
 
 
 def _as_lists(prompts: Prompts) -> list[list[int]]:
@@ -41,17 +106,7 @@ def _as_lists(prompts: Prompts) -> list[list[int]]:
     return out
 
 
-def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: expected None or a float in (0, 1], got {top_p!r}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty: expected > 0 (1.0 = none), got {repetition_penalty}")
+def _check_prompts(model, prompts: list[list[int]], max_new_tokens: int) -> None:
     if not prompts:
         raise ValueError("prompts: expected at least one prompt, got none")
     V, block = model.config.vocab_size, model.config.block_size
@@ -68,37 +123,19 @@ def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, repet
             )
 
 
-def _decode_step(model, tokens: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor):
-    return model.decode_step(tokens[:, None], k_cache, v_cache, cache_seqlens)
-
-
-@functools.cache
-def compiled_decode_step():
-    """`_decode_step` under torch.compile: one graph for every step (static shapes, positions and
-    lengths read from the device tensor), compiled on a model's first call (see _freezing)."""
-    return torch.compile(_decode_step, fullgraph=True, dynamic=False)
-
-
-def _freezing():
-    """Inductor freezing, scoped to the compiled call (compile options do not reach it): the
-    weights become constants, so inductor packs them for its CPU matmuls (~30% of a step here).
-    Each model gets its own graph, and a weight changed in place afterwards is not seen."""
-    import torch._inductor.config
-
-    return torch._inductor.config.patch(freezing=True)
-
-
 class _Stepper:
     """Produces next-token logits (B, V) for the running sequences, with or without a cache."""
 
-    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, use_cache: bool, device, compile=False):
-        self.model, self.use_cache, self.device = model, use_cache, device
-        self.step_fn = compiled_decode_step() if compile else None
+    def __init__(self, model, prompts: list[list[int]], config: GenerationConfig, device):
+        self.model, self.use_cache, self.device = model, config.use_cache, device
         self.prompts = prompts
         self.same_length = len({len(p) for p in prompts}) == 1
-        if use_cache:
-            S = max(len(p) for p in prompts) + max_new_tokens
-            self.cache = KVCache.for_model(model, len(prompts), max(S, 1))
+        self.step = None
+        if self.use_cache:
+            S = max(len(p) for p in prompts) + config.max_new_tokens
+            self.cache = KVCache.for_model(model, len(prompts), S)
+            if config.compile:
+                self.step = DecodeStep(model, self.cache)
         else:
             self.seqs = [torch.tensor(p, dtype=torch.long, device=device) for p in prompts]
 
@@ -115,12 +152,8 @@ class _Stepper:
         return self._recompute()
 
     def decode(self, tokens: Tensor) -> Tensor:
-        if self.step_fn is not None:
-            c = self.cache
-            with _freezing():
-                logits, k, v = self.step_fn(self.model, tokens, c.k, c.v, c.cache_seqlens)
-            c.append(k, v)  # host-side lengths and the overflow check stay outside the graph
-            return logits
+        if self.step is not None:
+            return self.step(tokens)
         if self.use_cache:
             return self.model(tokens[:, None], cache=self.cache)[:, -1]
         self.seqs = [torch.cat([s, t[None]]) for s, t in zip(self.seqs, tokens)]
@@ -132,36 +165,22 @@ class _Stepper:
         return torch.cat([self.model(s[None])[:, -1] for s in self.seqs])
 
 
-@torch.no_grad()
-def _generate_steps(
-    model,
-    prompts: Prompts,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    repetition_penalty: float = 1.0,
-    eos_id: Optional[int] = None,
-    use_cache: bool = True,
-    seed: Optional[int] = None,
-    compile: bool = False,
-) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
+@torch.inference_mode()  # no autograd or version-counter work per op: nothing here is differentiated
+def _generate_steps(model, prompts: Prompts, config: GenerationConfig) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
     """Yields (tokens (B,), done_before (B,) bool or None) per step, on the model's device."""
     lists = _as_lists(prompts)
-    _check_args(model, lists, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-    if compile and not use_cache:
-        raise ValueError(
-            "compile: expected use_cache=True (the compiled step is the cached decode step), got use_cache=False"
-        )
-    if max_new_tokens == 0:
+    _check_prompts(model, lists, config.max_new_tokens)
+    n_new, temperature, top_k, top_p = config.max_new_tokens, config.temperature, config.top_k, config.top_p
+    penalty, eos_id = config.repetition_penalty, config.eos_id
+    if n_new == 0:
         return
     device = model.transformer.wte.weight.device
     generator = None
-    if seed is not None and temperature != 0:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
+    if config.seed is not None and temperature != 0:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
     B, V = len(lists), model.config.vocab_size
     seen = None
-    if repetition_penalty != 1.0:
+    if penalty != 1.0:
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
         for b, p in enumerate(lists):
             seen[b, torch.tensor(p, device=device)] = True
@@ -170,11 +189,11 @@ def _generate_steps(
     was_training = model.training
     model.eval()
     try:
-        stepper = _Stepper(model, lists, max_new_tokens, use_cache, device, compile)
+        stepper = _Stepper(model, lists, config, device)
         logits = stepper.prefill()
-        for step in range(max_new_tokens):
+        for step in range(n_new):
             if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+                logits = apply_repetition_penalty(logits, seen, penalty)
             tokens = next_token(logits, temperature, top_k, top_p, generator)
             if seen is not None:
                 seen[rows, tokens] = True
@@ -184,19 +203,22 @@ def _generate_steps(
                 done |= tokens == eos_id
                 if bool(done.all()):
                     return
-            if step + 1 < max_new_tokens:
+            if step + 1 < n_new:
                 logits = stepper.decode(tokens)
     finally:
         model.train(was_training)
 
 
-def stream_generate(model, prompts: Prompts, max_new_tokens: int, **kwargs) -> Iterator[tuple[int, list]]:
+def stream_generate(
+    model, prompts: Prompts, max_new_tokens: Optional[int] = None, *, config: Optional[GenerationConfig] = None, **options
+) -> Iterator[tuple[int, list]]:
     """Like `generate`, but yields (step, token_ids) as each step is sampled.
 
     token_ids has one entry per sequence: the new token id, or None for a sequence that already
     emitted eos_id at an earlier step.
     """
-    for step, (tokens, done_before) in enumerate(_generate_steps(model, prompts, max_new_tokens, **kwargs)):
+    config = _config(config, max_new_tokens, options)
+    for step, (tokens, done_before) in enumerate(_generate_steps(model, prompts, config)):
         ids = tokens.tolist()
         if done_before is not None:
             ids = [None if d else t for t, d in zip(ids, done_before.tolist())]
@@ -206,45 +228,29 @@ def stream_generate(model, prompts: Prompts, max_new_tokens: int, **kwargs) -> I
 def generate(
     model,
     prompts: Prompts,
-    max_new_tokens: int,
+    max_new_tokens: Optional[int] = None,
     *,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    repetition_penalty: float = 1.0,
-    eos_id: Optional[int] = None,
-    use_cache: bool = True,
-    seed: Optional[int] = None,
-    compile: bool = False,
+    config: Optional[GenerationConfig] = None,
     on_token: Optional[Callable[[int, list], None]] = None,
+    **options,
 ) -> list[list[int]]:
     """Generate up to max_new_tokens per prompt; returns the new ids per sequence (prompt excluded).
 
-    prompts: a (B, T) LongTensor or a list of token-id lists (lengths may differ).
-    temperature = 0 is greedy; top_k / top_p filter before sampling; repetition_penalty > 1
-    penalises every token already in the prompt or the output (see apply_repetition_penalty).
-    A sequence stops after emitting eos_id (which is included in its output). seed makes
-    sampling reproducible (a torch.Generator on the model's device). on_token(step, token_ids)
-    is called after each step (see stream_generate). compile=True runs each decode step through
-    `torch.compile` (see compiled_decode_step); the first call for a model pays the compilation
-    (seconds), later ones with the same cache shape (batch, longest prompt + max_new_tokens)
-    reuse it. The compiled step holds the weights as constants: after changing them in place,
-    call torch._dynamo.reset(). Raises ValueError when a prompt plus
-    max_new_tokens is longer than the model's block_size.
+    prompts: a (B, T) LongTensor or a list of token-id lists (lengths may differ). How to
+    generate is a `GenerationConfig`: pass `config=`, or its fields as keywords (temperature,
+    top_k, top_p, repetition_penalty, eos_id, use_cache, seed, compile), which also override the
+    fields of a given config. on_token(step, token_ids) is called after each step (see
+    stream_generate). compile=True runs each decode step as one compiled graph (see
+    model/decode.py); the first call for a model pays the compilation (seconds), later ones
+    with the same cache shape (batch, longest prompt + max_new_tokens) reuse it. The compiled
+    step holds the weights as constants: after changing them in place, call
+    torch.compiler.reset(). Raises ValueError when a prompt plus max_new_tokens is longer than
+    the model's block_size.
     """
-    kwargs = dict(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        eos_id=eos_id,
-        use_cache=use_cache,
-        seed=seed,
-        compile=compile,
-    )
-    if on_token is not None or eos_id is not None:
+    config = _config(config, max_new_tokens, options)
+    if on_token is not None or config.eos_id is not None:
         out: list[list[int]] = [[] for _ in range(len(_as_lists(prompts)))]
-        for step, ids in stream_generate(model, prompts, max_new_tokens, **kwargs):
+        for step, ids in stream_generate(model, prompts, config=config):
             for b, t in enumerate(ids):
                 if t is not None:
                     out[b].append(t)
@@ -252,11 +258,10 @@ def generate(
                 on_token(step, ids)
         return out
     # No per-step host work needed: keep the tokens on the device and read them once at the end.
-    steps = [tokens for tokens, _ in _generate_steps(model, prompts, max_new_tokens, **kwargs)]
-    B = len(_as_lists(prompts))
+    steps = [tokens for tokens, _ in _generate_steps(model, prompts, config)]
     if not steps:
-        return [[] for _ in range(B)]
+        return [[] for _ in range(len(_as_lists(prompts)))]
     return torch.stack(steps, dim=1).tolist()
 
 
-__all__ = ["generate", "stream_generate"]
+__all__ = ["GenerationConfig", "generate", "stream_generate"]

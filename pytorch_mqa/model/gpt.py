@@ -3,9 +3,12 @@
 Read top to bottom: `GPTConfig`, `CausalSelfAttention`, `MLP`, `Block`, `GPT`. The architecture
 is GPT-2's (pre-LayerNorm, learned positions, GELU(tanh) MLP, tied input/output embeddings);
 the only change is that K and V have `n_kv_head` heads, each shared by `n_head // n_kv_head`
-query heads. Attention goes through the package's ops, `attention` for prefill/training and
-`attention_with_kv_cache` for cached decoding, so CUDA tensors run the kernels and CPU tensors the
-reference. The config is in `model/config.py`; checkpoint loading and conversion in `model/checkpoints.py`.
+query heads. Attention goes through the package's ops, `attention` without a cache (training,
+prefill) and `attention_with_kv_cache` with one (cached prefill, decoding), so CUDA tensors run
+the kernels and CPU tensors the CPU path. Every mode runs the same `Block.forward`, through
+`GPT.logits`; the compiled decode step of `generate(compile=True)` (model/decode.py) is that
+body too. The config is in `model/config.py`; checkpoint loading and conversion in
+`model/checkpoints.py`.
 """
 
 from __future__ import annotations
@@ -13,13 +16,12 @@ from __future__ import annotations
 import math
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pytorch_mqa.model import checkpoints
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.model.config import GPTConfig
 from pytorch_mqa.model.loss import next_token_loss
-from pytorch_mqa.ops import attention, attention_with_kv_cache, decode_one_row_functional
+from pytorch_mqa.ops import attention, attention_with_kv_cache
 
 
 class CausalSelfAttention(nn.Module):
@@ -38,17 +40,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None):
-        """x (B, T, C) -> (B, T, C). With caches, appends this step's K/V and attends the prefix."""
+    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto"):
+        """x (B, T, C) -> (B, T, C). With caches, appends this step's K/V and attends the prefix.
+
+        backend goes to the op ("auto": the ops' choice; a compiled step passes a concrete one)."""
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         if k_cache is None:
-            y = attention(q, k, v, causal=True)
+            y = attention(q, k, v, causal=True, backend=backend)
         else:
-            y = attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=True)
+            y = attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=True, backend=backend)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, -1)))
 
 
@@ -72,8 +76,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None):
-        x = x + self.attn(self.ln_1(x), k_cache, v_cache, cache_seqlens)
+    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto"):
+        x = x + self.attn(self.ln_1(x), k_cache, v_cache, cache_seqlens, backend)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,103 +121,60 @@ class GPT(nn.Module):
 
         loss is the mean cross-entropy over targets != -100. With `cache`, token t of sequence b
         sits at position cache.lengths[b] + t: its K/V are appended to the cache, it attends the
-        whole cached prefix, and the cache lengths advance by T once all layers have run.
+        whole cached prefix, and the cache lengths advance by T once all layers have run. The
+        checks read only host-side values; the computation is `logits`.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx: expected a 2-D tensor (B, T) of token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
-        wte, wpe = self.transformer.wte, self.transformer.wpe
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"idx: expected at most block_size = {self.config.block_size} tokens, got T = {T}")
+            logits = self.logits(idx)
         else:
             if cache.batch_size != B:
                 raise ValueError(f"cache: expected batch size {B} (idx.shape[0]), got {cache.batch_size}")
             if cache.n_layer != self.config.n_layer:
                 raise ValueError(f"cache: expected {self.config.n_layer} layers, got {cache.n_layer}")
             cache.check_room(T)
-            room = self.config.block_size - max(cache.lengths)
-            if T > room:
+            held = max(cache.lengths)
+            if T > self.config.block_size - held:
                 raise ValueError(
                     f"idx: positions past block_size = {self.config.block_size}: the cache holds "
-                    f"{max(cache.lengths)} positions and T = {T} more were given"
+                    f"{held} positions and T = {T} more were given"
                 )
-            logits = self.forward_cached(idx, cache.k, cache.v, cache.cache_seqlens)
+            logits = self.logits(idx, cache.k, cache.v, cache.cache_seqlens)
             cache.advance(T)
-            return logits if targets is None else (logits, next_token_loss(logits, targets))
-        x = self.transformer.drop(wte(idx) + wpe(torch.arange(T, device=idx.device)))
-        for block in self.transformer.h:
-            x = block(x)
-        ln_f = self.transformer.ln_f
-        logits = F.linear(F.layer_norm(x, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps), self.lm_head.weight)
-        if targets is None:
-            return logits
-        return logits, next_token_loss(logits, targets)
+        return logits if targets is None else (logits, next_token_loss(logits, targets))
 
-    def forward_cached(self, idx, k_cache, v_cache, cache_seqlens):
-        """The cached forward without checks and without advancing the lengths (forward does both).
+    def logits(self, idx, k_caches=None, v_caches=None, cache_seqlens=None, backend: str = "auto"):
+        """The one body of every mode (training, prefill, cached prefill, decode step): no checks,
+        and the cache lengths are not advanced (`forward` does both).
 
-        idx (B, T); k_cache, v_cache: a KVCache's (n_layer, B, S, Hkv, D) buffers; cache_seqlens
-        its int32 (B,) lengths -> logits (B, T, V). Block.forward's math with the functional calls
-        inlined: decoding runs one token at a time, so per-call overhead (module dispatch, dropout
-        no-ops) is a large share of a step on CPU. No dropout: a cache is for inference. Nothing
-        here reads a host-side length, so `torch.compile(fullgraph=True)` traces a decode step once.
+        idx (B, T) -> logits (B, T, V). Without caches: positions 0..T-1, causal attention over
+        idx. With k_caches, v_caches (one (B, S, Hkv, D) buffer per layer, a KVCache's `k`, `v`)
+        and cache_seqlens (its int32 (B,) lengths): positions start at each sequence's length,
+        every layer appends its K/V in place and attends the cached prefix. Nothing here reads a
+        host-side length, so `torch.compile(fullgraph=True)` traces a decode step once. backend
+        goes to every attention call; under torch.compile pass a concrete one (resolving "auto"
+        reads host-side state, see pytorch_mqa.ops.backends.resolve_backend).
         """
-        B, T = idx.shape
-        wte, wpe = self.transformer.wte, self.transformer.wpe
-        # Positions come from the device lengths, so a captured decode step stays valid.
-        pos = cache_seqlens[:, None] + torch.arange(T, device=idx.device, dtype=torch.int32)
-        x = F.embedding(idx, wte.weight) + F.embedding(pos, wpe.weight)
-        C = x.shape[-1]
-        for i, block in enumerate(self.transformer.h):
-            attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
-            h = F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps)
-            q, k, v = F.linear(h, attn.c_attn.weight, attn.c_attn.bias).split(attn.split, dim=-1)
-            y = attention_with_kv_cache(
-                q.view(B, T, attn.n_head, attn.head_dim),
-                k_cache[i],
-                v_cache[i],
-                k.view(B, T, attn.n_kv_head, attn.head_dim),
-                v.view(B, T, attn.n_kv_head, attn.head_dim),
-                cache_seqlens=cache_seqlens,
-                causal=True,
-            )
-            x = x + F.linear(y.view(B, T, C), attn.c_proj.weight, attn.c_proj.bias)
-            h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps)
-            h = F.gelu(F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias), approximate="tanh")
-            x = x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
-        ln_f = self.transformer.ln_f
-        return F.linear(F.layer_norm(x, (C,), ln_f.weight, ln_f.bias, ln_f.eps), self.lm_head.weight)
-
-    def decode_step(self, idx, k_cache, v_cache, cache_seqlens):
-        """One decode step that leaves the cache untouched, for `torch.compile(fullgraph=True)`.
-
-        idx (B, 1); k_cache, v_cache, cache_seqlens: a KVCache's buffers and lengths. Returns
-        logits (B, V) and this step's keys and values, each (n_layer, B, 1, Hkv, D), for
-        KVCache.append. Nothing reads a host-side length, so every step has the same graph.
-        """
-        B, T = idx.shape
-        wte, wpe = self.transformer.wte, self.transformer.wpe
-        x = F.embedding(idx, wte.weight) + F.embedding(cache_seqlens[:, None], wpe.weight)
-        C = x.shape[-1]
-        ks, vs = [], []
-        for i, block in enumerate(self.transformer.h):
-            attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
-            h = F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps)
-            q, k, v = F.linear(h, attn.c_attn.weight, attn.c_attn.bias).split(attn.split, dim=-1)
-            k = k.view(B, T, attn.n_kv_head, attn.head_dim)
-            v = v.view(B, T, attn.n_kv_head, attn.head_dim)
-            q = q.view(B, T, attn.n_head, attn.head_dim)
-            y = decode_one_row_functional(q, k_cache[i], v_cache[i], k, v, cache_seqlens)
-            ks.append(k)
-            vs.append(v)
-            x = x + F.linear(y.view(B, T, C), attn.c_proj.weight, attn.c_proj.bias)
-            h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps)
-            h = F.gelu(F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias), approximate="tanh")
-            x = x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
-        ln_f = self.transformer.ln_f
-        logits = F.linear(F.layer_norm(x[:, -1], (C,), ln_f.weight, ln_f.bias, ln_f.eps), self.lm_head.weight)
-        return logits, torch.stack(ks), torch.stack(vs)
+        T = idx.shape[1]
+        tr = self.transformer
+        if cache_seqlens is None:
+            pos = torch.arange(T, device=idx.device)
+        elif T == 1:
+            pos = cache_seqlens[:, None]
+        else:
+            pos = cache_seqlens[:, None] + torch.arange(T, device=idx.device, dtype=cache_seqlens.dtype)
+        x = tr.drop(tr.wte(idx) + tr.wpe(pos))
+        if k_caches is None:
+            for block in tr.h:
+                x = block(x, backend=backend)
+        else:
+            for block, k_cache, v_cache in zip(tr.h, k_caches, v_caches):
+                x = block(x, k_cache, v_cache, cache_seqlens, backend)
+        return self.lm_head(tr.ln_f(x))
 
     # ---- checkpoints (see model/checkpoints.py) --------------------------------------------------------
 

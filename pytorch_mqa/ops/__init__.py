@@ -6,7 +6,6 @@ Importing it registers `torch.ops.pytorch_mqa.*`. Public functions: `attention`,
 
 from pytorch_mqa.ops.api import attention, attention_varlen, attention_with_kv_cache
 from pytorch_mqa.ops.backends import AUTO_CUDA_BACKEND, BACKENDS, OP_BACKENDS, available_backends
-from pytorch_mqa.ops.cpu import decode_one_row_functional
 from pytorch_mqa.ops.validation import validate_attention, validate_kv_cache
 
 __all__ = [
@@ -17,7 +16,6 @@ __all__ = [
     "AUTO_CUDA_BACKEND",
     "BACKENDS",
     "OP_BACKENDS",
-    "decode_one_row_functional",
     "validate_attention",
     "validate_kv_cache",
 ]

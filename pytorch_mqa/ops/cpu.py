@@ -29,7 +29,6 @@ tests compare these kernels against.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -271,31 +270,4 @@ def _ragged(q, kc, vc, key_lens, causal, scale):
     return out.contiguous(), lse.contiguous()
 
 
-# --------------------------------------------------------------------------------------------
-# Compiled decoding (used by the model until generation calls the op inside its graph)
-
-
-def decode_one_row_functional(q, k_cache, v_cache, k, v, cache_seqlens, scale=None):
-    """attention_with_kv_cache for Tq = 1 in plain torch ops that leave the caches untouched.
-
-    q (B, 1, Hq, D), k/v (B, 1, Hkv, D), caches (B, S, Hkv, D), cache_seqlens int32 (B,):
-    sequence b attends cache rows [0, cache_seqlens[b]) plus its new k/v, which the caller
-    appends afterwards (KVCache.append). The cache rows are masked over all S, so the shapes never
-    change and nothing reads a length on the host: for compiled CPU decoding, where inductor fuses
-    this into a few kernels. Returns out (B, 1, Hq, D).
-    """
-    B, _, Hq, D = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qg = q.reshape(B, Hkv, Hq // Hkv, D)
-    k_new, v_new = k.reshape(B, Hkv, 1, D), v.reshape(B, Hkv, 1, D)
-    s_cache = torch.matmul(qg, k_cache.permute(0, 2, 3, 1))  # (B, Hkv, G, S)
-    visible = torch.arange(S, device=q.device)[None, :] < cache_seqlens[:, None]  # (B, S)
-    s_cache = s_cache.masked_fill(~visible[:, None, None, :], float("-inf"))
-    s_new = (qg * k_new).sum(-1, keepdim=True)  # (B, Hkv, G, 1)
-    p = torch.softmax(torch.cat([s_cache, s_new], dim=-1) * scale, dim=-1)
-    o = torch.matmul(p[..., :S], v_cache.transpose(1, 2)) + p[..., S:] * v_new  # (B, Hkv, G, D)
-    return o.reshape(B, 1, Hq, D)
-
-
-__all__ = ["attention_forward", "attention_backward", "attention_with_kv_cache", "decode_one_row_functional"]
+__all__ = ["attention_forward", "attention_backward", "attention_with_kv_cache"]

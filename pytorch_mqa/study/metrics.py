@@ -3,11 +3,12 @@ KV-cache bytes per token, generation speed with and without the cache, cached-vs
 
 from __future__ import annotations
 
-import time
+from functools import partial
 
 import torch
 
 from pytorch_mqa.core.devices import synchronize
+from pytorch_mqa.core.timing import time_round_robin
 from pytorch_mqa.model import KVCache, generate
 from pytorch_mqa.model.loss import next_token_loss, token_nll
 
@@ -49,27 +50,30 @@ def heldout_loss(model, val: torch.Tensor, block_size: int, device, max_windows:
 
 def kv_bytes_per_token(model) -> int:
     """Bytes one token occupies in a KVCache for `model` (all layers, K and V), from a real cache."""
-    cache = KVCache.for_model(model, 1, 1)
-    return (cache.k.numel() + cache.v.numel()) * cache.k.element_size()
+    return KVCache.for_model(model, 1, 1).nbytes
+
+
+def _greedy(model, prompt: list[int], n: int, use_cache: bool) -> list[int]:
+    return generate(model, [prompt], n, temperature=0, use_cache=use_cache)[0]
 
 
 @torch.no_grad()
 def generation_checks(model, prompt: list[int], new_tokens: int, device, repeats: int = 3) -> dict:
-    """Greedy generation with and without the cache: tokens/s (best of `repeats`), token agreement,
-    and the largest difference between cached and recomputed logits."""
+    """Greedy generation with and without the cache: tokens/s (best of `repeats`, taken
+    round-robin by the benchmarks' timer), token agreement, and the largest difference between
+    cached and recomputed logits."""
     model.eval()
-    out = {}
-    tokens = {}
-    for use_cache in (True, False):
-        generate(model, [prompt], 2, temperature=0, use_cache=use_cache)  # warm up
-        best = float("inf")
-        for _ in range(repeats):
-            synchronize(torch.device(device))
-            t0 = time.perf_counter()
-            tokens[use_cache] = generate(model, [prompt], new_tokens, temperature=0, use_cache=use_cache)[0]
-            synchronize(torch.device(device))
-            best = min(best, time.perf_counter() - t0)
-        out["tokens_per_s_cache" if use_cache else "tokens_per_s_no_cache"] = new_tokens / best
+    dev = torch.device(device)
+    modes = (True, False)  # use_cache
+    timed = time_round_robin(
+        [partial(_greedy, model, prompt, new_tokens, use_cache) for use_cache in modes],
+        repeats,
+        warmups=[partial(_greedy, model, prompt, 2, use_cache) for use_cache in modes],
+        sync=partial(synchronize, dev),
+    )
+    (t_cache, tokens_cache), (t_none, tokens_none) = timed
+    out = {"tokens_per_s_cache": new_tokens / min(t_cache), "tokens_per_s_no_cache": new_tokens / min(t_none)}
+    tokens = {True: tokens_cache, False: tokens_none}
     out["greedy_tokens_agree"] = tokens[True] == tokens[False]
     # Logits for the same sequence: one full forward vs prefill + one token at a time through the cache.
     seq = torch.tensor([prompt + tokens[True]], device=device)[:, : model.config.block_size]

@@ -93,6 +93,26 @@ def test_matches_reference(case, dtype, with_new, causal):
     _check_case(case, dtype, with_new, causal)
 
 
+# Preallocated caches: capacity S >= 4 x most live lengths, ragged lengths 0, 1, S - 1, S - Tq;
+# G 1 to 32; Tq 1 to 4 (live-length splits; new rows straddling a split edge at L = 62).
+PREALLOCATED = [
+    (5, 1, 2048, 8, 1, 128, [0, 1, 2047, 300, 63]),
+    (5, 2, 192, 4, 4, 64, [0, 1, 191, 190, 33]),
+    (4, 3, 640, 32, 1, 128, [0, 1, 639, 637]),
+    (5, 4, 200, 6, 3, 40, [0, 1, 199, 196, 62]),
+    (2, 1, 8192, 16, 2, 96, [1000, 8191]),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("with_new", [True, False], ids=["append", "no_append"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", PREALLOCATED, ids=str)
+def test_preallocated_caches(case, dtype, with_new, causal):
+    _check_case(case, dtype, with_new, causal, label="cuda preallocated")
+
+
 def _views(base_shape, view, dtype, gen):
     """The same view of one random buffer on CPU and on CUDA: (cpu_view, cuda_view)."""
     base = randn(base_shape, dtype, gen)
@@ -243,13 +263,13 @@ def test_rejects_bad_arguments_in_cpp():
 
 
 # ------------------------------------------------------------------------------------------
-# Emulation (no GPU): the kernel's index math, ported line for line to PyTorch, against the
+# Emulation (no GPU): the CUDA-core kernel's index math, ported line for line to PyTorch, against the
 # reference. It checks the algorithm (split and tile ranges, new-row sourcing and write-back,
 # masking, -inf handling, LSE-weighted combine), not the CUDA code itself.
 # ------------------------------------------------------------------------------------------
 
 _LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
-_ROWS_PER_BLOCK, _MAX_SPLITS, _MIN_KEYS_PER_SPLIT, _SMEM_BUDGET = 16, 64, 256, 46 * 1024
+_ROWS_PER_BLOCK, _MAX_SPLITS, _SPLIT_ALIGN, _WAVES, _SMEM_BUDGET = 16, 1024, 64, 2, 46 * 1024
 
 
 def _ceil_div(a, b):
@@ -269,14 +289,15 @@ def _block_n(D, dtype):
     return n
 
 
-def _choose_splits(blocks, S, block_n, sms):
-    splits = 1
-    if S > block_n and blocks < sms:
-        splits = _ceil_div(2 * sms, blocks)
-        splits = min(splits, _ceil_div(S, _MIN_KEYS_PER_SPLIT))
-        splits = max(1, min(splits, _MAX_SPLITS))
-    length = _ceil_div(_ceil_div(max(S, 1), splits), block_n) * block_n
-    return max(1, _ceil_div(S, length)), length
+def _choose_splits(blocks, S, sms):
+    """decode::choose_splits: about two blocks per SM, at most one split per _SPLIT_ALIGN cache rows."""
+    return max(1, min(_ceil_div(_WAVES * sms, max(blocks, 1)), _ceil_div(S, _SPLIT_ALIGN), _MAX_SPLITS))
+
+
+def _split_range(split, Lk, num_splits):
+    """decode::split_range / active_splits: the live keys [0, Lk) in equal slices of _SPLIT_ALIGN multiples."""
+    chunk = max(_ceil_div(_ceil_div(Lk, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN, _SPLIT_ALIGN)
+    return split * chunk, min(split * chunk + chunk, Lk), max(_ceil_div(Lk, chunk), 1)
 
 
 def _emulate(q, k_cache, v_cache, k, v, seqlens, causal, scale, sms):
@@ -286,7 +307,7 @@ def _emulate(q, k_cache, v_cache, k, v, seqlens, causal, scale, sms):
     BLOCK_N = _block_n(D, q.dtype)
     rows = G * Tq
     row_chunks = _ceil_div(rows, R)
-    num_splits, split_len = _choose_splits(B * Hkv * row_chunks, S, BLOCK_N, sms)
+    num_splits = _choose_splits(B * Hkv * row_chunks, S, sms)
     o_part = torch.zeros(num_splits, B, Hq, Tq, D)
     lse_part = torch.full((num_splits, B, Hq, Tq), float("-inf"))
     inf = float("-inf")
@@ -304,8 +325,9 @@ def _emulate(q, k_cache, v_cache, k, v, seqlens, causal, scale, sms):
                     m = torch.full((len(gr),), inf)
                     l = torch.zeros(len(gr))
                     acc = torch.zeros(len(gr), D)
-                    begin = split * split_len
-                    end = min(begin + split_len, Lk)
+                    begin, end, active = _split_range(split, Lk, num_splits)
+                    if split >= active:
+                        continue  # the block exits; the combine reads only active splits
                     tile = begin
                     while tile < end:
                         n_valid = min(BLOCK_N, end - tile)
@@ -365,7 +387,7 @@ def test_emulated_kernel_guard_lengths_and_many_splits(causal):
     seqlens = torch.tensor([S - 1, S + 5, -2, 257], dtype=torch.int32)
     ref, lse_ref, kc_ref, vc_ref = _reference(q, k_cache, v_cache, k, v, seqlens, causal, lowp=False)
     out, lse, splits = _emulate(q, k_cache, v_cache, k, v, seqlens, causal, D**-0.5, sms=132)
-    assert splits == 3  # ceil(600 / 256) splits of 256 keys
+    assert splits == 10  # ceil(600 / 64): at most one split per 64 cache rows
     assert_close(out, ref, ref, torch.float32, "out", "cuda emulation")
     assert_close(lse, lse_ref, lse_ref, torch.float32, "lse", "cuda emulation")
     assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)

@@ -15,6 +15,7 @@ import pytorch_mqa
 from helpers import DTYPES, KV_CACHE_SHAPES, assert_close, kv_cache_inputs, randn, seeded
 from pytorch_mqa import reference
 from pytorch_mqa.kernels import attention_with_kv_cache as kernel
+from pytorch_mqa.kernels.common import INTERPRETER_SMS, override_sm_count, sm_count
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 LABEL = "triton kv_cache"
@@ -87,17 +88,120 @@ def test_forced_split_counts(num_splits):
     torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=0)
 
 
-def test_split_rule_is_static_and_bounded():
-    # Depends on shapes and the SM count only; splits tile S and each is >= SPLIT_ALIGN rows.
-    assert kernel.num_splits_for(1, 1, 8, 64, 132) == 1
-    assert kernel.MAX_SPLITS // 2 < kernel.num_splits_for(1, 1, 8, 100_000, 132) <= kernel.MAX_SPLITS
-    n = kernel.num_splits_for(4, 8, 4, 4096, 132)  # 32 programs per split -> about 2 waves
-    assert 2 <= n <= 32
-    assert kernel.num_splits_for(512, 8, 8, 4096, 132) == 1  # enough work without splitting
-    for S in (1, 127, 128, 300, 1000, 4097):
-        n = kernel.num_splits_for(1, 1, 1, S, 132)
-        per = kernel._split_len(S, n)
-        assert per % kernel.SPLIT_ALIGN == 0 and (n - 1) * per < S <= n * per
+def test_decode_plan_is_static_and_fills_the_device():
+    # Depends on shapes and the SM count only; at B * Hkv = 1 there are about two waves of programs.
+    plan = kernel.decode_plan(1, 1, 1, 8, 32768, 132)
+    assert plan.split_programs >= 132 and plan.launches == 2
+    assert plan.num_splits == 2 * 132
+    assert kernel.decode_plan(1, 1, 1, 8, 64, 132).num_splits == 2  # at most one split per SPLIT_ALIGN rows
+    assert kernel.decode_plan(1, 1, 1, 8, 20, 132).launches == 1
+    assert kernel.decode_plan(512, 8, 1, 8, 4096, 132).num_splits == 1  # enough work without splitting
+    p = kernel.decode_plan(4, 8, 4, 4, 4096, 132)  # 32 programs per split
+    assert p.split_programs >= 2 * 132 - 32 and p.num_splits * 32 == p.split_programs
+    with override_sm_count(132):
+        assert kernel.decode_plan(1, 1, 1, 8, 32768, sm_count("cpu")).split_programs >= 132
+    assert sm_count("cpu") == INTERPRETER_SMS
+
+
+def test_live_length_partition():
+    """The splits cover the live keys [0, Lk) exactly and equally, whatever the capacity S."""
+    import math
+
+    for Lk in (0, 1, 31, 32, 33, 1000, 4096, 32767):
+        for n in (1, 3, 264):
+            chunk = max(math.ceil(math.ceil(Lk / n) / kernel.SPLIT_ALIGN) * kernel.SPLIT_ALIGN, kernel.SPLIT_ALIGN)
+            active = max(math.ceil(Lk / chunk), 1)
+            assert active <= n and (active - 1) * chunk < max(Lk, 1) <= active * chunk
+    # At S = 32k, L = 8k, B = Hkv = 1 on 132 SMs: 264 splits of 32 keys, 256 of them active.
+    n = kernel.decode_plan(1, 1, 1, 8, 32768, 132).num_splits
+    chunk = math.ceil(math.ceil(8193 / n) / kernel.SPLIT_ALIGN) * kernel.SPLIT_ALIGN
+    assert math.ceil(8193 / chunk) >= 132
+
+
+def test_at_most_two_launches(monkeypatch):
+    """One call launches the fused split kernel and, with several splits, the combine: nothing else."""
+    launches = []
+
+    class Counting:
+        def __init__(self, fn, name):
+            self.fn, self.name = fn, name
+
+        def __getitem__(self, grid):
+            launches.append((self.name, grid))
+            return self.fn[grid]
+
+    for name in ("_decode_split_kernel", "_combine_kernel"):
+        monkeypatch.setattr(kernel, name, Counting(getattr(kernel, name), name))
+    q, k_cache, v_cache, k, v, seqlens = kv_cache_inputs((2, 1, 512, 8, 1, 16, [100, 3]), torch.float32, seed=3)
+    with override_sm_count(132):
+        kernel.attention_with_kv_cache(q, k_cache, v_cache, k, v, seqlens, True, 0.25)
+    assert [n for n, _ in launches] == ["_decode_split_kernel", "_combine_kernel"]
+    assert all(len(grid) == 1 for _, grid in launches)  # B * Hkv folded into axis 0
+    launches.clear()
+    kernel.attention_with_kv_cache(q, k_cache, v_cache, k, v, seqlens, True, 0.25, num_splits=1)
+    assert [n for n, _ in launches] == ["_decode_split_kernel"]
+
+
+# Preallocated caches: capacity S >= 4 x most live lengths, ragged lengths including 0, 1, S - 1
+# and S - Tq; G from 1 to 32; Tq 1 to 4. (B, Tq, S, Hq, Hkv, D, lengths)
+PREALLOCATED = [
+    (5, 1, 256, 8, 1, 64, [0, 1, 255, 40, 63]),  # MQA, Tq = 1 (S - 1 = S - Tq)
+    (5, 2, 192, 4, 4, 32, [0, 1, 191, 190, 33]),  # MHA (G = 1); S - 1 overflows by one new row
+    (4, 3, 160, 32, 1, 16, [0, 1, 159, 157]),  # G = 32: 96 packed rows, two row blocks
+    (5, 4, 200, 6, 3, 40, [0, 1, 199, 196, 62]),  # G = 2, odd D; L = 62: new rows straddle two splits
+    (3, 1, 512, 16, 1, 128, [100, 17, 511]),  # G = 16, long capacity
+    (2, 2, 384, 12, 3, 24, [5, 90]),  # G = 4, only short sequences in a large cache
+]
+
+
+def _guarded(shape, dtype, gen, pad=(2, 5, 1, 3)):
+    """A tensor of `shape` as a view into a larger buffer filled with a sentinel; returns (view, buffer)."""
+    B, S, H, D = shape
+    buf = torch.full((B + 1, S + 2 * pad[1], H + pad[2], D + pad[3]), 7.0, dtype=dtype)
+    view = buf[:B, pad[1] : pad[1] + S, pad[2] :, 1 : 1 + D]
+    view.copy_(torch.randn(shape, generator=gen).to(dtype))
+    return view, buf
+
+
+def _dev(t, device):
+    return None if t is None else t.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("with_new", [True, False], ids=["append", "no_new"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("case", PREALLOCATED, ids=str)
+def test_preallocated_cache(case, dtype, with_new, causal, device):
+    """Live-length splits on a planned GPU launch (132 SMs): matches the oracle, writes exactly
+    rows [L_b, L_b + Tq) inside [0, S) and nothing outside the cache views."""
+    B, Tq, S, Hq, Hkv, D, lengths = case
+    gen = seeded(21)
+    k_cache, buf_k = _guarded((B, S, Hkv, D), dtype, gen)
+    v_cache, buf_v = _guarded((B, S, Hkv, D), dtype, gen)
+    q = torch.randn((B, Tq, Hq, D), generator=gen).to(dtype)
+    k = torch.randn((B, Tq, Hkv, D), generator=gen).to(dtype) if with_new else None
+    v = torch.randn((B, Tq, Hkv, D), generator=gen).to(dtype) if with_new else None
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    expect_k, expect_v = buf_k.clone(), buf_v.clone()
+    ek, ev = expect_k[:B, 5 : 5 + S, 1:, 1 : 1 + D], expect_v[:B, 5 : 5 + S, 1:, 1 : 1 + D]
+    new32 = (k.float(), v.float()) if with_new else (None, None)
+    ref32, lse32 = reference.attention_with_kv_cache(q.float(), ek.float(), ev.float(), *new32, seqlens, causal=causal)
+    ref_lp, lse_lp = reference.attention_with_kv_cache(q, ek, ev, k, v, seqlens, causal=causal, upcast=False)
+    if device != "cpu":  # the same views of the same buffers on the device
+        buf_k, buf_v = buf_k.to(device), buf_v.to(device)
+        k_cache = buf_k[:B, 5 : 5 + S, 1:, 1 : 1 + D]
+        v_cache = buf_v[:B, 5 : 5 + S, 1:, 1 : 1 + D]
+    with override_sm_count(132):
+        plan = kernel.decode_plan(B, Hkv, Tq, Hq // Hkv, S, 132, fp32=dtype == torch.float32)
+        assert plan.num_splits > 1
+        out, lse = kernel.attention_with_kv_cache(_dev(q, device), k_cache, v_cache, _dev(k, device), _dev(v, device),
+                                                  seqlens.to(device), causal, D**-0.5)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close(out.cpu(), ref32, ref_lp, dtype, "out", LABEL + " preallocated")
+    assert_close(lse.cpu(), lse32, lse_lp, dtype, "lse", LABEL + " preallocated")
+    # Exact cache contents, and the sentinel guard region around the views untouched.
+    assert torch.equal(buf_k.cpu(), expect_k) and torch.equal(buf_v.cpu(), expect_v)
 
 
 @pytest.mark.parametrize("with_new", [True, False], ids=["append", "no_new"])
@@ -182,10 +286,25 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.slow
 def test_kernels_compile_for_gpu():
-    """Lower the decode kernels to sm_90 cubins (Triton ships ptxas) without a GPU."""
+    """Lower the decode kernels to sm_90 cubins through the real launcher, every dtype and autotune
+    config; fails on a compile error or any register spill."""
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
     res = subprocess.run(
-        [sys.executable, script, "attention_with_kv_cache"], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, script, "attention_with_kv_cache"], env=env, capture_output=True, text=True, timeout=900
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("scale", [0.3, 0.0, -0.3])
+def test_any_scale_sign(scale):
+    """A positive scale is folded into the exp2 argument (one FFMA); zero and negative scales take
+    the pre-scaled path, where masked keys must stay -inf (not NaN from -inf * 0)."""
+    case = (2, 2, 200, 4, 1, 16, [150, 0])
+    q, k_cache, v_cache, k, v, seqlens = kv_cache_inputs(case, torch.float32, seed=15)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    with override_sm_count(132):
+        out, lse = kernel.attention_with_kv_cache(q, k_cache, v_cache, k, v, seqlens, True, scale)
+    ref, ref_lse = reference.attention_with_kv_cache(q, kc, vc, k, v, seqlens, causal=True, scale=scale)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=0)

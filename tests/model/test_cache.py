@@ -10,9 +10,14 @@ from pytorch_mqa import KVCache
 def test_shapes_and_for_model():
     model = tiny_gpt(n_kv_head=2)
     cache = KVCache.for_model(model, batch_size=3, max_seqlen=20)
-    assert cache.k.shape == (2, 3, 20, 2, 8) and cache.v.shape == cache.k.shape
+    assert len(cache.k) == len(cache.v) == 2 and cache.n_layer == 2
     k0, v0 = cache.layer(0)
-    assert k0.shape == (3, 20, 2, 8) and k0.is_contiguous() and k0.data_ptr() == cache.k.data_ptr()
+    assert k0.shape == v0.shape == (3, 20, 2, 8) and k0.is_contiguous() and k0 is cache.k[0] and v0 is cache.v[0]
+    # One buffer per layer, none a view of another (an in-graph write then stays in place).
+    bases = {t.untyped_storage().data_ptr() for t in cache.k + cache.v}
+    assert len(bases) == 4
+    assert cache.nbytes == 2 * 2 * 3 * 20 * 2 * 8 * 4
+    assert "n_layer=2" in repr(cache) and "lengths=[0, 0, 0]" in repr(cache)
     assert cache.cache_seqlens.dtype == torch.int32 and cache.cache_seqlens.tolist() == [0, 0, 0]
     assert cache.lengths == [0, 0, 0]
     with pytest.raises(ValueError, match="max_seqlen"):
@@ -27,9 +32,9 @@ def test_advance_reset_and_views():
     view = cache.rows(1, 2)
     view.advance(3)
     assert cache.lengths == [4, 7, 4] and cache.cache_seqlens.tolist() == [4, 7, 4]
-    assert view.lengths == [7] and view.k.shape == (1, 1, 10, 1, 4)
+    assert view.lengths == [7] and view.k[0].shape == (1, 10, 1, 4) and view.batch_size == 1
     view.layer(0)[0].fill_(1.0)  # the view shares storage with the parent
-    assert cache.k[0, 1].eq(1.0).all() and cache.k[0, 0].eq(0.0).all()
+    assert cache.k[0][1].eq(1.0).all() and cache.k[0][0].eq(0.0).all()
     view.reset()
     assert cache.lengths == [4, 0, 4] and cache.cache_seqlens.tolist() == [4, 0, 4]
     cache.reset()
@@ -42,11 +47,11 @@ def test_overflow_raises_before_writing():
     model = tiny_gpt(n_kv_head=1)
     cache = KVCache.for_model(model, batch_size=2, max_seqlen=8)
     model(torch.randint(0, 97, (2, 6)), cache=cache)
-    before = cache.k.clone()
+    before = [t.clone() for t in cache.k + cache.v]
     with pytest.raises(ValueError, match=r"KVCache overflow: sequence 0 holds 6 of 8 rows and 3 more"):
         model(torch.randint(0, 97, (2, 3)), cache=cache)
     assert cache.lengths == [6, 6] and cache.cache_seqlens.tolist() == [6, 6]
-    assert torch.equal(cache.k, before)  # nothing was written
+    assert all(torch.equal(t, b) for t, b in zip(cache.k + cache.v, before))  # nothing was written
     model(torch.randint(0, 97, (2, 2)), cache=cache)  # exactly full is fine
     assert cache.lengths == [8, 8]
     with pytest.raises(ValueError, match="overflow"):
@@ -118,7 +123,7 @@ def test_cache_never_joins_the_autograd_graph():
     model = tiny_gpt(2)
     cache = KVCache.for_model(model, 1, max_seqlen=8)
     logits = model(torch.tensor([[1, 2, 3]]), cache=cache)
-    assert logits.requires_grad and not cache.k.requires_grad and not cache.v.requires_grad
+    assert logits.requires_grad and not any(t.requires_grad for t in cache.k + cache.v)
     with torch.no_grad():
         model(torch.tensor([[4]]), cache=cache)
-    assert not cache.k.requires_grad and cache.lengths == [4]
+    assert not any(t.requires_grad for t in cache.k + cache.v) and cache.lengths == [4]

@@ -1,6 +1,7 @@
 """Generation: sampling helpers on hand-worked logits, greedy cache == no cache, ragged batches,
 seeds, EOS, streaming, limits."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from model_helpers import tiny_gpt
 from pytorch_mqa import KVCache, generate
-from pytorch_mqa.model.generation import stream_generate
+from pytorch_mqa.model.generation import GenerationConfig, stream_generate
 from pytorch_mqa.model.sampling import apply_repetition_penalty, logits_to_probs, sample, top_k_filter, top_p_filter
 
 INF = float("inf")
@@ -157,38 +158,120 @@ def test_generate_restores_training_mode():
     assert model.training
 
 
-def test_decode_step_matches_cached_forward_ragged():
-    """GPT.decode_step (the graph that compile=True runs) == the cached forward, lengths differ."""
+def test_generation_config_validates_once_and_keywords_override():
+    cfg = GenerationConfig(12, temperature=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.temperature = 1.0
+    model = tiny_gpt(2)
+    want = generate(model, PROMPTS, 12, temperature=0)
+    assert generate(model, PROMPTS, config=cfg) == want
+    assert generate(model, PROMPTS, 5, config=cfg) == [t[:5] for t in want]  # max_new_tokens overrides
+    assert generate(model, PROMPTS, config=GenerationConfig(12), temperature=0) == want  # so do keywords
+    assert [ids for _, ids in stream_generate(model, PROMPTS, config=cfg)] == [list(t) for t in zip(*want)]
+    for bad, match in (
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(max_new_tokens=2, top_k=0), "top_k"),
+        (dict(max_new_tokens=2, top_p=1.5), "top_p"),
+        (dict(max_new_tokens=2, repetition_penalty=0.0), "repetition_penalty"),
+        (dict(max_new_tokens=2, eos_id=-3), "eos_id"),
+        (dict(max_new_tokens=2, seed=1.5), "seed"),
+        (dict(max_new_tokens=2, use_cache="yes"), "use_cache"),
+        (dict(max_new_tokens=2, compile=True, use_cache=False), "use_cache"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            GenerationConfig(**bad)
+    with pytest.raises(TypeError, match="top_q"):
+        generate(model, PROMPTS, 2, top_q=0.5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, PROMPTS)
+    with pytest.raises(TypeError, match="config"):
+        generate(model, PROMPTS, config=dict(max_new_tokens=2))
+
+
+def test_one_block_body_and_the_op_runs_under_its_name():
+    """Prefill, cached prefill and decode all run Block.forward; cached attention is the registered op."""
+    from pytorch_mqa.model import gpt
+
+    assert not hasattr(gpt.GPT, "forward_cached") and not hasattr(gpt.GPT, "decode_step")
+    assert "decode_one_row_functional" not in vars(gpt)
+    model = tiny_gpt(2)
+    calls = []
+    hook = model.transformer.h[0].register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[1]))
+    cache = KVCache.for_model(model, 1, 16)
+    with torch.profiler.profile() as prof:
+        model(torch.tensor([[1, 2, 3]]))
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        model(torch.tensor([[4]]), cache=cache)
+    hook.remove()
+    assert calls == [3, 3, 1]
+    names = [e.name for e in prof.events()]
+    assert names.count("pytorch_mqa::attention_with_kv_cache") == 2 * model.config.n_layer
+    assert names.count("pytorch_mqa::attention") == model.config.n_layer
+
+
+def _prefill(model, cache):
+    for b, p in enumerate(PROMPTS):
+        model(torch.tensor([p]), cache=cache.rows(b, b + 1))
+
+
+@pytest.mark.slow
+def test_compiled_step_writes_the_cache_in_place_and_matches_eager():
+    """The compiled step (what compile=True runs) calls the op in the graph, once per layer, on the
+    cache's own buffers (no copy of a buffer), and equals the eager cached forward, ragged lengths."""
+    from torch._inductor.utils import run_and_get_code
+
+    from pytorch_mqa.model.decode import DecodeStep
+
+    torch.compiler.reset()
     model = tiny_gpt(2)
     cache, ref = KVCache.for_model(model, 3, 16), KVCache.for_model(model, 3, 16)
-    tokens = torch.tensor([[4], [50], [7]])
+    ptrs = [t.data_ptr() for t in cache.k + cache.v]
     with torch.no_grad():
-        for c in (cache, ref):
-            for b, p in enumerate(PROMPTS):
-                model(torch.tensor([p]), cache=c.rows(b, b + 1))
-        want = model(tokens, cache=ref)[:, -1]
-        got, k, v = model.decode_step(tokens, cache.k, cache.v, cache.cache_seqlens)
-        cache.append(k, v)
-    torch.testing.assert_close(got, want)
-    assert cache.lengths == ref.lengths == [8, 3, 5]
-    torch.testing.assert_close(cache.k, ref.k)
-    torch.testing.assert_close(cache.v, ref.v)
+        _prefill(model, cache)
+        _prefill(model, ref)
+        step = DecodeStep(model, cache)
+        for tokens in (torch.tensor([4, 50, 7]), torch.tensor([9, 9, 1])):
+            want = model(tokens[:, None], cache=ref)[:, -1]
+            got, (code,) = run_and_get_code(step, tokens)
+            torch.testing.assert_close(got, want)
+    assert cache.lengths == ref.lengths == [9, 4, 6] and cache.cache_seqlens.tolist() == [9, 4, 6]
+    for a, b in zip(cache.k + cache.v, ref.k + ref.v):
+        torch.testing.assert_close(a, b)
+    assert [t.data_ptr() for t in cache.k + cache.v] == ptrs
+    assert code.count("torch.ops.pytorch_mqa.attention_with_kv_cache.default(") == model.config.n_layer
+    assert ".copy_(" not in code  # the op's declared writes stay in place: no buffer is copied back
 
 
 @pytest.mark.slow
 def test_compiled_greedy_equals_eager_and_compiles_once():
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     model = tiny_gpt(2)
     eager = generate(model, PROMPTS, 40, temperature=0)
+    assert generate(model, PROMPTS, 40, temperature=0, use_cache=False) == eager
     assert generate(model, PROMPTS, 40, temperature=0, compile=True) == eager
     assert counters["stats"]["unique_graphs"] == 1  # 39 decode steps, one graph: no recompiles
-    assert generate(model, PROMPTS, 40, temperature=0, compile=True) == eager
+    with torch.profiler.profile() as prof:
+        assert generate(model, PROMPTS, 40, temperature=0, compile=True) == eager
     assert counters["stats"]["unique_graphs"] == 1  # a second call of the same cache shape reuses it
+    # The op runs under its own name in the compiled graph: n_layer calls per decode step, plus
+    # the eager prefill (3 ragged prompts, one by one).
+    names = [e.name for e in prof.events()]
+    assert names.count("pytorch_mqa::attention_with_kv_cache") == model.config.n_layer * (39 + 3)
     other = tiny_gpt(2, seed=1)  # same shapes, other weights (constants of the frozen graph): its own graph
     assert generate(other, PROMPTS, 40, temperature=0, compile=True) == generate(other, PROMPTS, 40, temperature=0)
     assert counters["stats"]["unique_graphs"] == 2
     with pytest.raises(ValueError, match="use_cache"):
         generate(model, PROMPTS, 4, compile=True, use_cache=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_graph_decode_equals_eager():
+    """On CUDA the compiled step is replayed from a captured CUDA graph; tokens equal eager."""
+    model = tiny_gpt(2).cuda()
+    eager = generate(model, PROMPTS, 24, temperature=0)
+    assert generate(model, PROMPTS, 24, temperature=0, compile=True) == eager
+    assert generate(model, PROMPTS, 24, temperature=0, compile=True) == eager

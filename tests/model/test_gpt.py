@@ -123,7 +123,9 @@ def test_hf_safetensors_file_without_prefix(hf_dir, tmp_path):
     assert_logits_match(GPT.from_pretrained(tmp_path / "model.safetensors", n_head=4), hf)
 
 
+@pytest.mark.slow
 def test_hf_greedy_generation_matches(hf_dir):
+    """Cached, uncached and compiled greedy tokens equal Hugging Face generate on the same weights."""
     hf, d = hf_dir
     model = GPT.from_pretrained(d)
     prompt = IDX[:1, :6]
@@ -131,6 +133,7 @@ def test_hf_greedy_generation_matches(hf_dir):
     ref = ref[0, 6:].tolist()
     assert generate(model, prompt, 16, temperature=0) == [ref]
     assert generate(model, prompt, 16, temperature=0, use_cache=False) == [ref]
+    assert generate(model, prompt, 16, temperature=0, compile=True) == [ref]
     assert len(set(ref)) > 3
 
 

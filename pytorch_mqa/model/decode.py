@@ -1,0 +1,107 @@
+"""The compiled decode step of `generate(compile=True)`.
+
+One step is `GPT.logits` on one token per sequence, the same body as every other mode, under
+`torch.compile(fullgraph=True, dynamic=False)`: the attention of each layer is the registered op
+`torch.ops.pytorch_mqa.attention_with_kv_cache` inside the graph (its CPU kernel on CPU, Triton
+or csrc on CUDA). The op declares its writes to `k_cache` and `v_cache`; as each layer's buffers
+are graph inputs of their own (a KVCache has one K and one V buffer per layer), inductor keeps
+the write in place instead of copying the buffers. Positions and lengths are read from the
+int32 device tensor `cache_seqlens`, so every step runs the same graph; the host-side length
+mirror, the overflow check (before the write) and the advance stay outside it.
+
+On CUDA the compiled step is also captured in a CUDA graph (`torch.cuda.CUDAGraph`) over static
+buffers: the cache, its lengths and a token buffer. Two eager warm-up calls on a side stream run
+first, so compilation and the kernels' autotuning happen before capture; they write the row the
+first real step then overwrites. A graph holds the addresses of one cache, so each generate call
+captures its own (milliseconds); the compiled code is reused.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from pytorch_mqa.model.cache import KVCache
+from pytorch_mqa.ops.backends import resolve_backend, unavailable_reason
+
+
+def _decode_step(model, tokens: Tensor, k_caches, v_caches, cache_seqlens: Tensor, backend: str) -> Tensor:
+    """tokens (B,) -> next-token logits (B, V); appends each layer's K/V at cache_seqlens."""
+    return model.logits(tokens[:, None], k_caches, v_caches, cache_seqlens, backend)[:, -1]
+
+
+@functools.cache
+def compiled_decode_step():
+    """`_decode_step` under torch.compile: one graph for every step (static shapes), compiled on
+    a model's first call (see _freezing); dynamo keeps one graph per model and cache shape."""
+    return torch.compile(_decode_step, fullgraph=True, dynamic=False)
+
+
+def _freezing():
+    """Inductor freezing, scoped to the compiled call (compile options do not reach it): the
+    weights become constants, so inductor packs them for its CPU matmuls (~30% of a step on CPU).
+    Each model gets its own graph, and a weight changed in place afterwards is not seen."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True)
+
+
+class DecodeStep:
+    """The compiled decode step bound to one model and one KVCache: `step(tokens (B,))` -> logits
+    (B, V), with the cache advanced by one row. CUDA tensors replay a captured CUDA graph."""
+
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.fn = compiled_decode_step()
+        self.graph = None
+        self.compiled = False
+        self.cuda = cache.device.type == "cuda"
+        # "auto" resolved here, on the host (a `use_backend` block or the environment may choose);
+        # the graph sees a constant name and recompiles if a later call resolves another.
+        name = resolve_backend("attention_with_kv_cache", "auto", cache.device.type)
+        if unavailable_reason(name, cache.device.type) is not None:  # "auto"'s fallback, as in the op
+            name = "triton" if unavailable_reason("triton", cache.device.type) is None else "reference"
+        self.backend = name
+
+    def _call(self, tokens: Tensor) -> Tensor:
+        c = self.cache
+        if self.compiled:
+            return self.fn(self.model, tokens, c.k, c.v, c.cache_seqlens, self.backend)
+        # A step compiles (if dynamo has no graph for this model and shape) on its first call
+        # only: the static shapes leave the guards nothing to fail on later, so the config patch
+        # (tens of microseconds) is paid once, not per step.
+        with _freezing():
+            out = self.fn(self.model, tokens, c.k, c.v, c.cache_seqlens, self.backend)
+        self.compiled = True
+        return out
+
+    def _capture(self, tokens: Tensor) -> None:
+        self.tokens = tokens.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile, autotune and allocate outside the capture
+                self._call(self.tokens)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._call(self.tokens)
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        c = self.cache
+        c.check_room(1)  # before anything is written
+        if not self.cuda:
+            logits = self._call(tokens)
+        else:
+            if self.graph is None:
+                self._capture(tokens)
+            self.tokens.copy_(tokens)
+            self.graph.replay()
+            logits = self.logits
+        c.advance(1)
+        return logits
+
+
+__all__ = ["DecodeStep", "compiled_decode_step"]
