@@ -21,7 +21,7 @@ def _pick_backend(op: str, backend: str, device: torch.device, variants: dict | 
         raise ValueError(f"backend: expected one of {OP_BACKENDS[op]} for {op}, got {name!r}")
     if backend == "auto" and device.type == "cuda" and unavailable_reason(name, "cuda") is not None:
         name = "triton" if unavailable_reason("triton", "cuda") is None else "reference"
-    if backend == "auto" and variants is not None and unsupported(name, variants):
+    if backend == "auto" and variants is not None and unsupported(name, variants, op):
         name = "reference"  # auto routes around a backend that lacks a requested variant
     return name
 

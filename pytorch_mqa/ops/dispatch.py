@@ -57,15 +57,22 @@ def _active(var: dict) -> dict:
     return active
 
 
-def unsupported(backend: str, var: dict) -> list:
-    """The active variants `backend` does not implement (Triton and csrc: none of them yet)."""
+# What each kernel backend implements of the variants, per op.
+KERNEL_VARIANTS = {
+    ("triton", "attention"): ("window_size", "softcap", "alibi_slopes"),
+}
+
+
+def unsupported(backend: str, var: dict, op: str = "attention") -> list:
+    """The active variants `backend` does not implement for `op`."""
     if backend == "reference" or backend in USER_BACKENDS:
         return []
-    return sorted(_active(var))
+    have = KERNEL_VARIANTS.get((backend, op), ())
+    return sorted(name for name in _active(var) if name not in have)
 
 
 def _require(backend: str, op: str, var: dict) -> None:
-    missing = unsupported(backend, var)
+    missing = unsupported(backend, var, op)
     if missing:
         raise NotImplementedError(
             f"backend: {backend!r} does not implement {', '.join(missing)} for {op}; expected backend='reference' "
@@ -95,7 +102,9 @@ def attention_forward(q, k, v, causal, scale, backend, *variants, **kw):
         return _user_result(backend, "attention", fn(q, k, v, causal=causal, scale=scale, return_lse=True, **_active(var)))
     _require(backend, "attention", var)
     if backend == "triton":
-        return _triton_attention().attention_forward(q, k, v, causal, scale)
+        return _triton_attention().attention_forward(
+            q, k, v, causal, scale, var["window_size"], var["softcap"], var["alibi_slopes"]
+        )
     raise RuntimeError(f"backend: {backend!r} has no attention implementation")
 
 
@@ -112,7 +121,9 @@ def attention_backward(dout, q, k, v, lse, delta, causal, scale, backend, *varia
         return USER_BACKENDS[backend]["attention_backward"](dout, q, k, v, lse, delta, causal, scale)
     _require(backend, "attention", var)
     if backend == "triton":
-        return _triton_attention().attention_backward(dout, q, k, v, lse, delta, causal, scale)
+        return _triton_attention().attention_backward(
+            dout, q, k, v, lse, delta, causal, scale, var["window_size"], var["softcap"], var["alibi_slopes"]
+        )
     raise RuntimeError(f"backend: {backend!r} has no attention backward implementation")
 
 
