@@ -1,0 +1,80 @@
+"""backend="triton" of `attention` with window_size, softcap and ALiBi: forward, LSE and the three
+gradients against the float32 oracle with the DESIGN §5 rule (interpreter on CPU; `cuda` mark on a
+GPU), on the shared case matrix (MHA, GQA, MQA)."""
+
+import pytest
+import torch
+from helpers import ATTENTION_SHAPES, DTYPES, assert_close, attention_inputs
+
+import pytorch_mqa
+from pytorch_mqa import reference
+from pytorch_mqa.ops.backends import unavailable_reason
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+# (name, causal, window, softcap, alibi kind, logit multiplier)
+VARIANTS = [
+    ("win(0,0)", False, (0, 0), 0.0, None, 1.0),
+    ("win(1,-1)+causal", True, (1, -1), 0.0, None, 1.0),
+    ("win(>T)", False, (500, 500), 0.0, None, 1.0),
+    ("softcap large logits", True, (-1, -1), 5.0, None, 4.0),
+    ("alibi(H)+causal+win(3,-1)", True, (3, -1), 0.0, "h", 1.0),
+    ("all", False, (4, 2), 2.0, "bh", 3.0),
+]
+SHAPES = [s for s in ATTENTION_SHAPES if s[1] * s[2] <= 130 * 130 and s != (1, 1, 130, 8, 1, 128)]
+
+
+def _skip(device):
+    if unavailable_reason("triton", device) is not None:
+        pytest.skip(unavailable_reason("triton", device))
+
+
+def _kw(variant, B, Hq, device):
+    _, causal, window, softcap, alibi, _ = variant
+    slopes = None
+    if alibi:
+        g = torch.Generator().manual_seed(B + Hq)
+        slopes = (torch.rand((Hq,) if alibi == "h" else (B, Hq), generator=g) * 0.5 + 0.05).to(device)
+    return dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes)
+
+
+def _grads(fn, inputs, dout, wl):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out, lse = fn(*leaves)
+    loss = (out.float() * dout.float()).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * wl).sum()
+    return (out, lse) + torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_variants(shape, dtype, variant, device):
+    _skip(device)
+    q, k, v = attention_inputs(shape, dtype, seed=3, device=device, strided=shape[0] == 2)
+    if variant[5] != 1.0:
+        q = (q.float() * variant[5]).to(dtype)
+    kw = _kw(variant, shape[0], shape[3], device)
+    g = torch.Generator().manual_seed(4)
+    dout = torch.randn(q.shape, generator=g).to(device=device, dtype=dtype)
+    wl = torch.randn(shape[0], shape[3], shape[1], generator=g).to(device)
+    got = _grads(lambda a, b, c: pytorch_mqa.attention(a, b, c, return_lse=True, backend="triton", **kw), (q, k, v), dout, wl)
+    r32 = _grads(lambda a, b, c: reference.attention(a, b, c, **kw), (q.float(), k.float(), v.float()), dout, wl)
+    rlp = _grads(lambda a, b, c: reference.attention(a, b, c, upcast=False, **kw), (q, k, v), dout, wl)
+    label = f"triton variants {variant[0].split('+')[0].split('(')[0]}"
+    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), got, r32, rlp):
+        assert_close(a, b, c, dtype, name, label)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_window_over_several_blocks(device):
+    """Tq = Tk = 300 with a window of 9: several row and key blocks, most of them skipped."""
+    _skip(device)
+    q, k, v = attention_inputs((1, 300, 300, 2, 1, 16), torch.float32, seed=5, device=device)
+    kw = dict(causal=True, window_size=(8, -1), alibi_slopes=torch.full((2,), 0.2, device=device))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    wl = torch.zeros(1, 2, 300, device=device)
+    got = _grads(lambda a, b, c: pytorch_mqa.attention(a, b, c, return_lse=True, backend="triton", **kw), (q, k, v), dout, wl)
+    want = _grads(lambda a, b, c: reference.attention(a, b, c, **kw), (q, k, v), dout, wl)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert_close(a, b, b, torch.float32, name, "triton variants blocks")
