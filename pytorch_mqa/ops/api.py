@@ -22,7 +22,9 @@ def _pick_backend(op: str, backend: str, device: torch.device, variants: dict | 
     if backend == "auto" and device.type == "cuda" and unavailable_reason(name, "cuda") is not None:
         name = "triton" if unavailable_reason("triton", "cuda") is None else "reference"
     if backend == "auto" and variants is not None and unsupported(name, variants, op):
-        name = "reference"  # auto routes around a backend that lacks a requested variant
+        # auto routes around a backend that lacks a requested variant: Triton if it has them
+        has_triton = unavailable_reason("triton", device.type) is None and device.type == "cuda"
+        name = "triton" if has_triton and not unsupported("triton", variants, op) else "reference"
     return name
 
 

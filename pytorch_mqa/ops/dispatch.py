@@ -60,6 +60,7 @@ def _active(var: dict) -> dict:
 # What each kernel backend implements of the variants, per op.
 KERNEL_VARIANTS = {
     ("triton", "attention"): ("window_size", "softcap", "alibi_slopes"),
+    ("triton", "attention_with_kv_cache"): ("window_size", "softcap", "alibi_slopes"),
 }
 
 
@@ -226,8 +227,8 @@ def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, ca
 
 def _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var):
     """The cache op with window, softcap or ALiBi: the CPU kernel of `cpu_variants` on CPU
-    tensors, else the oracle's masked math (per-sequence offsets) after the capacity check; the
-    Triton and csrc kernels lack them."""
+    tensors, the Triton decode kernel, or the oracle's masked math (per-sequence offsets) after
+    the capacity check; the csrc kernel lacks them."""
     if backend in ("triton", "cuda"):
         _require(backend, "attention_with_kv_cache", var)
     if backend == "reference" and q.device.type == "cpu":  # checks the capacity where it reads the lengths
@@ -241,4 +242,9 @@ def _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, 
         fn = USER_BACKENDS[backend]["attention_with_kv_cache"]
         return _user_result(backend, "attention_with_kv_cache", fn(
             q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=causal, scale=scale, return_lse=True, **var))
+    if backend == "triton" and q.shape[0] > 0 and q.shape[1] > 0:
+        return _triton_attention_with_kv_cache().attention_with_kv_cache(
+            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, None,
+            var["window_size"], var["softcap"], var["alibi_slopes"],
+        )
     return reference.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=causal, scale=scale, **var)

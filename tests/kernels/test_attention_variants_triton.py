@@ -4,7 +4,7 @@ GPU), on the shared case matrix (MHA, GQA, MQA)."""
 
 import pytest
 import torch
-from helpers import ATTENTION_SHAPES, DTYPES, assert_close, attention_inputs
+from helpers import ATTENTION_SHAPES, DTYPES, KV_CACHE_SHAPES, assert_close, attention_inputs, kv_cache_inputs
 
 import pytorch_mqa
 from pytorch_mqa import reference
@@ -78,3 +78,43 @@ def test_triton_window_over_several_blocks(device):
     want = _grads(lambda a, b, c: reference.attention(a, b, c, **kw), (q, k, v), dout, wl)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         assert_close(a, b, b, torch.float32, name, "triton variants blocks")
+
+
+DECODE_VARIANTS = [VARIANTS[i] for i in (0, 1, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [None, 3])
+@pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=lambda v: v[0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("row", KV_CACHE_SHAPES, ids=str)
+def test_triton_decode_variants(row, dtype, variant, num_splits, device):
+    """The decode kernel (fused append, live-length splits) with each sequence's own offset."""
+    _skip(device)
+    from pytorch_mqa.kernels import attention_with_kv_cache as kernel
+
+    q, kc, vc, kn, vn, lens = kv_cache_inputs(row, dtype, seed=6, device=device)
+    if variant[5] != 1.0:
+        q = (q.float() * variant[5]).to(dtype)
+    kw = _kw(variant, row[0], row[3], device)
+    causal = kw.pop("causal")
+    kc32, vc32, kclp, vclp = kc.float(), vc.float(), kc.clone(), vc.clone()
+    out, lse = kernel.attention_with_kv_cache(q, kc, vc, kn, vn, lens, causal, row[5] ** -0.5, num_splits, **kw)
+    o32, l32 = reference.attention_with_kv_cache(q.float(), kc32, vc32, kn.float(), vn.float(), lens, causal=causal, **kw)
+    olp, llp = reference.attention_with_kv_cache(q, kclp, vclp, kn, vn, lens, causal=causal, upcast=False, **kw)
+    assert torch.equal(kc, kclp) and torch.equal(vc, vclp)
+    label = f"triton decode variants {variant[0].split('+')[0].split('(')[0]}"
+    assert_close(out, o32, olp, dtype, "out", label)
+    assert_close(lse, l32, llp, dtype, "lse", label)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_decode_variants_through_the_op(device):
+    _skip(device)
+    q, kc, vc, kn, vn, lens = kv_cache_inputs(KV_CACHE_SHAPES[0], torch.float32, seed=7, device=device)
+    kc2, vc2 = kc.clone(), vc.clone()
+    kw = dict(window_size=(8, 0), softcap=3.0, alibi_slopes=torch.full((8,), 0.1, device=device))
+    got = pytorch_mqa.attention_with_kv_cache(q, kc, vc, kn, vn, cache_seqlens=lens, backend="triton", **kw)
+    want = pytorch_mqa.attention_with_kv_cache(q, kc2, vc2, kn, vn, cache_seqlens=lens, backend="reference", **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert torch.equal(kc, kc2)
