@@ -92,10 +92,10 @@ def _attention_fwd_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lh, stride_lt,
     Tq, Tk, BH, Hkv, qk_scale, tq_bucket, tk_bucket,
-    Alibi, stride_ab, stride_ah, scale, softcap, win_left, win_right,
+    Alibi, stride_ab, stride_ah, scale, softcap, win_left, win_right, drop_p, drop_seed,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (packed row block, batch * KV head), both on axis 0.
@@ -127,6 +127,7 @@ def _attention_fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
             t, start, end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N, False,
             slope, scale, softcap, win_left, win_right, True, SOFTCAP, ALIBI,
+            drop_p, drop_seed, b * Hkv * G, h, DROPOUT,
         )
     else:
         full_end, masked_end = _key_ranges(row0, Tq, Tk, G, CAUSAL, BLOCK_M, BLOCK_N)
@@ -158,10 +159,10 @@ def _attention_bwd_dkdv_kernel(
     stride_dks, stride_dkb, stride_dkt, stride_dkh, stride_dkd,
     stride_dvs, stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     Tq, Tk, BH, Hkv, row_splits, qk_scale, scale, tq_bucket, tk_bucket,
-    Alibi, stride_ab, stride_ah, softcap, win_left, win_right,
+    Alibi, stride_ab, stride_ah, softcap, win_left, win_right, drop_p, drop_seed,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key block, batch * KV head, row split): dK, dV summed over the G query
@@ -236,7 +237,7 @@ def _attention_bwd_dkdv_kernel(
             offs_n, tl.maximum(v_start, r_lo), tl.minimum(v_end, r_hi), Tq, Tk, qk_scale, offs_d,
             G, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_M,
             Alibi + b * stride_ab + hk * G * stride_ah, stride_ah, scale, softcap, win_left, win_right,
-            True, SOFTCAP, ALIBI,
+            True, SOFTCAP, ALIBI, drop_p, drop_seed, (b * Hkv + hk) * G, DROPOUT,
         )
     else:
         dk, dv = _dkdv_inner(
@@ -272,10 +273,10 @@ def _attention_bwd_dq_kernel(
     stride_lb, stride_lh, stride_lt,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     Tq, Tk, BH, Hkv, qk_scale, scale, tq_bucket, tk_bucket,
-    Alibi, stride_ab, stride_ah, softcap, win_left, win_right,
+    Alibi, stride_ab, stride_ah, softcap, win_left, win_right, drop_p, drop_seed,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (packed row block, batch * KV head): dQ (B, Tq, Hq, D), no atomics."""
@@ -306,7 +307,8 @@ def _attention_bwd_dq_kernel(
         start, end = _variant_key_range(row0, Tq, Tk, win_left, win_right, G, CAUSAL, BLOCK_M, BLOCK_N)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                        t, start, end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N,
-                       slope, scale, softcap, win_left, win_right, True, SOFTCAP, ALIBI)
+                       slope, scale, softcap, win_left, win_right, True, SOFTCAP, ALIBI,
+                       drop_p, drop_seed, b * Hkv * G, h, DROPOUT)
     else:
         full_end, masked_end = _key_ranges(row0, Tq, Tk, G, CAUSAL, BLOCK_M, BLOCK_N)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
@@ -323,11 +325,13 @@ def _attention_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def attention_forward(q, k, v, causal: bool, scale: float, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None):
+def attention_forward(q, k, v, causal: bool, scale: float, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                      dropout_p: float = 0.0, dropout_seed=None):
     """q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D) -> out (B, Tq, Hq, D) in q.dtype, lse (B, Hq, Tq) fp32.
 
-    window_size, softcap, alibi_slopes as in DESIGN §3 (key blocks no row of a block can see
-    are skipped)."""
+    window_size, softcap, alibi_slopes, dropout_p as in DESIGN §3 (key blocks no row of a block
+    can see are skipped; the dropout mask comes from Philox counters seeded with dropout_seed,
+    drawn again in the backward, never stored)."""
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -338,12 +342,13 @@ def attention_forward(q, k, v, causal: bool, scale: float, window_size=(-1, -1),
     def grid(meta):
         return (triton.cdiv(Tq * G, meta["BLOCK_M"]) * B * Hkv,)
 
-    (a, sab, sah, cap, left, right), flags = _variant_launch_args(q, window_size, softcap, alibi_slopes)
+    (a, sab, sah, cap, left, right, dp, ds), flags = _variant_launch_args(
+        q, window_size, softcap, alibi_slopes, (dropout_p, dropout_seed))
     _attention_fwd_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         Tq, Tk, B * Hkv, Hkv, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
-        a, sab, sah, scale, cap, left, right,
+        a, sab, sah, scale, cap, left, right, dp, ds,
         G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
         FOLD_SCALE=scale > 0 and not flags["VARIANT"], **flags,
     )
@@ -363,7 +368,7 @@ def dkdv_row_splits(kv_programs: int, R: int, sms: int) -> int:
 
 
 def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float, window_size=(-1, -1), softcap: float = 0.0,
-                       alibi_slopes=None):
+                       alibi_slopes=None, dropout_p: float = 0.0, dropout_seed=None):
     """Gradients of attention: dout (B, Tq, Hq, D), lse/delta (B, Hq, Tq) fp32 -> (dq, dk, dv)."""
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
@@ -374,7 +379,7 @@ def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float, wi
     dq = torch.empty((B, Tq, Hq, D), dtype=store_dtype(q.dtype, upcast), device=q.device)
     dk = torch.empty((B, Tk, Hkv, D), dtype=store_dtype(k.dtype, upcast), device=k.device)
     dv = torch.empty((B, Tk, Hkv, D), dtype=store_dtype(v.dtype, upcast), device=v.device)
-    var_args, flags = _variant_launch_args(q, window_size, softcap, alibi_slopes)
+    var_args, flags = _variant_launch_args(q, window_size, softcap, alibi_slopes, (dropout_p, dropout_seed))
     common = dict(G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision, **flags)
     buckets = (triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
 

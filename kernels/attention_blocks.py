@@ -100,6 +100,7 @@ def _fwd_inner(
     BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr,
     slope=None, scale=1.0, softcap=0.0, win_left=-1, win_right=-1,
     VARIANT: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+    drop_p=0.0, drop_seed=0, bh0=0, h=None, DROPOUT: tl.constexpr = False,
 ):
     """Online-softmax update over key blocks [start, end) (start a multiple of BLOCK_N). VARIANT:
     window, softcap or ALiBi (`_variant_scores`), always masked, scores in the log2 domain."""
@@ -129,7 +130,18 @@ def _fwd_inner(
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= t[:, None] + (Tk - Tq))
             qk = tl.where(visible, qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PRECISION, FOLD_SCALE)
+        if DROPOUT:
+            # l sums the undropped P (the lse is the undropped softmax's); acc takes P * keep / (1 - p).
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pd = p * _dropout_scale(drop_seed, drop_p, bh0, h, t, offs_n, Tq, Tk)
+            acc = acc * alpha[:, None] + tl.dot(pd.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        else:
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PRECISION, FOLD_SCALE)
     return acc, l_i, m_i
 
 
@@ -142,6 +154,7 @@ def _dkdv_inner(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     slope_base=None, stride_ah=0, scale=1.0, softcap=0.0, win_left=-1, win_right=-1,
     VARIANT: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+    drop_p=0.0, drop_seed=0, bh0=0, DROPOUT: tl.constexpr = False,
 ):
     """Accumulate dK, dV of one key block over the packed rows [start, end)."""
     d_ok = offs_d < D
@@ -167,14 +180,21 @@ def _dkdv_inner(
                                        CAUSAL, SOFTCAP, ALIBI)
             pt = tl.trans(tl.math.exp2(s2 - lse2[:, None]))
             dcapt = tl.trans(dcap)
+            if DROPOUT:
+                dropt = tl.trans(_dropout_scale(drop_seed, drop_p, bh0, h, t, offs_n, Tq, Tk))
         else:
             qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
             pt = tl.math.exp2(qkt * qk_scale - lse2[None, :])
             if MASK:
                 if CAUSAL:
                     pt = tl.where(offs_n[:, None] <= t[None, :] + (Tk - Tq), pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dv += tl.dot((pt * dropt).to(do.dtype), do, input_precision=DOT_PRECISION)
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dpt = dpt * dropt
         dst = pt * (dpt - delta[None, :])
         if VARIANT:
             dst = dst * dcapt
@@ -190,6 +210,7 @@ def _dq_inner(
     BLOCK_N: tl.constexpr,
     slope=None, scale=1.0, softcap=0.0, win_left=-1, win_right=-1,
     VARIANT: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+    drop_p=0.0, drop_seed=0, bh0=0, h=None, DROPOUT: tl.constexpr = False,
 ):
     """Accumulate dQ of one packed row block over key blocks [start, end)."""
     d_ok = offs_d < D
@@ -221,6 +242,8 @@ def _dq_inner(
                     visible = visible & (offs_n[None, :] <= t[:, None] + (Tk - Tq))
                 p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dp = dp * _dropout_scale(drop_seed, drop_p, bh0, h, t, offs_n, Tq, Tk)
         ds = p * (dp - delta[:, None])
         if VARIANT:
             ds = ds * dcap
@@ -228,8 +251,9 @@ def _dq_inner(
     return dq
 
 
-def _variant_launch_args(q, window_size, softcap, alibi_slopes):
-    """Kernel arguments and constexprs of the variants (DESIGN §3)."""
+def _variant_launch_args(q, window_size, softcap, alibi_slopes, dropout=None):
+    """Kernel arguments and constexprs of the variants (DESIGN §3). dropout: None (a kernel
+    without it) or (dropout_p, seed), which adds (dropout_p, seed) to the arguments and DROPOUT."""
     left, right = window_size
     alibi = alibi_slopes is not None
     if alibi:
@@ -239,4 +263,19 @@ def _variant_launch_args(q, window_size, softcap, alibi_slopes):
         a, stride_ab, stride_ah = q.new_empty(1, dtype=torch.float32), 0, 0
     variant = left >= 0 or right >= 0 or softcap > 0 or alibi
     args = (a, stride_ab, stride_ah, float(softcap) if softcap > 0 else 1.0, int(left), int(right))
-    return args, dict(VARIANT=variant, SOFTCAP=softcap > 0, ALIBI=alibi)
+    flags = dict(VARIANT=variant, SOFTCAP=softcap > 0, ALIBI=alibi)
+    if dropout is not None:
+        p, seed = dropout
+        on = p > 0
+        args += (float(p) if on else 0.0, int(seed) % (2**62) if on else 0)
+        flags.update(VARIANT=variant or on, DROPOUT=on)
+    return args, flags
+
+
+@triton.jit
+def _dropout_scale(seed, p, bh0, h, t, offs_n, Tq, Tk):
+    """keep / (1 - p) for the (rows, keys) tile: keep = rand >= p, with Philox counters
+    ((b * Hq + h) * Tq + t) * Tk + j (64-bit), so the backward draws the same mask again."""
+    off = ((bh0 + h[:, None]) * Tq + t[:, None]) * Tk + offs_n[None, :].to(tl.int64)
+    r = tl.rand(seed, off)
+    return tl.where(r >= p, 1.0 / (1.0 - p), 0.0)

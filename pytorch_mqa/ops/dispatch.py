@@ -59,7 +59,7 @@ def _active(var: dict) -> dict:
 
 # What each kernel backend implements of the variants, per op.
 KERNEL_VARIANTS = {
-    ("triton", "attention"): ("window_size", "softcap", "alibi_slopes"),
+    ("triton", "attention"): ("window_size", "softcap", "alibi_slopes", "dropout_p"),
     ("triton", "attention_with_kv_cache"): ("window_size", "softcap", "alibi_slopes"),
 }
 
@@ -70,6 +70,13 @@ def unsupported(backend: str, var: dict, op: str = "attention") -> list:
         return []
     have = KERNEL_VARIANTS.get((backend, op), ())
     return sorted(name for name in _active(var) if name not in have)
+
+
+def _kernel_args(var: dict) -> tuple:
+    """(window_size, softcap, alibi_slopes, dropout_p, seed as a host int) for a kernel launcher."""
+    seed = var["dropout_seed"]
+    return (var["window_size"], var["softcap"], var["alibi_slopes"], var["dropout_p"],
+            None if seed is None else int(seed))
 
 
 def _require(backend: str, op: str, var: dict) -> None:
@@ -103,9 +110,7 @@ def attention_forward(q, k, v, causal, scale, backend, *variants, **kw):
         return _user_result(backend, "attention", fn(q, k, v, causal=causal, scale=scale, return_lse=True, **_active(var)))
     _require(backend, "attention", var)
     if backend == "triton":
-        return _triton_attention().attention_forward(
-            q, k, v, causal, scale, var["window_size"], var["softcap"], var["alibi_slopes"]
-        )
+        return _triton_attention().attention_forward(q, k, v, causal, scale, *_kernel_args(var))
     raise RuntimeError(f"backend: {backend!r} has no attention implementation")
 
 
@@ -122,9 +127,7 @@ def attention_backward(dout, q, k, v, lse, delta, causal, scale, backend, *varia
         return USER_BACKENDS[backend]["attention_backward"](dout, q, k, v, lse, delta, causal, scale)
     _require(backend, "attention", var)
     if backend == "triton":
-        return _triton_attention().attention_backward(
-            dout, q, k, v, lse, delta, causal, scale, var["window_size"], var["softcap"], var["alibi_slopes"]
-        )
+        return _triton_attention().attention_backward(dout, q, k, v, lse, delta, causal, scale, *_kernel_args(var))
     raise RuntimeError(f"backend: {backend!r} has no attention backward implementation")
 
 
