@@ -92,10 +92,10 @@ def _attention_fwd_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lh, stride_lt,
     Tq, Tk, BH, Hkv, qk_scale, tq_bucket, tk_bucket,
-    Alibi, stride_ab, stride_ah, scale, softcap, win_left, win_right, drop_p, drop_seed,
+    Alibi, stride_ab, stride_ah, scale, softcap, win_left, win_right, drop_p, drop_seed, CU_Q, CU_K,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (packed row block, batch * KV head), both on axis 0.
@@ -104,6 +104,18 @@ def _attention_fwd_kernel(
     qk_scale = scale * log2(e).
     """
     row0, b, hk = _row_block_pid(tl.program_id(0), BH, Tq, Hkv, G, CAUSAL, BLOCK_M)
+    if VARLEN:
+        # Packed sequences: sequence b is rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
+        # of k/v (batch strides are 0); Tq, Tk arrive as the maxima and become this sequence's.
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        Q += q0 * stride_qt
+        Out += q0 * stride_ot
+        Lse += q0 * stride_lt
+        K += k0 * stride_kt
+        V += k0 * stride_vt
     t, h, row_ok = packed_rows(row0, hk, Tq, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -159,10 +171,10 @@ def _attention_bwd_dkdv_kernel(
     stride_dks, stride_dkb, stride_dkt, stride_dkh, stride_dkd,
     stride_dvs, stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     Tq, Tk, BH, Hkv, row_splits, qk_scale, scale, tq_bucket, tk_bucket,
-    Alibi, stride_ab, stride_ah, softcap, win_left, win_right, drop_p, drop_seed,
+    Alibi, stride_ab, stride_ah, softcap, win_left, win_right, drop_p, drop_seed, CU_Q, CU_K,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key block, batch * KV head, row split): dK, dV summed over the G query
@@ -181,6 +193,21 @@ def _attention_bwd_dkdv_kernel(
     b = bh // Hkv
     hk = bh % Hkv
     n0 = (rest // BH) * BLOCK_N
+    if VARLEN:
+        # Packed sequences: sequence b is rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
+        # of k/v (batch strides are 0); Tq, Tk arrive as the maxima and become this sequence's.
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        Q += q0 * stride_qt
+        DO += q0 * stride_dot
+        Lse += q0 * stride_lt
+        Delta += q0 * stride_lt
+        K += k0 * stride_kt
+        V += k0 * stride_vt
+        DK += k0 * stride_dkt
+        DV += k0 * stride_dvt
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Tk
     offs_d = tl.arange(0, BLOCK_D)
@@ -273,14 +300,28 @@ def _attention_bwd_dq_kernel(
     stride_lb, stride_lh, stride_lt,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     Tq, Tk, BH, Hkv, qk_scale, scale, tq_bucket, tk_bucket,
-    Alibi, stride_ab, stride_ah, softcap, win_left, win_right, drop_p, drop_seed,
+    Alibi, stride_ab, stride_ah, softcap, win_left, win_right, drop_p, drop_seed, CU_Q, CU_K,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (packed row block, batch * KV head): dQ (B, Tq, Hq, D), no atomics."""
     row0, b, hk = _row_block_pid(tl.program_id(0), BH, Tq, Hkv, G, CAUSAL, BLOCK_M)
+    if VARLEN:
+        # Packed sequences: sequence b is rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
+        # of k/v (batch strides are 0); Tq, Tk arrive as the maxima and become this sequence's.
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        Q += q0 * stride_qt
+        DO += q0 * stride_dot
+        Lse += q0 * stride_lt
+        Delta += q0 * stride_lt
+        DQ += q0 * stride_dqt
+        K += k0 * stride_kt
+        V += k0 * stride_vt
     t64, h, row_ok = packed_rows(row0, hk, Tq, G, BLOCK_M)
     t = t64
     offs_d = tl.arange(0, BLOCK_D)
@@ -325,19 +366,32 @@ def _attention_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def _shapes(q, k, varlen):
+    """(B, Tq, Tk, Hq, Hkv, D, batch-stride fix, cu_q, cu_k) of a batched or a packed call. Packed:
+    q (total_q, Hq, D) runs as (1, total_q, Hq, D) views with batch strides 0, B sequences."""
+    if varlen is None:
+        B, Tq, Hq, D = q.shape
+        return B, Tq, k.shape[1], Hq, k.shape[2], D, (lambda x: x.stride()), q.new_empty(1, dtype=torch.int32), None
+    cu_q, cu_k, max_q, max_k = varlen
+    st = lambda x: (0,) + tuple(x.stride()[1:])  # noqa: E731  (the (1, ...) views: batch stride 0)
+    return cu_q.shape[0] - 1, max_q, max_k, q.shape[2], k.shape[2], q.shape[3], st, cu_q, cu_k
+
+
 def attention_forward(q, k, v, causal: bool, scale: float, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
-                      dropout_p: float = 0.0, dropout_seed=None):
+                      dropout_p: float = 0.0, dropout_seed=None, varlen=None):
     """q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D) -> out (B, Tq, Hq, D) in q.dtype, lse (B, Hq, Tq) fp32.
 
     window_size, softcap, alibi_slopes, dropout_p as in DESIGN §3 (key blocks no row of a block
     can see are skipped; the dropout mask comes from Philox counters seeded with dropout_seed,
-    drawn again in the backward, never stored)."""
-    B, Tq, Hq, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+    drawn again in the backward, never stored). varlen = (cu_seqlens_q, cu_seqlens_k, max_q,
+    max_k) with q, k, v given as (1, total, H, D) views: every sequence in this one launch, out
+    (1, total_q, Hq, D) and lse (1, Hq, total_q)."""
+    B, Tq, Tk, Hq, Hkv, D, st, cu_q, cu_k = _shapes(q, k, varlen)
+    cu_k = cu_q if cu_k is None else cu_k
     G = Hq // Hkv
     upcast, precision = dot_flags(q.dtype)
-    out = torch.empty((B, Tq, Hq, D), dtype=store_dtype(q.dtype, upcast), device=q.device)
-    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    out = torch.empty(q.shape, dtype=store_dtype(q.dtype, upcast), device=q.device)
+    lse = torch.empty((q.shape[0], Hq, q.shape[1]), dtype=torch.float32, device=q.device)
 
     def grid(meta):
         return (triton.cdiv(Tq * G, meta["BLOCK_M"]) * B * Hkv,)
@@ -346,9 +400,9 @@ def attention_forward(q, k, v, causal: bool, scale: float, window_size=(-1, -1),
         q, window_size, softcap, alibi_slopes, (dropout_p, dropout_seed))
     _attention_fwd_kernel[grid](
         q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *st(q), *st(k), *st(v), *st(out), *st(lse),
         Tq, Tk, B * Hkv, Hkv, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
-        a, sab, sah, scale, cap, left, right, dp, ds,
+        a, sab, sah, scale, cap, left, right, dp, ds, cu_q, cu_k, VARLEN=varlen is not None,
         G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
         FOLD_SCALE=scale > 0 and not flags["VARIANT"], **flags,
     )
@@ -368,25 +422,28 @@ def dkdv_row_splits(kv_programs: int, R: int, sms: int) -> int:
 
 
 def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float, window_size=(-1, -1), softcap: float = 0.0,
-                       alibi_slopes=None, dropout_p: float = 0.0, dropout_seed=None):
-    """Gradients of attention: dout (B, Tq, Hq, D), lse/delta (B, Hq, Tq) fp32 -> (dq, dk, dv)."""
-    B, Tq, Hq, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+                       alibi_slopes=None, dropout_p: float = 0.0, dropout_seed=None, varlen=None):
+    """Gradients of attention: dout (B, Tq, Hq, D), lse/delta (B, Hq, Tq) fp32 -> (dq, dk, dv).
+    varlen as in `attention_forward` (all tensors as (1, total, ...) views)."""
+    B, Tq, Tk, Hq, Hkv, D, st, cu_q, cu_k = _shapes(q, k, varlen)
+    cu_k = cu_q if cu_k is None else cu_k
     G = Hq // Hkv
     lse = lse.contiguous()
     delta = delta.to(torch.float32).contiguous()
     upcast, precision = dot_flags(q.dtype)
-    dq = torch.empty((B, Tq, Hq, D), dtype=store_dtype(q.dtype, upcast), device=q.device)
-    dk = torch.empty((B, Tk, Hkv, D), dtype=store_dtype(k.dtype, upcast), device=k.device)
-    dv = torch.empty((B, Tk, Hkv, D), dtype=store_dtype(v.dtype, upcast), device=v.device)
+    dq = torch.empty(q.shape, dtype=store_dtype(q.dtype, upcast), device=q.device)
+    dk = torch.empty(k.shape, dtype=store_dtype(k.dtype, upcast), device=k.device)
+    dv = torch.empty(v.shape, dtype=store_dtype(v.dtype, upcast), device=v.device)
     var_args, flags = _variant_launch_args(q, window_size, softcap, alibi_slopes, (dropout_p, dropout_seed))
-    common = dict(G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision, **flags)
+    common = dict(G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
+                  VARLEN=varlen is not None, **flags)
+    var_args = var_args + (cu_q, cu_k)
     buckets = (triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
 
     splits = dkdv_row_splits(B * Hkv * triton.cdiv(Tk, max(c[1] for c in DKDV_CONFIGS)), Tq * G, sm_count(q.device))
     if splits > 1:
-        dk_part = torch.empty((splits, B, Tk, Hkv, D), dtype=torch.float32, device=k.device)
-        dv_part = torch.empty((splits, B, Tk, Hkv, D), dtype=torch.float32, device=v.device)
+        dk_part = torch.empty((splits,) + tuple(k.shape), dtype=torch.float32, device=k.device)
+        dv_part = torch.empty((splits,) + tuple(v.shape), dtype=torch.float32, device=v.device)
     else:
         dk_part, dv_part = dk.unsqueeze(0), dv.unsqueeze(0)
 
@@ -395,7 +452,7 @@ def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float, wi
 
     _attention_bwd_dkdv_kernel[grid_kv](
         q, k, v, dout, lse, delta, dk_part, dv_part,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dk_part.stride(), *dv_part.stride(),
+        *st(q), *st(k), *st(v), *st(dout), *st(lse), dk_part.stride(0), *st(dk_part[0]), dv_part.stride(0), *st(dv_part[0]),
         Tq, Tk, B * Hkv, Hkv, splits, scale * LOG2E, scale, *buckets, *var_args, **common,
     )
     if splits > 1:
@@ -407,7 +464,7 @@ def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float, wi
 
     _attention_bwd_dq_kernel[grid_q](
         q, k, v, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dq.stride(),
+        *st(q), *st(k), *st(v), *st(dout), *st(lse), *st(dq),
         Tq, Tk, B * Hkv, Hkv, scale * LOG2E, scale, *buckets, *var_args, **common,
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -85,8 +85,8 @@ def attention_varlen(
     left, right = validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, batch=B, heads=q.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = _pick_backend("attention", backend, q.device, _variant_dict(window_size, softcap, alibi_slopes, dropout_p))
-    if backend == "auto" and name in ("triton", "cuda"):
-        name = "reference"  # no GPU kernel implements varlen yet: auto routes to the reference
+    if backend == "auto" and name == "cuda":
+        name = "triton" if unavailable_reason("triton", q.device.type) is None else "reference"
     out, lse = attention_varlen_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, name, left, right,
         float(softcap), alibi_slopes, float(dropout_p), _dropout_seed(dropout_p, generator),

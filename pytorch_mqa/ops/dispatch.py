@@ -168,9 +168,16 @@ def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, b
         return out, lse
     if backend == "reference" or backend in USER_BACKENDS or q.numel() == 0:
         return reference.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, scale=scale, **var)
+    if backend == "triton":
+        # One launch over every sequence: the kernels read the offsets from cu_seqlens.
+        vl = (cu_q.to(q.device), cu_k.to(q.device), max_q, max_k)
+        out, lse = _triton_attention().attention_forward(
+            q[None], k[None], v[None], causal, scale, *_kernel_args(var), varlen=vl
+        )
+        return out[0], lse[0]
     raise NotImplementedError(
         f"backend: {backend!r} does not implement attention_varlen; expected backend='reference' "
-        f"(or 'auto', which routes around it), got {backend!r}"
+        f"or 'triton' (or 'auto', which routes around it), got {backend!r}"
     )
 
 
@@ -193,6 +200,13 @@ def attention_varlen_backward(dout, q, k, v, cu_q, cu_k, max_q, max_k, out, lse,
     delta = (dout.float() * out.float()).sum(-1).transpose(0, 1)  # (Hq, total_q)
     if dlse is not None:
         delta = delta - dlse
+    if backend == "triton" and q.numel() > 0 and k.shape[0] > 0:
+        vl = (cu_q.to(q.device), cu_k.to(q.device), max_q, max_k)
+        dq, dk, dv = _triton_attention().attention_backward(
+            dout[None], q[None], k[None], v[None], lse[None], delta[None].contiguous(), causal, scale,
+            *_kernel_args(var), varlen=vl,
+        )
+        return dq[0], dk[0], dv[0]
     return reference.attention_varlen_backward(dout, q, k, v, cu_q, cu_k, lse, delta, causal=causal, scale=scale, **var)
 
 

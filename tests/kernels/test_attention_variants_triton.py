@@ -118,3 +118,51 @@ def test_triton_decode_variants_through_the_op(device):
     want = pytorch_mqa.attention_with_kv_cache(q, kc2, vc2, kn, vn, cache_seqlens=lens, backend="reference", **kw)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert torch.equal(kc, kc2)
+
+
+# (lengths_q, lengths_k, Hq, Hkv, D): empty sequences, lengths not multiples of any block size.
+VARLEN = [
+    ([5, 0, 17, 1], [5, 3, 17, 9], 4, 1, 32),  # MQA
+    ([33, 7], [65, 0], 8, 2, 40),  # GQA, a sequence with no key
+    ([130, 1, 20], [130, 129, 19], 4, 4, 16),  # MHA, beyond one block
+]
+VARLEN_OPTIONS = [
+    ("full", dict()),
+    ("causal", dict(causal=True)),
+    ("window+alibi(B,H)+causal", dict(causal=True, window_size=(6, 0), alibi="bh")),
+    ("softcap+win(1,1)", dict(softcap=1.5, window_size=(1, 1))),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("opts", VARLEN_OPTIONS, ids=lambda o: o[0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", VARLEN, ids=str)
+def test_triton_varlen(case, dtype, opts, device):
+    """attention_varlen on Triton: one launch per kernel over all sequences."""
+    _skip(device)
+    lq, lk, Hq, Hkv, D = case
+    g = torch.Generator().manual_seed(len(lq))
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)  # noqa: E731
+    cq, ck = cu(lq), cu(lk)
+    q = torch.randn(sum(lq), Hq, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(sum(lk), Hkv, D, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(sum(lk), Hkv, D, generator=g).to(device=device, dtype=dtype)
+    kw = dict(opts[1])
+    if kw.pop("alibi", None):
+        kw["alibi_slopes"] = (torch.rand(len(lq), Hq, generator=g) * 0.3).to(device)
+    dout = torch.randn(q.shape, generator=g).to(device=device, dtype=dtype)
+    wl = torch.zeros(Hq, q.shape[0], device=device)
+
+    def run(fn, *xs):
+        leaves = [x.detach().clone().requires_grad_(True) for x in xs]
+        out, lse = fn(*leaves)
+        loss = (out.float() * dout.float()).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * wl).sum()
+        return (out, lse) + torch.autograd.grad(loss, leaves)
+
+    got = run(lambda a, b, c: pytorch_mqa.attention_varlen(a, b, c, cq, ck, max(lq), max(lk), return_lse=True,
+                                                           backend="triton", **kw), q, k, v)
+    r32 = run(lambda a, b, c: reference.attention_varlen(a, b, c, cq, ck, **kw), q.float(), k.float(), v.float())
+    rlp = run(lambda a, b, c: reference.attention_varlen(a, b, c, cq, ck, upcast=False, **kw), q, k, v)
+    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), got, r32, rlp):
+        assert_close(a, b, c, dtype, name, f"triton varlen {opts[0].split('+')[0]}")

@@ -59,15 +59,14 @@ def test_bad_inputs_raise_naming_the_argument(case):
 def test_triton_forced_with_a_variant_raises_and_auto_routes_around():
     if unavailable_reason("triton", "cpu") is not None:
         pytest.skip("Triton cannot run here")
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        pytorch_mqa.attention(q, k, v, dropout_p=0.1, backend="triton")
+    with pytest.raises(NotImplementedError, match="softcap"):
+        pytorch_mqa.attention_with_kv_cache(qc, kc.clone(), vc.clone(), kn, vn, cache_seqlens=lens, softcap=1.0,
+                                            backend="cuda") if unavailable_reason("cuda", "cuda") is None else (
+            pytorch_mqa.ops.dispatch._require("cuda", "attention_with_kv_cache", {"softcap": 1.0, "window_size": (-1, -1),
+                                                                                  "alibi_slopes": None}))
     with pytest.raises(NotImplementedError, match="attention_varlen"):
-        _varlen(backend="triton")
-    with pytorch_mqa.ops.backends.use_backend("triton"):  # auto, with Triton chosen: routed to reference
-        torch.manual_seed(0)
-        got = pytorch_mqa.attention(q, k, v, softcap=1.0, dropout_p=0.2)
-    torch.manual_seed(0)
-    torch.testing.assert_close(got, pytorch_mqa.attention(q, k, v, softcap=1.0, dropout_p=0.2, backend="reference"))
+        _varlen(backend="cuda") if unavailable_reason("cuda", "cuda") is None else (
+            pytorch_mqa.ops.dispatch.attention_varlen_forward(qv, kv_, vv, cu, cu, 2, 2, False, 0.3, "cuda"))
 
 
 ALIBI = torch.rand(4)
