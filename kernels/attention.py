@@ -111,6 +111,7 @@ def _attention_fwd_kernel(
         k0 = tl.load(CU_K + b).to(tl.int64)
         Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
         Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        drop_seed = drop_seed + b * 1000003  # a Philox key per sequence: counters restart per sequence
         Tk = tl.where(row0 < Tq * G, Tk, 0)  # a row block past this sequence's rows loops over no key
         Q += q0 * stride_qt
         Out += q0 * stride_ot
@@ -201,6 +202,7 @@ def _attention_bwd_dkdv_kernel(
         k0 = tl.load(CU_K + b).to(tl.int64)
         Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
         Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        drop_seed = drop_seed + b * 1000003  # a Philox key per sequence: counters restart per sequence
         Tq = tl.where(n0 < Tk, Tq, 0)  # a key block past this sequence's keys loops over no row
         Q += q0 * stride_qt
         DO += q0 * stride_dot
@@ -317,6 +319,7 @@ def _attention_bwd_dq_kernel(
         k0 = tl.load(CU_K + b).to(tl.int64)
         Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
         Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        drop_seed = drop_seed + b * 1000003  # a Philox key per sequence: counters restart per sequence
         Tk = tl.where(row0 < Tq * G, Tk, 0)  # a row block past this sequence's rows loops over no key
         Q += q0 * stride_qt
         DO += q0 * stride_dot

@@ -75,3 +75,38 @@ def test_triton_dropout_forward_backward_use_one_mask(heads, causal, device):
     want = (want_out,) + torch.autograd.grad(want_out, ref, dout.double())
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_varlen_dropout_one_mask_forward_and_backward(device):
+    """Packed sequences: two equal sequences draw different masks, and the gradient uses the
+    forward's mask (checked against the batched kernel on each sequence with its mask)."""
+    _skip(device)
+    Hq, Hkv, T, p = 2, 1, 24, 0.3
+    cu = torch.tensor([0, T, 2 * T], dtype=torch.int32, device=device)
+    q = torch.zeros(2 * T, Hq, T, device=device)
+    v = torch.eye(T, device=device)[:, None, :].expand(T, Hkv, T).repeat(2, 1, 1)
+    out = pytorch_mqa.attention_varlen(q, q[:, :Hkv], v, cu, cu, T, T, dropout_p=p,
+                                       generator=torch.Generator().manual_seed(3), backend="triton")
+    keep = out != 0
+    assert not torch.equal(keep[:T], keep[T:])  # no counter reuse across sequences
+    rate = keep.double().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.numel())
+    g = seeded(2)
+    qr, kr, vr = (randn((2 * T, h, 16), torch.float32, g, device).requires_grad_(True) for h in (Hq, Hkv, Hkv))
+    o = pytorch_mqa.attention_varlen(qr, kr, vr, cu, cu, T, T, dropout_p=p, generator=torch.Generator().manual_seed(3),
+                                     backend="triton")
+    dout = randn(o.shape, torch.float32, g, device)
+    got = torch.autograd.grad(o, (qr, kr, vr), dout)
+    ref = [x.detach().double().requires_grad_(True) for x in (qr, kr, vr)]
+    outs = []
+    for b in range(2):
+        sl = slice(b * T, (b + 1) * T)
+        s = torch.einsum("qhd,khd->hqk", ref[0][sl], ref[1][sl].expand(T, Hq, 16)) / 4.0
+        P = torch.softmax(s, -1) * keep[sl].transpose(0, 1).double() / (1 - p)
+        outs.append(torch.einsum("hqk,khd->qhd", P, ref[2][sl].expand(T, Hq, 16)))
+    want_out = torch.cat(outs)
+    want = torch.autograd.grad(want_out, ref, dout.double())
+    torch.testing.assert_close(o.double(), want_out, rtol=0, atol=2e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5)
