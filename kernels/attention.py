@@ -18,6 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_blocks import (
+    _dkdv_inner,
+    _dq_inner,
+    _fwd_inner,
+    _key_ranges,
+    _row_block_pid,
+    _variant_key_range,
+    _variant_launch_args,
+)
 from .common import (
     LOG2E,
     autotune_configs,
@@ -25,7 +34,6 @@ from .common import (
     dot_flags,
     elem_bytes,
     lse_to_log2,
-    online_softmax_step,
     packed_rows,
     sm_count,
     softmax_epilogue,
@@ -73,71 +81,6 @@ DQ_FP32 = [(16, 32, 4, 1)]
 TUNE_KEY = ["tq_bucket", "tk_bucket", "G", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
 
 
-@triton.jit
-def _row_block_pid(pid, BH, Tq, Hkv, G: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Axis-0 pid -> (row0, b, hk) with BH = B * Hkv. Consecutive pids walk the (batch, KV head)
-    pairs of one row block; with CAUSAL the row blocks run last-first, so the heaviest start first."""
-    m = pid // BH
-    bh = (pid % BH).to(tl.int64)
-    if CAUSAL:
-        m = tl.cdiv(Tq * G, BLOCK_M) - 1 - m
-    return m * BLOCK_M, bh // Hkv, bh % Hkv
-
-
-@triton.jit
-def _key_ranges(row0, Tq, Tk, G: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key ranges of the packed rows [row0, row0 + BLOCK_M): (full_end, masked_end).
-
-    Keys [0, full_end) are visible to every row of the block and full_end is a multiple of
-    BLOCK_N (no masks needed); keys [full_end, masked_end) need the causal / length mask.
-    """
-    if CAUSAL:
-        t_lo = row0 // G
-        t_hi = tl.minimum((row0 + BLOCK_M - 1) // G, Tq - 1)
-        lo = tl.minimum(tl.maximum(t_lo + (Tk - Tq) + 1, 0), Tk)
-        hi = tl.minimum(tl.maximum(t_hi + (Tk - Tq) + 1, 0), Tk)
-    else:
-        lo = Tk
-        hi = Tk
-    full_end = (lo // BLOCK_N) * BLOCK_N
-    return full_end, hi
-
-
-@triton.jit
-def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-    t, start, end, Tq, Tk, qk_scale, offs_d,
-    D: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr,
-):
-    """Online-softmax update over key blocks [start, end) (start a multiple of BLOCK_N)."""
-    d_ok = offs_d < D
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Tk
-        kt_ptrs = k_base + offs_n.to(tl.int64)[None, :] * stride_kt + offs_d[:, None] * stride_kd
-        v_ptrs = v_base + offs_n.to(tl.int64)[:, None] * stride_vt + offs_d[None, :] * stride_vd
-        if MASK:
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        else:
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        if not FOLD_SCALE:
-            qk = qk * qk_scale  # log2 domain
-        if MASK:
-            visible = n_ok[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= t[:, None] + (Tk - Tq))
-            qk = tl.where(visible, qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PRECISION, FOLD_SCALE)
-    return acc, l_i, m_i
-
-
 @triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), FWD_CONFIGS + FWD_FP32, (128, 128)), key=TUNE_KEY,
                  prune_configs_by={"early_config_prune": _pruner(FWD_FP32)})
 @triton.jit
@@ -149,8 +92,10 @@ def _attention_fwd_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lh, stride_lt,
     Tq, Tk, BH, Hkv, qk_scale, tq_bucket, tk_bucket,
+    Alibi, stride_ab, stride_ah, scale, softcap, win_left, win_right, drop_p, drop_seed, CU_Q, CU_K,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (packed row block, batch * KV head), both on axis 0.
@@ -159,6 +104,20 @@ def _attention_fwd_kernel(
     qk_scale = scale * log2(e).
     """
     row0, b, hk = _row_block_pid(tl.program_id(0), BH, Tq, Hkv, G, CAUSAL, BLOCK_M)
+    if VARLEN:
+        # Packed sequences: sequence b is rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
+        # of k/v (batch strides are 0); Tq, Tk arrive as the maxima and become this sequence's.
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        drop_seed = drop_seed + b * 1000003  # a Philox key per sequence: counters restart per sequence
+        Tk = tl.where(row0 < Tq * G, Tk, 0)  # a row block past this sequence's rows loops over no key
+        Q += q0 * stride_qt
+        Out += q0 * stride_ot
+        Lse += q0 * stride_lt
+        K += k0 * stride_kt
+        V += k0 * stride_vt
     t, h, row_ok = packed_rows(row0, hk, Tq, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -173,55 +132,32 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    full_end, masked_end = _key_ranges(row0, Tq, Tk, G, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        t, 0, full_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_N, FOLD_SCALE,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        t, full_end, masked_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N, FOLD_SCALE,
-    )
+    if VARIANT:
+        slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if ALIBI:
+            slope = tl.load(Alibi + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0)
+        start, end = _variant_key_range(row0, Tq, Tk, win_left, win_right, G, CAUSAL, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+            t, start, end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N, False,
+            slope, scale, softcap, win_left, win_right, True, SOFTCAP, ALIBI,
+            drop_p, drop_seed, b * Hkv * G, h, DROPOUT,
+        )
+    else:
+        full_end, masked_end = _key_ranges(row0, Tq, Tk, G, CAUSAL, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+            t, 0, full_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_N, FOLD_SCALE,
+        )
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+            t, full_end, masked_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N, FOLD_SCALE,
+        )
 
     out, lse = softmax_epilogue(acc, l_i, m_i)
     o_ptrs = Out + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + b * stride_lb + h * stride_lh + t * stride_lt, lse, mask=row_ok)
-
-
-@triton.jit
-def _dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-    stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
-    offs_n, start, end, Tq, Tk, qk_scale, offs_d,
-    G: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Accumulate dK, dV of one key block over the packed rows [start, end)."""
-    d_ok = offs_d < D
-    for r0 in range(start, end, BLOCK_M):
-        t64, h, row_ok = packed_rows(r0, 0, Tq, G, BLOCK_M)  # bases already point at head hk * G
-        t = t64
-        q = tl.load(q_base + t64[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(do_base + t64[:, None] * stride_dot + h[:, None] * stride_doh + offs_d[None, :] * stride_dod,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse = tl.load(lse_base + h * stride_lh + t64 * stride_lt, mask=row_ok, other=float("-inf"))
-        delta = tl.load(delta_base + h * stride_lh + t64 * stride_lt, mask=row_ok, other=0.0)
-        lse2 = lse_to_log2(lse)  # rows that saw no key (or padding rows) get P = 0
-        qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        pt = tl.math.exp2(qkt * qk_scale - lse2[None, :])
-        if MASK:
-            if CAUSAL:
-                pt = tl.where(offs_n[:, None] <= t[None, :] + (Tk - Tq), pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
-    return dk, dv
 
 
 @triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), DKDV_CONFIGS + DKDV_FP32, (128, 128)), key=TUNE_KEY,
@@ -237,8 +173,10 @@ def _attention_bwd_dkdv_kernel(
     stride_dks, stride_dkb, stride_dkt, stride_dkh, stride_dkd,
     stride_dvs, stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     Tq, Tk, BH, Hkv, row_splits, qk_scale, scale, tq_bucket, tk_bucket,
+    Alibi, stride_ab, stride_ah, softcap, win_left, win_right, drop_p, drop_seed, CU_Q, CU_K,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key block, batch * KV head, row split): dK, dV summed over the G query
@@ -257,6 +195,23 @@ def _attention_bwd_dkdv_kernel(
     b = bh // Hkv
     hk = bh % Hkv
     n0 = (rest // BH) * BLOCK_N
+    if VARLEN:
+        # Packed sequences: sequence b is rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
+        # of k/v (batch strides are 0); Tq, Tk arrive as the maxima and become this sequence's.
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        drop_seed = drop_seed + b * 1000003  # a Philox key per sequence: counters restart per sequence
+        Tq = tl.where(n0 < Tk, Tq, 0)  # a key block past this sequence's keys loops over no row
+        Q += q0 * stride_qt
+        DO += q0 * stride_dot
+        Lse += q0 * stride_lt
+        Delta += q0 * stride_lt
+        K += k0 * stride_kt
+        V += k0 * stride_vt
+        DK += k0 * stride_dkt
+        DV += k0 * stride_dvt
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Tk
     offs_d = tl.arange(0, BLOCK_D)
@@ -293,18 +248,41 @@ def _attention_bwd_dkdv_kernel(
     r_hi = tl.minimum(r_lo + chunk, R)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dk, dv = _dkdv_inner(
-        dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-        stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
-        offs_n, tl.maximum(start, r_lo), tl.minimum(full_start, r_hi), Tq, Tk, qk_scale, offs_d,
-        G, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_M,
-    )
-    dk, dv = _dkdv_inner(
-        dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-        stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
-        offs_n, tl.maximum(full_start, r_lo), r_hi, Tq, Tk, qk_scale, offs_d,
-        G, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_M,
-    )
+    if VARIANT:
+        # Rows that see some key of [n0, n_end): t + off + right >= n0 and t + off - left < n_end.
+        n_end = tl.minimum(n0 + BLOCK_N, Tk)
+        t_first = 0
+        if win_right >= 0:
+            t_first = tl.maximum(n0 - (Tk - Tq) - win_right, 0)
+        if CAUSAL:
+            t_first = tl.maximum(t_first, n0 - (Tk - Tq))
+        t_first = tl.minimum(t_first, Tq)
+        t_end = Tq
+        if win_left >= 0:
+            t_end = tl.minimum(tl.maximum(n_end - (Tk - Tq) + win_left, 0), Tq)
+        v_start = (t_first * G // BLOCK_M) * BLOCK_M
+        v_end = tl.maximum(t_end * G, v_start)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+            stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
+            offs_n, tl.maximum(v_start, r_lo), tl.minimum(v_end, r_hi), Tq, Tk, qk_scale, offs_d,
+            G, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_M,
+            Alibi + b * stride_ab + hk * G * stride_ah, stride_ah, scale, softcap, win_left, win_right,
+            True, SOFTCAP, ALIBI, drop_p, drop_seed, (b * Hkv + hk) * G, DROPOUT,
+        )
+    else:
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+            stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
+            offs_n, tl.maximum(start, r_lo), tl.minimum(full_start, r_hi), Tq, Tk, qk_scale, offs_d,
+            G, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_M,
+        )
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+            stride_qt, stride_qh, stride_qd, stride_dot, stride_doh, stride_dod, stride_lh, stride_lt,
+            offs_n, tl.maximum(full_start, r_lo), r_hi, Tq, Tk, qk_scale, offs_d,
+            G, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_M,
+        )
     dk = dk * scale
     DK += rs.to(tl.int64) * stride_dks
     DV += rs.to(tl.int64) * stride_dvs
@@ -312,43 +290,6 @@ def _attention_bwd_dkdv_kernel(
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + n64[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _dq_inner(
-    dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-    t, start, end, Tq, Tk, qk_scale, offs_d,
-    D: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Accumulate dQ of one packed row block over key blocks [start, end)."""
-    d_ok = offs_d < D
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Tk
-        n64 = offs_n.to(tl.int64)
-        k_ptrs = k_base + n64[:, None] * stride_kt + offs_d[None, :] * stride_kd
-        vt_ptrs = v_base + n64[None, :] * stride_vt + offs_d[:, None] * stride_vd
-        if MASK:
-            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            vt = tl.load(vt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-            vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            vt = vt.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASK:
-            visible = n_ok[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= t[:, None] + (Tk - Tq))
-            p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    return dq
 
 
 @triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N"), DQ_CONFIGS + DQ_FP32, (128, 128)), key=TUNE_KEY,
@@ -363,12 +304,30 @@ def _attention_bwd_dq_kernel(
     stride_lb, stride_lh, stride_lt,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     Tq, Tk, BH, Hkv, qk_scale, scale, tq_bucket, tk_bucket,
+    Alibi, stride_ab, stride_ah, softcap, win_left, win_right, drop_p, drop_seed, CU_Q, CU_K,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (packed row block, batch * KV head): dQ (B, Tq, Hq, D), no atomics."""
     row0, b, hk = _row_block_pid(tl.program_id(0), BH, Tq, Hkv, G, CAUSAL, BLOCK_M)
+    if VARLEN:
+        # Packed sequences: sequence b is rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
+        # of k/v (batch strides are 0); Tq, Tk arrive as the maxima and become this sequence's.
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        drop_seed = drop_seed + b * 1000003  # a Philox key per sequence: counters restart per sequence
+        Tk = tl.where(row0 < Tq * G, Tk, 0)  # a row block past this sequence's rows loops over no key
+        Q += q0 * stride_qt
+        DO += q0 * stride_dot
+        Lse += q0 * stride_lt
+        Delta += q0 * stride_lt
+        DQ += q0 * stride_dqt
+        K += k0 * stride_kt
+        V += k0 * stride_vt
     t64, h, row_ok = packed_rows(row0, hk, Tq, G, BLOCK_M)
     t = t64
     offs_d = tl.arange(0, BLOCK_D)
@@ -388,11 +347,21 @@ def _attention_bwd_dq_kernel(
     v_base = V + b * stride_vb + hk * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, masked_end = _key_ranges(row0, Tq, Tk, G, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   t, 0, full_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   t, full_end, masked_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N)
+    if VARIANT:
+        slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if ALIBI:
+            slope = tl.load(Alibi + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0)
+        start, end = _variant_key_range(row0, Tq, Tk, win_left, win_right, G, CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                       t, start, end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N,
+                       slope, scale, softcap, win_left, win_right, True, SOFTCAP, ALIBI,
+                       drop_p, drop_seed, b * Hkv * G, h, DROPOUT)
+    else:
+        full_end, masked_end = _key_ranges(row0, Tq, Tk, G, CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                       t, 0, full_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, False, UPCAST, DOT_PRECISION, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                       t, full_end, masked_end, Tq, Tk, qk_scale, offs_d, D, CAUSAL, True, UPCAST, DOT_PRECISION, BLOCK_N)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + t64[:, None] * stride_dqt + h[:, None] * stride_dqh + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
@@ -403,24 +372,45 @@ def _attention_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def attention_forward(q, k, v, causal: bool, scale: float):
-    """q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D) -> out (B, Tq, Hq, D) in q.dtype, lse (B, Hq, Tq) fp32."""
-    B, Tq, Hq, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+def _shapes(q, k, varlen):
+    """(B, Tq, Tk, Hq, Hkv, D, batch-stride fix, cu_q, cu_k) of a batched or a packed call. Packed:
+    q (total_q, Hq, D) runs as (1, total_q, Hq, D) views with batch strides 0, B sequences."""
+    if varlen is None:
+        B, Tq, Hq, D = q.shape
+        return B, Tq, k.shape[1], Hq, k.shape[2], D, (lambda x: x.stride()), q.new_empty(1, dtype=torch.int32), None
+    cu_q, cu_k, max_q, max_k = varlen
+    st = lambda x: (0,) + tuple(x.stride()[1:])  # noqa: E731  (the (1, ...) views: batch stride 0)
+    return cu_q.shape[0] - 1, max_q, max_k, q.shape[2], k.shape[2], q.shape[3], st, cu_q, cu_k
+
+
+def attention_forward(q, k, v, causal: bool, scale: float, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                      dropout_p: float = 0.0, dropout_seed=None, varlen=None):
+    """q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D) -> out (B, Tq, Hq, D) in q.dtype, lse (B, Hq, Tq) fp32.
+
+    window_size, softcap, alibi_slopes, dropout_p as in DESIGN §3 (key blocks no row of a block
+    can see are skipped; the dropout mask comes from Philox counters seeded with dropout_seed,
+    drawn again in the backward, never stored). varlen = (cu_seqlens_q, cu_seqlens_k, max_q,
+    max_k) with q, k, v given as (1, total, H, D) views: every sequence in this one launch, out
+    (1, total_q, Hq, D) and lse (1, Hq, total_q)."""
+    B, Tq, Tk, Hq, Hkv, D, st, cu_q, cu_k = _shapes(q, k, varlen)
+    cu_k = cu_q if cu_k is None else cu_k
     G = Hq // Hkv
     upcast, precision = dot_flags(q.dtype)
-    out = torch.empty((B, Tq, Hq, D), dtype=store_dtype(q.dtype, upcast), device=q.device)
-    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    out = torch.empty(q.shape, dtype=store_dtype(q.dtype, upcast), device=q.device)
+    lse = torch.empty((q.shape[0], Hq, q.shape[1]), dtype=torch.float32, device=q.device)
 
     def grid(meta):
         return (triton.cdiv(Tq * G, meta["BLOCK_M"]) * B * Hkv,)
 
+    (a, sab, sah, cap, left, right, dp, ds), flags = _variant_launch_args(
+        q, window_size, softcap, alibi_slopes, (dropout_p, dropout_seed))
     _attention_fwd_kernel[grid](
         q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *st(q), *st(k), *st(v), *st(out), *st(lse),
         Tq, Tk, B * Hkv, Hkv, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
+        a, sab, sah, scale, cap, left, right, dp, ds, cu_q, cu_k, VARLEN=varlen is not None,
         G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
-        FOLD_SCALE=scale > 0,
+        FOLD_SCALE=scale > 0 and not flags["VARIANT"], **flags,
     )
     return out.to(q.dtype), lse
 
@@ -437,24 +427,29 @@ def dkdv_row_splits(kv_programs: int, R: int, sms: int) -> int:
     return max(1, min(want, triton.cdiv(R, MIN_ROWS_PER_SPLIT), MAX_ROW_SPLITS))
 
 
-def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float):
-    """Gradients of attention: dout (B, Tq, Hq, D), lse/delta (B, Hq, Tq) fp32 -> (dq, dk, dv)."""
-    B, Tq, Hq, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float, window_size=(-1, -1), softcap: float = 0.0,
+                       alibi_slopes=None, dropout_p: float = 0.0, dropout_seed=None, varlen=None):
+    """Gradients of attention: dout (B, Tq, Hq, D), lse/delta (B, Hq, Tq) fp32 -> (dq, dk, dv).
+    varlen as in `attention_forward` (all tensors as (1, total, ...) views)."""
+    B, Tq, Tk, Hq, Hkv, D, st, cu_q, cu_k = _shapes(q, k, varlen)
+    cu_k = cu_q if cu_k is None else cu_k
     G = Hq // Hkv
     lse = lse.contiguous()
     delta = delta.to(torch.float32).contiguous()
     upcast, precision = dot_flags(q.dtype)
-    dq = torch.empty((B, Tq, Hq, D), dtype=store_dtype(q.dtype, upcast), device=q.device)
-    dk = torch.empty((B, Tk, Hkv, D), dtype=store_dtype(k.dtype, upcast), device=k.device)
-    dv = torch.empty((B, Tk, Hkv, D), dtype=store_dtype(v.dtype, upcast), device=v.device)
-    common = dict(G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision)
+    dq = torch.empty(q.shape, dtype=store_dtype(q.dtype, upcast), device=q.device)
+    dk = torch.empty(k.shape, dtype=store_dtype(k.dtype, upcast), device=k.device)
+    dv = torch.empty(v.shape, dtype=store_dtype(v.dtype, upcast), device=v.device)
+    var_args, flags = _variant_launch_args(q, window_size, softcap, alibi_slopes, (dropout_p, dropout_seed))
+    common = dict(G=G, D=D, BLOCK_D=block_d(D), CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
+                  VARLEN=varlen is not None, **flags)
+    var_args = var_args + (cu_q, cu_k)
     buckets = (triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
 
     splits = dkdv_row_splits(B * Hkv * triton.cdiv(Tk, max(c[1] for c in DKDV_CONFIGS)), Tq * G, sm_count(q.device))
     if splits > 1:
-        dk_part = torch.empty((splits, B, Tk, Hkv, D), dtype=torch.float32, device=k.device)
-        dv_part = torch.empty((splits, B, Tk, Hkv, D), dtype=torch.float32, device=v.device)
+        dk_part = torch.empty((splits,) + tuple(k.shape), dtype=torch.float32, device=k.device)
+        dv_part = torch.empty((splits,) + tuple(v.shape), dtype=torch.float32, device=v.device)
     else:
         dk_part, dv_part = dk.unsqueeze(0), dv.unsqueeze(0)
 
@@ -463,8 +458,8 @@ def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float):
 
     _attention_bwd_dkdv_kernel[grid_kv](
         q, k, v, dout, lse, delta, dk_part, dv_part,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dk_part.stride(), *dv_part.stride(),
-        Tq, Tk, B * Hkv, Hkv, splits, scale * LOG2E, scale, *buckets, **common,
+        *st(q), *st(k), *st(v), *st(dout), *st(lse), dk_part.stride(0), *st(dk_part[0]), dv_part.stride(0), *st(dv_part[0]),
+        Tq, Tk, B * Hkv, Hkv, splits, scale * LOG2E, scale, *buckets, *var_args, **common,
     )
     if splits > 1:
         dk = dk_part.sum(0).to(dk.dtype)
@@ -475,7 +470,7 @@ def attention_backward(dout, q, k, v, lse, delta, causal: bool, scale: float):
 
     _attention_bwd_dq_kernel[grid_q](
         q, k, v, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dq.stride(),
-        Tq, Tk, B * Hkv, Hkv, scale * LOG2E, scale, *buckets, **common,
+        *st(q), *st(k), *st(v), *st(dout), *st(lse), *st(dq),
+        Tq, Tk, B * Hkv, Hkv, scale * LOG2E, scale, *buckets, *var_args, **common,
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

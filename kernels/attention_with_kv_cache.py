@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_blocks import _variant_launch_args, _variant_scores
 from .common import (
     LOG2E,
     autotune_configs,
@@ -83,14 +84,20 @@ def _live_range(split, Lk, NUM_SPLITS: tl.constexpr, SPLIT_ALIGN_: tl.constexpr)
 @triton.jit
 def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_ok, offs_n, t, Lk, Tq, qk_scale,
                   d_ok, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  FOLD_SCALE: tl.constexpr):
-    """One key block: K^T tile at k_ptrs (D, N), V tile at v_ptrs (N, D), keys masked by n_ok."""
+                  FOLD_SCALE: tl.constexpr, slope=None, scale=1.0, softcap=0.0, win_left=-1, win_right=-1,
+                  VARIANT: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False):
+    """One key block: K^T tile at k_ptrs (D, N), V tile at v_ptrs (N, D), keys masked by n_ok.
+    VARIANT: window, softcap, ALiBi with this sequence's offset Lk - Tq (`_variant_scores`)."""
     kt = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
     v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if VARIANT:
+        qk, _ = _variant_scores(qk, t, offs_n, n_ok, slope, Tq, Lk, scale, softcap, win_left, win_right,
+                                CAUSAL, SOFTCAP, ALIBI)
+        return online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PRECISION, False)
     if not FOLD_SCALE:
         qk = qk * qk_scale
     visible = n_ok[None, :]
@@ -116,9 +123,12 @@ def _decode_split_kernel(
     stride_os, stride_ob, stride_ot, stride_oh, stride_od,
     stride_ls, stride_lb, stride_lh, stride_lt,
     Tq, S, Hkv, qk_scale, s_bucket,
+    Alibi, stride_ab, stride_ah, scale, softcap, win_left, win_right,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_NEW: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, SPLIT_ALIGN_: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, SPLIT_ALIGN_: tl.constexpr,
+    VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """pid = (bh * row_blocks + m) * NUM_SPLITS + split; packed row r = t * G + g.
 
@@ -172,6 +182,18 @@ def _decode_split_kernel(
         # The last row of the block sees keys up to t_hi + Lk - Tq.
         t_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, Tq - 1)
         end = tl.minimum(end, t_hi + Lk - Tq + 1)
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if VARIANT:
+        # The window's bounds for this row block: keys outside are never loaded (the split still
+        # writes its zero output and -inf LSE, which the combine weighs by 0).
+        t_lo = (pid_m * BLOCK_M) // G
+        t_top = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, Tq - 1)
+        if win_left >= 0:
+            start = tl.maximum(start, t_lo + Lk - Tq - win_left)
+        if win_right >= 0:
+            end = tl.minimum(end, t_top + Lk - Tq + win_right + 1)
+        if ALIBI:
+            slope = tl.load(Alibi + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -185,6 +207,7 @@ def _decode_split_kernel(
             kc_base + n64[None, :] * stride_kcs + offs_d[:, None] * stride_kcd,
             vc_base + n64[:, None] * stride_vcs + offs_d[None, :] * stride_vcd,
             offs_n < cache_end, offs_n, t, Lk, Tq, qk_scale, d_ok, CAUSAL, UPCAST, DOT_PRECISION, FOLD_SCALE,
+            slope, scale, softcap, win_left, win_right, VARIANT, SOFTCAP, ALIBI,
         )
     if HAS_NEW:
         for n0 in range(tl.maximum(start, L_cache), end, BLOCK_N):
@@ -195,6 +218,7 @@ def _decode_split_kernel(
                 k_base + src[None, :] * stride_kt + offs_d[:, None] * stride_kd,
                 v_base + src[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                 offs_n < end, offs_n, t, Lk, Tq, qk_scale, d_ok, CAUSAL, UPCAST, DOT_PRECISION, FOLD_SCALE,
+                slope, scale, softcap, win_left, win_right, VARIANT, SOFTCAP, ALIBI,
             )
 
     out, lse = softmax_epilogue(acc, l_i, m_i)
@@ -294,12 +318,14 @@ def decode_plan(B: int, Hkv: int, Tq: int, G: int, S: int, sms: int, num_splits:
     return DecodePlan(bm, row_blocks, num_splits, per_split * num_splits, combine)
 
 
-def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bool, scale: float, num_splits=None):
+def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bool, scale: float, num_splits=None,
+                            window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None):
     """Append k/v (if given) into the caches at cache_seqlens, in place, and attend, in one pass.
 
     q (B, Tq, Hq, D); k_cache, v_cache (B, S, Hkv, D); k, v (B, Tq, Hkv, D) or None;
     cache_seqlens int32 (B,) on q's device. Returns out (B, Tq, Hq, D) in q.dtype and
     lse (B, Hq, Tq) fp32. `num_splits` overrides the static split rule (tests, benchmarks).
+    window_size, softcap, alibi_slopes as in DESIGN §3, with each sequence's own offset.
     """
     B, Tq, Hq, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -316,14 +342,16 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
         lse_part = torch.empty((plan.num_splits, B, Hq, Tq), dtype=torch.float32, device=q.device)
     has_new = k is not None
     kn, vn = (k, v) if has_new else (k_cache, v_cache)  # unused pointers without new rows
+    (a, sab, sah, cap, left, right), flags = _variant_launch_args(q, window_size, softcap, alibi_slopes)
     _decode_split_kernel[(plan.split_programs,)](
         q, k_cache, v_cache, kn, vn, seqlens, out_part, lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn.stride(), *vn.stride(),
         *out_part.stride(), *lse_part.stride(),
         Tq, S, Hkv, scale * LOG2E, triton.next_power_of_2(max(S, 1)),
+        a, sab, sah, scale, cap, left, right,
         G=G, D=D, BLOCK_D=block_d(D), NUM_SPLITS=plan.num_splits, HAS_NEW=has_new,
-        CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision, FOLD_SCALE=scale > 0, SPLIT_ALIGN_=SPLIT_ALIGN,
-        BLOCK_M=plan.block_m,
+        CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision, FOLD_SCALE=scale > 0 and not flags["VARIANT"],
+        SPLIT_ALIGN_=SPLIT_ALIGN, BLOCK_M=plan.block_m, **flags,
     )
     if plan.combine_programs:
         _combine_kernel[(plan.combine_programs,)](

@@ -1,6 +1,7 @@
 """`bench attention`: `pytorch_mqa.attention` (prefill/training, forward and forward+backward) on
 every backend, beside `F.scaled_dot_product_attention` with each SDPA backend forced in turn and
-compiled FlexAttention (GPU only)."""
+compiled FlexAttention (GPU only); plus a sliding-window and a varlen (packed) case on the
+package's backends."""
 
 from __future__ import annotations
 
@@ -140,10 +141,59 @@ def run(device, dtype, calib, quick, shapes=None, **options) -> list[dict]:
                         rows.append(row)
                     del sets, ref_out
                     release(device)
+    rows += _variant_cases(device, dtype, shp, backends, budget, gen, calib)
     return collapse_skips(rows, "attention", "attention")
 
 
+# The variant cases: a Mistral-style sliding window, and packed (varlen) sequences of mixed lengths.
+WINDOW = 256
+
+
+def _variant_cases(device, dtype, shp, backends, budget, gen, calib) -> list[dict]:
+    """One sliding-window (causal, window (WINDOW, 0)) and one varlen case (lengths T, T/2, T/4,
+    ... packed, causal) at the longest sequence length and the first Hkv, fwd and fwd_bwd, on
+    every mqa backend. FLOPs count only the visible keys (the window's, each sequence's own)."""
+    Hq, D, Hkv, T = shp["Hq"], shp["D"], shp["Hkv"][0], max(shp["seqlens"])
+    B = max(1, shp["tokens"] // T)
+    lens = [max(1, T >> i) + 3 for i in range(4)]  # not multiples of any block size
+    rows = []
+    for case in ("window", "varlen"):
+        for mode in MODES:
+            grad = mode == "fwd_bwd"
+            if case == "window":
+                shapes = [(B, T, h, D) for h in (Hq, Hkv, Hkv, Hq)]
+                visible = sum(min(i + 1, WINDOW + 1) for i in range(T))
+                flops = 4.0 * B * Hq * visible * D * (3.5 if grad else 1.0)
+                label = f"B{B} T{T} Hq{Hq} Hkv{Hkv} D{D} window({WINDOW},0)"
+            else:
+                shapes = [(sum(lens), h, D) for h in (Hq, Hkv, Hkv, Hq)]
+                flops = sum(4.0 * Hq * n * (n + 1) / 2 * D for n in lens) * (3.5 if grad else 1.0)
+                label = f"varlen {'+'.join(map(str, lens))} Hq{Hq} Hkv{Hkv} D{D}"
+            q, k, v, do = (torch.randn(sh, device=device, dtype=dtype, generator=gen) for sh in shapes)
+            sets = [(q.requires_grad_(grad), k.requires_grad_(grad), v.requires_grad_(grad)) + ((do,) if grad else ())]
+            cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
+            for name in backends:
+                if case == "window":
+                    fwd = (lambda n: lambda a, b, c: mqa_ops.attention(a, b, c, causal=True, window_size=(WINDOW, 0),
+                                                                      backend=n))(name)
+                else:
+                    fwd = (lambda n: lambda a, b, c: mqa_ops.attention_varlen(a, b, c, cu, cu, max(lens), max(lens),
+                                                                             causal=True, backend=n))(name)
+                row = dict(suite="attention", op="attention", case=label, B=B, Tq=T, Tk=T, Hq=Hq, Hkv=Hkv, D=D,
+                           dtype=str(dtype).replace("torch.", ""), causal=True, mode=mode, provider=f"mqa.{name}",
+                           variant=case, buffer_sets=1)
+                row.update(measure(_with_backward(fwd) if grad else fwd, contextlib.nullcontext, sets, device, budget))
+                if row.get("ms"):
+                    row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                    row["pct_peak"] = 100 * row["tflops"] / calib["matmul_tflops"]
+                rows.append(row)
+            del sets
+            release(device)
+    return rows
+
+
 def plot(rows, result, path):
+    rows = [r for r in rows if "variant" not in r]  # the plot is the dense grid; variant cases are in the table
     for r in rows:
         r["_panel"] = f"{r['mode']}{' causal' if r['causal'] else ''}"
     plot_grid(rows, "_panel", "Hkv", "Tq", "tflops", "attention TFLOP/s", "TFLOP/s", "sequence length",

@@ -10,30 +10,87 @@ import torch
 from torch import Tensor
 
 from pytorch_mqa.ops.backends import OP_BACKENDS, resolve_backend, unavailable_reason
-from pytorch_mqa.ops.library import attention_op, attention_with_kv_cache_op
-from pytorch_mqa.ops.validation import validate_attention, validate_kv_cache
+from pytorch_mqa.ops.dispatch import unsupported
+from pytorch_mqa.ops.library import attention_op, attention_varlen_op, attention_with_kv_cache_op
+from pytorch_mqa.ops.validation import validate_attention, validate_kv_cache, validate_variants, validate_varlen
 
 
-def _pick_backend(op: str, backend: str, device: torch.device) -> str:
+def _pick_backend(op: str, backend: str, device: torch.device, variants: dict | None = None) -> str:
     name = resolve_backend(op, backend, device.type)
     if name not in OP_BACKENDS[op]:
         raise ValueError(f"backend: expected one of {OP_BACKENDS[op]} for {op}, got {name!r}")
     if backend == "auto" and device.type == "cuda" and unavailable_reason(name, "cuda") is not None:
         name = "triton" if unavailable_reason("triton", "cuda") is None else "reference"
+    if backend == "auto" and variants is not None and unsupported(name, variants, op):
+        # auto routes around a backend that lacks a requested variant: Triton if it has them
+        has_triton = unavailable_reason("triton", device.type) is None and device.type == "cuda"
+        name = "triton" if has_triton and not unsupported("triton", variants, op) else "reference"
     return name
 
 
-def attention(q, k, v, *, causal: bool = False, scale: float | None = None, return_lse: bool = False, backend: str = "auto"):
+def _variant_dict(window_size, softcap, alibi_slopes, dropout_p) -> dict:
+    return dict(window_size=tuple(window_size), softcap=float(softcap), alibi_slopes=alibi_slopes, dropout_p=float(dropout_p))
+
+
+def _dropout_seed(dropout_p, generator):
+    """An int64 CPU tensor drawn from `generator` (default: torch's global CPU generator), or None."""
+    if dropout_p == 0:
+        return None
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    return torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64)
+
+
+def attention(
+    q, k, v, *, causal: bool = False, scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0,
+    alibi_slopes=None, dropout_p: float = 0.0, generator=None, return_lse: bool = False, backend: str = "auto",
+):
     """Multi-query / grouped-query attention, differentiable in q, k, v.
 
     q: (B, Tq, Hq, D); k, v: (B, Tk, Hkv, D) with Hq % Hkv == 0 (Hkv = 1: MQA; Hkv = Hq: MHA).
     causal is bottom-right aligned (query i sees key j iff j <= i + Tk - Tq); scale defaults to
-    1/sqrt(D). Returns out (B, Tq, Hq, D), plus lse (B, Hq, Tq) float32 if return_lse.
+    1/sqrt(D). FlashAttention's variants (DESIGN §3): window_size=(left, right), -1 unbounded
+    (query i sees key j iff i + Tk - Tq - left <= j <= i + Tk - Tq + right); softcap (score =
+    softcap * tanh(score / softcap), 0 off); alibi_slopes float32 (Hq,) or (B, Hq) (adds
+    -slope * |i + Tk - Tq - j|); dropout_p on the attention probabilities, with the mask's seed
+    drawn from `generator` (default: torch's global generator, so torch.manual_seed fixes it).
+    Returns out (B, Tq, Hq, D), plus lse (B, Hq, Tq) float32 if return_lse.
     """
     validate_attention(q, k, v, causal, scale)
+    left, right = validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, batch=q.shape[0], heads=q.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = _pick_backend("attention", backend, q.device)
-    out, lse = attention_op(q, k, v, causal, scale, name)
+    name = _pick_backend("attention", backend, q.device, _variant_dict(window_size, softcap, alibi_slopes, dropout_p))
+    out, lse = attention_op(
+        q, k, v, causal, scale, name, left, right, float(softcap), alibi_slopes, float(dropout_p),
+        _dropout_seed(dropout_p, generator),
+    )
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+    scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
+    generator=None, return_lse: bool = False, backend: str = "auto",
+):
+    """Attention over packed sequences (FlashAttention's varlen layout), differentiable in q, k, v.
+
+    q: (total_q, Hq, D); k, v: (total_k, Hkv, D); cu_seqlens_q, cu_seqlens_k: int32 (B + 1,)
+    prefix sums (0 first, the totals last): sequence b is rows [cu_seqlens_q[b], cu_seqlens_q[b+1])
+    of q and [cu_seqlens_k[b], cu_seqlens_k[b+1]) of k/v. max_seqlen_q/k are host ints (no device
+    sync), at least the longest sequence. Every option is applied per sequence as in `attention`
+    (alibi_slopes (B, Hq) gives row b to sequence b). Returns out (total_q, Hq, D), plus lse
+    (Hq, total_q) float32 if return_lse.
+    """
+    B = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    left, right = validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, batch=B, heads=q.shape[1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    name = _pick_backend("attention", backend, q.device, _variant_dict(window_size, softcap, alibi_slopes, dropout_p))
+    if backend == "auto" and name == "cuda":
+        name = "triton" if unavailable_reason("triton", q.device.type) is None else "reference"
+    out, lse = attention_varlen_op(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, name, left, right,
+        float(softcap), alibi_slopes, float(dropout_p), _dropout_seed(dropout_p, generator),
+    )
     return (out, lse) if return_lse else out
 
 
@@ -47,10 +104,17 @@ def attention_with_kv_cache(
     cache_seqlens,
     causal: bool = True,
     scale: float | None = None,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes=None,
+    dropout_p: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
 ):
     """Append k/v (if given) to the caches at cache_seqlens, in place, then attend. Not differentiable.
+
+    window_size, softcap and alibi_slopes as in `attention`, with Tk the keys of each sequence
+    (L_b + Tq); dropout_p must be 0 (it is there so a training-style call fails clearly).
 
     q: (B, Tq, Hq, D); k_cache, v_cache: (B, S, Hkv, D); k, v: (B, Tq, Hkv, D) or None;
     cache_seqlens: int32 (B,) tensor or int, the valid rows per sequence before this call (not
@@ -66,8 +130,16 @@ def attention_with_kv_cache(
                 raise ValueError(f"cache_seqlens: expected a value >= 0, got {cache_seqlens}")
             cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32)
     validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)
+    plain = alibi_slopes is None and softcap == 0 and dropout_p == 0 and window_size in ((-1, -1), [-1, -1])
+    left, right = -1, -1
+    if not plain:
+        left, right = validate_variants(
+            q, window_size, softcap, alibi_slopes, dropout_p, batch=q.shape[0], heads=q.shape[2], cache_op=True
+        )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = _pick_backend("attention_with_kv_cache", backend, q.device)
+    variants = None if plain else _variant_dict(window_size, softcap, alibi_slopes, 0.0)
+    name = _pick_backend("attention_with_kv_cache", backend, q.device, variants)
+    var_args = () if plain else (left, right, float(softcap), alibi_slopes)
     if torch.is_grad_enabled() and (
         q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or (k is not None and (k.requires_grad or v.requires_grad))
     ):
@@ -75,10 +147,10 @@ def attention_with_kv_cache(
         # has no autograd kernel, and PyTorch's fallback would attach history to mutated inputs
         # when an input requires grad).
         with torch.no_grad():
-            out, lse = attention_with_kv_cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name)
+            out, lse = attention_with_kv_cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name, *var_args)
     else:
-        out, lse = attention_with_kv_cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name)
+        out, lse = attention_with_kv_cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name, *var_args)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["attention", "attention_with_kv_cache"]
+__all__ = ["attention", "attention_with_kv_cache", "attention_varlen"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from pytorch_mqa import reference
-from pytorch_mqa.ops import build, cpu
+from pytorch_mqa.ops import build, cpu, cpu_variants
 from pytorch_mqa.ops.backends import USER_BACKENDS
 from pytorch_mqa.ops.validation import check_cache_capacity
 
@@ -37,32 +37,184 @@ def _user_result(backend, op, result):
     return tuple(result)
 
 
-def attention_forward(q, k, v, causal, scale, backend):
+def _variants(window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None) -> dict:
+    """The variant arguments as the oracle's keywords."""
+    return dict(window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
+                dropout_p=dropout_p, dropout_seed=dropout_seed)
+
+
+def _active(var: dict) -> dict:
+    """The variants that are not at their default (what a backend must support)."""
+    active = {}
+    if tuple(var["window_size"]) != (-1, -1):
+        active["window_size"] = var["window_size"]
+    if var["softcap"] > 0:
+        active["softcap"] = var["softcap"]
+    if var["alibi_slopes"] is not None:
+        active["alibi_slopes"] = var["alibi_slopes"]
+    if var.get("dropout_p", 0.0) > 0:
+        active["dropout_p"] = var["dropout_p"]
+    return active
+
+
+# What each kernel backend implements of the variants, per op.
+KERNEL_VARIANTS = {
+    ("triton", "attention"): ("window_size", "softcap", "alibi_slopes", "dropout_p"),
+    ("triton", "attention_with_kv_cache"): ("window_size", "softcap", "alibi_slopes"),
+}
+
+
+def unsupported(backend: str, var: dict, op: str = "attention") -> list:
+    """The active variants `backend` does not implement for `op`."""
+    if backend == "reference" or backend in USER_BACKENDS:
+        return []
+    have = KERNEL_VARIANTS.get((backend, op), ())
+    return sorted(name for name in _active(var) if name not in have)
+
+
+def _kernel_args(var: dict) -> tuple:
+    """(window_size, softcap, alibi_slopes, dropout_p, seed as a host int) for a kernel launcher."""
+    seed = var["dropout_seed"]
+    return (var["window_size"], var["softcap"], var["alibi_slopes"], var["dropout_p"],
+            None if seed is None else int(seed))
+
+
+def _require(backend: str, op: str, var: dict) -> None:
+    missing = unsupported(backend, var, op)
+    if missing:
+        raise NotImplementedError(
+            f"backend: {backend!r} does not implement {', '.join(missing)} for {op}; expected backend='reference' "
+            f"(or 'auto', which routes around it), got {backend!r}"
+        )
+
+
+def _cpu_forward(q, k, v, causal, scale, var):
+    if cpu_variants.has_variant(var["window_size"], var["softcap"], var["alibi_slopes"], var["dropout_p"]):
+        return cpu_variants.attention_forward(q, k, v, causal, scale, *var.values())
+    return cpu.attention_forward(q, k, v, causal, scale)
+
+
+def attention_forward(q, k, v, causal, scale, backend, *variants, **kw):
+    var = _variants(*variants, **kw)
     if backend == "reference" and q.device.type == "cpu":
-        return cpu.attention_forward(q, k, v, causal, scale)
+        return _cpu_forward(q, k, v, causal, scale, var)
     if backend == "reference" or q.numel() == 0 or k.shape[1] == 0:
-        return reference.attention(q, k, v, causal=causal, scale=scale)
+        return reference.attention(q, k, v, causal=causal, scale=scale, **var)
     if backend in USER_BACKENDS:
+        if "dropout_p" in _active(var):
+            raise NotImplementedError(
+                f"dropout_p: a registered backend ({backend!r}) cannot replay the dropout mask in the backward; "
+                f"expected dropout_p=0 or backend='reference', got {var['dropout_p']}"
+            )
         fn = USER_BACKENDS[backend]["attention"]
-        return _user_result(backend, "attention", fn(q, k, v, causal=causal, scale=scale, return_lse=True))
+        return _user_result(backend, "attention", fn(q, k, v, causal=causal, scale=scale, return_lse=True, **_active(var)))
+    _require(backend, "attention", var)
     if backend == "triton":
-        return _triton_attention().attention_forward(q, k, v, causal, scale)
+        return _triton_attention().attention_forward(q, k, v, causal, scale, *_kernel_args(var))
     raise RuntimeError(f"backend: {backend!r} has no attention implementation")
 
 
-def attention_backward(dout, q, k, v, lse, delta, causal, scale, backend):
+def attention_backward(dout, q, k, v, lse, delta, causal, scale, backend, *variants, **kw):
     """The backward in delta form (delta = rowsum(dO * O) - dLSE), for the Triton kernel and the
     oracle. On CPU tensors the autograd of `attention` calls `attention_backward_cpu` instead."""
+    var = _variants(*variants, **kw)
     if backend == "reference" or q.numel() == 0 or k.shape[1] == 0:
-        return reference.attention_backward(dout, q, k, v, lse, delta, causal=causal, scale=scale)
+        return reference.attention_backward(dout, q, k, v, lse, delta, causal=causal, scale=scale, **var)
     if backend in USER_BACKENDS:
+        if _active(var):
+            # A user backward takes the plain signature: the oracle computes the variants' gradient.
+            return reference.attention_backward(dout, q, k, v, lse, delta, causal=causal, scale=scale, **var)
         return USER_BACKENDS[backend]["attention_backward"](dout, q, k, v, lse, delta, causal, scale)
+    _require(backend, "attention", var)
     if backend == "triton":
-        return _triton_attention().attention_backward(dout, q, k, v, lse, delta, causal, scale)
+        return _triton_attention().attention_backward(dout, q, k, v, lse, delta, causal, scale, *_kernel_args(var))
     raise RuntimeError(f"backend: {backend!r} has no attention backward implementation")
 
 
-def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend):
+def attention_backward_cpu(dout, q, k, v, out, lse, dlse, causal, scale, *variants, **kw):
+    return _cpu_backward(dout, q, k, v, out, lse, dlse, causal, scale, _variants(*variants, **kw))
+
+
+def _cpu_backward(dout, q, k, v, out, lse, dlse, causal, scale, var):
+    if cpu_variants.has_variant(var["window_size"], var["softcap"], var["alibi_slopes"], var["dropout_p"]):
+        return cpu_variants.attention_backward(dout, q, k, v, out, lse, dlse, causal, scale, *var.values())
+    return cpu.attention_backward(dout, q, k, v, out, lse, dlse, causal, scale)
+
+
+# ---- varlen: sequence b is rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1]) of k/v ------
+
+
+def _per_sequence(var, b):
+    """The variants of sequence b: its row of a (B, Hq) alibi_slopes, its dropout seed."""
+    var = dict(var)
+    a = var["alibi_slopes"]
+    if a is not None and a.dim() == 2:
+        var["alibi_slopes"] = a[b]
+    if var["dropout_seed"] is not None:
+        var["dropout_seed"] = int(var["dropout_seed"]) + 1000003 * b  # as reference.attention_varlen
+    return var
+
+
+def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, *variants, **kw):
+    var = _variants(*variants, **kw)
+    if backend == "reference" and q.device.type == "cpu":
+        # The CPU kernel: one fused call per sequence (the lengths are host data here).
+        out = q.new_zeros(q.shape)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32)
+        for b, (q0, q1, k0, k1) in enumerate(zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])):
+            if q1 > q0:
+                o, l = _cpu_forward(q[q0:q1][None], k[k0:k1][None], v[k0:k1][None], causal, scale, _per_sequence(var, b))
+                out[q0:q1], lse[:, q0:q1] = o[0], l[0]
+        return out, lse
+    if backend == "reference" or backend in USER_BACKENDS or q.numel() == 0:
+        return reference.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, scale=scale, **var)
+    if backend == "triton":
+        # One launch over every sequence: the kernels read the offsets from cu_seqlens.
+        vl = (cu_q.to(q.device), cu_k.to(q.device), max_q, max_k)
+        out, lse = _triton_attention().attention_forward(
+            q[None], k[None], v[None], causal, scale, *_kernel_args(var), varlen=vl
+        )
+        return out[0], lse[0]
+    raise NotImplementedError(
+        f"backend: {backend!r} does not implement attention_varlen; expected backend='reference' "
+        f"or 'triton' (or 'auto', which routes around it), got {backend!r}"
+    )
+
+
+def attention_varlen_backward(dout, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, dlse, causal, scale, backend, *variants, **kw):
+    var = _variants(*variants, **kw)
+    if backend == "reference" and q.device.type == "cpu":
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for b, (q0, q1, k0, k1) in enumerate(zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])):
+            if q1 > q0 and k1 > k0:
+                dl = None if dlse is None else dlse[:, q0:q1][None]
+                # In float32: the fused kernel's float16/bfloat16 backward rounds dS to the input
+                # dtype, which put a packed bfloat16 MQA case just over the §5 bound.
+                f = lambda x: x.float()  # noqa: E731
+                g = _cpu_backward(
+                    f(dout[q0:q1][None]), f(q[q0:q1][None]), f(k[k0:k1][None]), f(v[k0:k1][None]),
+                    f(out[q0:q1][None]), lse[:, q0:q1][None], dl, causal, scale, _per_sequence(var, b)
+                )
+                dq[q0:q1], dk[k0:k1], dv[k0:k1] = g[0][0], g[1][0], g[2][0]
+        return dq, dk, dv
+    delta = (dout.float() * out.float()).sum(-1).transpose(0, 1)  # (Hq, total_q)
+    if dlse is not None:
+        delta = delta - dlse
+    if backend == "triton" and q.numel() > 0 and k.shape[0] > 0:
+        vl = (cu_q.to(q.device), cu_k.to(q.device), max_q, max_k)
+        dq, dk, dv = _triton_attention().attention_backward(
+            dout[None], q[None], k[None], v[None], lse[None], delta[None].contiguous(), causal, scale,
+            *_kernel_args(var), varlen=vl,
+        )
+        return dq[0], dk[0], dv[0]
+    return reference.attention_varlen_backward(dout, q, k, v, cu_q, cu_k, lse, delta, causal=causal, scale=scale, **var)
+
+
+def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *variants, **kw):
+    var = _variants(*variants, **kw)
+    del var["dropout_p"], var["dropout_seed"]
+    if _active(var):
+        return _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var)
     if backend == "reference" and q.device.type == "cpu":
         return cpu.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)
     if cache_seqlens.device.type == "cpu":
@@ -88,3 +240,28 @@ def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, ca
             q, k_cache, v_cache, k, v, cache_seqlens, causal, scale
         )
     raise RuntimeError(f"backend: {backend!r} has no attention_with_kv_cache implementation")
+
+
+def _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var):
+    """The cache op with window, softcap or ALiBi: the CPU kernel of `cpu_variants` on CPU
+    tensors, the Triton decode kernel, or the oracle's masked math (per-sequence offsets) after
+    the capacity check; the csrc kernel lacks them."""
+    if backend in ("triton", "cuda"):
+        _require(backend, "attention_with_kv_cache", var)
+    if backend == "reference" and q.device.type == "cpu":  # checks the capacity where it reads the lengths
+        return cpu_variants.attention_with_kv_cache(
+            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var["window_size"], var["softcap"], var["alibi_slopes"]
+        )
+    if cache_seqlens.device.type == "cpu":
+        check_cache_capacity(cache_seqlens.tolist(), k_cache.shape[1], q.shape[1] if k is not None else 0)
+    cache_seqlens = cache_seqlens.to(q.device)
+    if backend in USER_BACKENDS:
+        fn = USER_BACKENDS[backend]["attention_with_kv_cache"]
+        return _user_result(backend, "attention_with_kv_cache", fn(
+            q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=causal, scale=scale, return_lse=True, **var))
+    if backend == "triton" and q.shape[0] > 0 and q.shape[1] > 0:
+        return _triton_attention_with_kv_cache().attention_with_kv_cache(
+            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, None,
+            var["window_size"], var["softcap"], var["alibi_slopes"],
+        )
+    return reference.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=causal, scale=scale, **var)

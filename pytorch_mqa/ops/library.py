@@ -1,13 +1,21 @@
 """Registration of the custom ops: schema -> kernel -> fake impl -> autograd, each a few lines.
 
-    torch.ops.pytorch_mqa.attention(q, k, v, causal, scale, backend) -> (out, lse)
-    torch.ops.pytorch_mqa.attention_backward(dout, q, k, v, lse, delta, causal, scale, backend)
-        -> (dq, dk, dv)                                       delta form: Triton and the oracle
-    torch.ops.pytorch_mqa.attention_backward_cpu(dout, q, k, v, out, lse, dlse?, causal, scale)
-        -> (dq, dk, dv)                                       the CPU kernel's backward
+    torch.ops.pytorch_mqa.attention(q, k, v, causal, scale, backend, *V, *DR) -> (out, lse)
+    torch.ops.pytorch_mqa.attention_backward(dout, q, k, v, lse, delta, causal, scale, backend,
+        *V, *DR) -> (dq, dk, dv)                              delta form: Triton and the oracle
+    torch.ops.pytorch_mqa.attention_backward_cpu(dout, q, k, v, out, lse, dlse?, causal, scale,
+        *V, *DR) -> (dq, dk, dv)                              the CPU kernel's backward
+    torch.ops.pytorch_mqa.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, causal, scale, backend, *V, *DR) -> (out, lse (Hq, total_q))
+    torch.ops.pytorch_mqa.attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, out, lse, dlse?, causal, scale, backend, *V, *DR) -> (dq, dk, dv)
     torch.ops.pytorch_mqa.attention_with_kv_cache(q, k_cache!, v_cache!, k?, v?, cache_seqlens,
-        causal, scale, backend) -> (out, lse)
+        causal, scale, backend, *V) -> (out, lse)
     torch.ops.pytorch_mqa.attention_with_kv_cache_cuda(...)   the csrc/ kernel (CUDA only)
+
+with the variants V = window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None and DR =
+dropout_p=0.0, dropout_seed=None (an int64 one-element CPU tensor drawn by the public function),
+defaulted so that the variants' absence is the plain op (DESIGN §3).
 
 The schemas are defined with `torch.library.Library.define` and the kernels registered with
 `Library.impl`, the layer `torch.library.custom_op` itself builds on: an eager call is one
@@ -21,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from pytorch_mqa.ops import cpu, dispatch
+from pytorch_mqa.ops import dispatch
 
 _lib = torch.library.Library("pytorch_mqa", "FRAGMENT")
 
@@ -36,81 +44,134 @@ def _fake_out_lse(q):
 
 # ---- attention -------------------------------------------------------------------------------
 
-_lib.define("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, str backend) -> (Tensor, Tensor)")
+_V = "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None"
+_DR = "float dropout_p=0.0, Tensor? dropout_seed=None"
+
+_lib.define(f"attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, str backend, {_V}, {_DR}) -> (Tensor, Tensor)")
 _lib.impl("attention", dispatch.attention_forward, _ANY_DEVICE)
 
 
 @torch.library.register_fake("pytorch_mqa::attention", lib=_lib)
-def _(q, k, v, causal, scale, backend):
+def _(q, k, v, causal, scale, backend, *variants, **kw):
     return _fake_out_lse(q)
 
 
 _lib.define(
     "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, bool causal, "
-    "float scale, str backend) -> (Tensor, Tensor, Tensor)"
+    f"float scale, str backend, {_V}, {_DR}) -> (Tensor, Tensor, Tensor)"
 )
 _lib.impl("attention_backward", dispatch.attention_backward, _ANY_DEVICE)
 
 
 @torch.library.register_fake("pytorch_mqa::attention_backward", lib=_lib)
-def _(dout, q, k, v, lse, delta, causal, scale, backend):
+def _(dout, q, k, v, lse, delta, causal, scale, backend, *variants, **kw):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 _lib.define(
     "attention_backward_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
-    "bool causal, float scale) -> (Tensor, Tensor, Tensor)"
+    f"bool causal, float scale, {_V}, {_DR}) -> (Tensor, Tensor, Tensor)"
 )
-_lib.impl("attention_backward_cpu", cpu.attention_backward, "CPU")
+_lib.impl("attention_backward_cpu", dispatch.attention_backward_cpu, "CPU")
 
 
 @torch.library.register_fake("pytorch_mqa::attention_backward_cpu", lib=_lib)
-def _(dout, q, k, v, out, lse, dlse, causal, scale):
+def _(dout, q, k, v, out, lse, dlse, causal, scale, *variants, **kw):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, backend = inputs
+    q, k, v, causal, scale, backend = inputs[:6]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.variants = tuple(inputs[6:])  # window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed
+    ctx.n_inputs = len(inputs)
 
 
 def _attention_autograd(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
+    none = (None,) * (ctx.n_inputs - 3)
     if ctx.backend == "reference" and q.device.type == "cpu":
         # The CPU kernel's backward takes O and dLSE itself (it skips the dLSE term when it is 0).
         dq, dk, dv = torch.ops.pytorch_mqa.attention_backward_cpu(
-            dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale
+            dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale, *ctx.variants
         )
-        return dq, dk, dv, None, None, None
+        return (dq, dk, dv) + none
     # delta = rowsum(dO * O) - dLSE, laid out (B, Hq, Tq) like lse; see pytorch_mqa.reference.attention_backward.
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)
     if dlse is not None:
         delta = delta - dlse
     dq, dk, dv = torch.ops.pytorch_mqa.attention_backward(
-        dout, q, k, v, lse, delta.contiguous(), ctx.causal, ctx.scale, ctx.backend
+        dout, q, k, v, lse, delta.contiguous(), ctx.causal, ctx.scale, ctx.backend, *ctx.variants
     )
-    return dq, dk, dv, None, None, None
+    return (dq, dk, dv) + none
 
 
 torch.library.register_autograd(
     "pytorch_mqa::attention", _attention_autograd, setup_context=_attention_setup_context, lib=_lib
 )
 
+# ---- attention_varlen ------------------------------------------------------------------------
+
+_VARLEN = "Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k"
+_lib.define(f"attention_varlen({_VARLEN}, bool causal, float scale, str backend, {_V}, {_DR}) -> (Tensor, Tensor)")
+_lib.impl("attention_varlen", dispatch.attention_varlen_forward, _ANY_DEVICE)
+
+
+@torch.library.register_fake("pytorch_mqa::attention_varlen", lib=_lib)
+def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, *variants, **kw):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+_lib.define(
+    f"attention_varlen_backward(Tensor dout, {_VARLEN}, Tensor out, Tensor lse, Tensor? dlse, bool causal, "
+    f"float scale, str backend, {_V}, {_DR}) -> (Tensor, Tensor, Tensor)"
+)
+_lib.impl("attention_varlen_backward", dispatch.attention_varlen_backward, _ANY_DEVICE)
+
+
+@torch.library.register_fake("pytorch_mqa::attention_varlen_backward", lib=_lib)
+def _(dout, q, k, v, *rest, **kw):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k = inputs[:5]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse)
+    ctx.rest = tuple(inputs[5:])  # max_seqlen_q, max_seqlen_k, causal, scale, backend, variants
+    ctx.n_inputs = len(inputs)
+
+
+def _varlen_autograd(ctx, dout, dlse):
+    q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    max_q, max_k, causal, scale, backend = ctx.rest[:5]
+    dq, dk, dv = torch.ops.pytorch_mqa.attention_varlen_backward(
+        dout, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, dlse, causal, scale, backend, *ctx.rest[5:]
+    )
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
+
+
+torch.library.register_autograd(
+    "pytorch_mqa::attention_varlen", _varlen_autograd, setup_context=_varlen_setup_context, lib=_lib
+)
+
 # ---- attention_with_kv_cache -----------------------------------------------------------------
 
 _lib.define(
     "attention_with_kv_cache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
-    "Tensor cache_seqlens, bool causal, float scale, str backend) -> (Tensor, Tensor)"
+    f"Tensor cache_seqlens, bool causal, float scale, str backend, {_V}) -> (Tensor, Tensor)"
 )
 _lib.impl("attention_with_kv_cache", dispatch.attention_with_kv_cache_forward, _ANY_DEVICE)
 
 
 @torch.library.register_fake("pytorch_mqa::attention_with_kv_cache", lib=_lib)
-def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend):
+def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *variants, **kw):
     return _fake_out_lse(q)
 
 
@@ -129,5 +190,6 @@ def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale):
 
 attention_op = torch.ops.pytorch_mqa.attention.default
 attention_with_kv_cache_op = torch.ops.pytorch_mqa.attention_with_kv_cache.default
+attention_varlen_op = torch.ops.pytorch_mqa.attention_varlen.default
 
-__all__ = ["attention_op", "attention_with_kv_cache_op"]
+__all__ = ["attention_op", "attention_with_kv_cache_op", "attention_varlen_op"]

@@ -158,4 +158,97 @@ def check_cache_capacity(lens: list, S: int, new: int) -> tuple[int, int]:
     return lo, hi
 
 
-__all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]
+# ---- the variants (window_size, softcap, alibi_slopes, dropout_p) and varlen --------------------
+
+
+def validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, *, batch: int, heads: int, cache_op: bool = False):
+    """Checks of the variant arguments of DESIGN §3; returns (left, right) as ints.
+
+    batch and heads are B and Hq (for varlen, the number of sequences and Hq)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size: expected a pair (left, right) of ints, got {window_size!r}")
+    for side, w in zip(("left", "right"), window_size):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"window_size: expected ints (-1 = unbounded), got {side} = {w!r}")
+        if w < -1:
+            raise ValueError(f"window_size: expected {side} >= -1 (-1 = unbounded), got {w}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap: expected a float (0 = off), got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor):
+            raise TypeError(f"alibi_slopes: expected a float32 tensor (Hq,) or (B, Hq), got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes: expected dtype torch.float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+            raise ValueError(
+                f"alibi_slopes: expected shape ({heads},) or ({batch}, {heads}) (Hq,) or (B, Hq), "
+                f"got {tuple(alibi_slopes.shape)}"
+            )
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes: expected device {q.device} (the device of q), got {alibi_slopes.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
+    if cache_op and dropout_p != 0:
+        raise ValueError(f"dropout_p: expected 0 (attention_with_kv_cache is for inference, no dropout), got {dropout_p}")
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _check_cu_seqlens(name: str, cu, total: int, n_seq: int | None, max_name: str, max_seqlen) -> list | None:
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{name}: expected an int32 tensor (B + 1,), got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name}: expected a 1-D tensor (B + 1,) with B >= 0, got shape {tuple(cu.shape)}")
+    if n_seq is not None and cu.shape[0] != n_seq + 1:
+        raise ValueError(f"{name}: expected shape ({n_seq + 1},) (that of cu_seqlens_q), got {tuple(cu.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"{max_name}: expected a host int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"{max_name}: expected an int >= 0, got {max_seqlen}")
+    if cu.device.type != "cpu" or torch.compiler.is_compiling():
+        return None  # on a device, reading the values would synchronise; a traced graph cannot read them
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name}: expected {name}[0] == 0, got {vals[0]}")
+    lens = [b - a for a, b in zip(vals, vals[1:])]
+    if any(n < 0 for n in lens):
+        i = next(i for i, n in enumerate(lens) if n < 0)
+        raise ValueError(f"{name}: expected non-decreasing values, got {vals[i]} then {vals[i + 1]} at index {i}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}: expected the last value to be the total number of rows {total}, got {vals[-1]}")
+    if lens and max(lens) > max_seqlen:
+        raise ValueError(f"{max_name}: expected an int >= the longest sequence {max(lens)}, got {max_seqlen}")
+    return lens
+
+
+def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale) -> int:
+    """Checks of `attention_varlen`'s tensors; returns the number of sequences B. The values of
+    cu_seqlens (0 first, non-decreasing, ending at the total, within max_seqlen) are checked
+    when they are on the CPU and the call is eager; on a GPU that would be a device sync, and
+    under torch.compile a data-dependent branch, so there they are not read."""
+    for name, x, doc in (("q", q, "(total_q, Hq, D)"), ("k", k, "(total_k, Hkv, D)"), ("v", v, "(total_k, Hkv, D)")):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor {doc}, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D tensor {doc}, got shape {tuple(x.shape)}")
+    _check_same("k", k, "q", q)
+    _check_same("v", v, "q", q)
+    _check_q_and_kv(q[None], k[None], "k")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected shape {tuple(k.shape)} (the shape of k), got {tuple(v.shape)}")
+    _check_flags(causal, scale)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None, "max_seqlen_q", max_seqlen_q)
+    B = cu_seqlens_q.shape[0] - 1
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], B, "max_seqlen_k", max_seqlen_k)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.device != q.device and cu.device.type != "cpu":
+            raise ValueError(f"{name}: expected device {q.device} (the device of q) or cpu, got {cu.device}")
+    return B
+
+
+__all__ = ["validate_variants", "validate_varlen", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]

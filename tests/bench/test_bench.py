@@ -57,7 +57,12 @@ def test_ops_rows_side_by_side(tmp_path):
     for key in ("device_name", "torch", "triton", "git_revision"):
         assert key in env
 
-    att = [r for r in result["rows"] if r["suite"] == "attention" and r["case"] != "all"]
+    att = [r for r in result["rows"] if r["suite"] == "attention" and r["case"] != "all" and "variant" not in r]
+    variants = [r for r in result["rows"] if r["suite"] == "attention" and "variant" in r]
+    assert {(r["variant"], r["mode"]) for r in variants} == {(c, m) for c in ("window", "varlen") for m in ("fwd", "fwd_bwd")}
+    for r in variants:
+        if r["provider"] == "mqa.reference":
+            _check_timed(r, "tflops")
     cases = {(r["case"], r["causal"], r["mode"]) for r in att}
     assert len(cases) == 2 * 2 * 2  # Hkv in {4, 1} x causal x {fwd, fwd_bwd}
     for case in cases:
