@@ -26,6 +26,7 @@ from .attention_blocks import (
     _row_block_pid,
     _variant_key_range,
     _variant_launch_args,
+    _varlen_sequence,
 )
 from .common import (
     LOG2E,
@@ -105,13 +106,8 @@ def _attention_fwd_kernel(
     """
     row0, b, hk = _row_block_pid(tl.program_id(0), BH, Tq, Hkv, G, CAUSAL, BLOCK_M)
     if VARLEN:
-        # Packed sequences: sequence b is rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
-        # of k/v (batch strides are 0); Tq, Tk arrive as the maxima and become this sequence's.
-        q0 = tl.load(CU_Q + b).to(tl.int64)
-        k0 = tl.load(CU_K + b).to(tl.int64)
-        Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
-        Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
-        drop_seed = drop_seed + b * 1000003  # a Philox key per sequence: counters restart per sequence
+        # Batch strides are 0; Tq, Tk arrive as the maxima and become this sequence's.
+        q0, k0, Tq, Tk, drop_seed = _varlen_sequence(CU_Q, CU_K, b, drop_seed)
         Tk = tl.where(row0 < Tq * G, Tk, 0)  # a row block past this sequence's rows loops over no key
         Q += q0 * stride_qt
         Out += q0 * stride_ot
@@ -196,13 +192,8 @@ def _attention_bwd_dkdv_kernel(
     hk = bh % Hkv
     n0 = (rest // BH) * BLOCK_N
     if VARLEN:
-        # Packed sequences: sequence b is rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
-        # of k/v (batch strides are 0); Tq, Tk arrive as the maxima and become this sequence's.
-        q0 = tl.load(CU_Q + b).to(tl.int64)
-        k0 = tl.load(CU_K + b).to(tl.int64)
-        Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
-        Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
-        drop_seed = drop_seed + b * 1000003  # a Philox key per sequence: counters restart per sequence
+        # Batch strides are 0; Tq, Tk arrive as the maxima and become this sequence's.
+        q0, k0, Tq, Tk, drop_seed = _varlen_sequence(CU_Q, CU_K, b, drop_seed)
         Tq = tl.where(n0 < Tk, Tq, 0)  # a key block past this sequence's keys loops over no row
         Q += q0 * stride_qt
         DO += q0 * stride_dot
@@ -313,13 +304,8 @@ def _attention_bwd_dq_kernel(
     """One program per (packed row block, batch * KV head): dQ (B, Tq, Hq, D), no atomics."""
     row0, b, hk = _row_block_pid(tl.program_id(0), BH, Tq, Hkv, G, CAUSAL, BLOCK_M)
     if VARLEN:
-        # Packed sequences: sequence b is rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
-        # of k/v (batch strides are 0); Tq, Tk arrive as the maxima and become this sequence's.
-        q0 = tl.load(CU_Q + b).to(tl.int64)
-        k0 = tl.load(CU_K + b).to(tl.int64)
-        Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
-        Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
-        drop_seed = drop_seed + b * 1000003  # a Philox key per sequence: counters restart per sequence
+        # Batch strides are 0; Tq, Tk arrive as the maxima and become this sequence's.
+        q0, k0, Tq, Tk, drop_seed = _varlen_sequence(CU_Q, CU_K, b, drop_seed)
         Tk = tl.where(row0 < Tq * G, Tk, 0)  # a row block past this sequence's rows loops over no key
         Q += q0 * stride_qt
         DO += q0 * stride_dot

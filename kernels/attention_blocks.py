@@ -17,6 +17,18 @@ from .common import LOG2E_C, lse_to_log2, online_softmax_step, packed_rows
 
 
 @triton.jit
+def _varlen_sequence(CU_Q, CU_K, b, drop_seed):
+    """Packed sequences: sequence b is rows [cu_q[b], cu_q[b+1]) of q and [cu_k[b], cu_k[b+1])
+    of k/v. Returns its first q row, first k row, Tq, Tk and its own Philox key (counters restart
+    per sequence)."""
+    q0 = tl.load(CU_Q + b).to(tl.int64)
+    k0 = tl.load(CU_K + b).to(tl.int64)
+    Tq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+    Tk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+    return q0, k0, Tq, Tk, drop_seed + b * 1000003
+
+
+@triton.jit
 def _row_block_pid(pid, BH, Tq, Hkv, G: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """Axis-0 pid -> (row0, b, hk) with BH = B * Hkv. Consecutive pids walk the (batch, KV head)
     pairs of one row block; with CAUSAL the row blocks run last-first, so the heaviest start first."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -15,10 +16,12 @@ import threading
 
 from tqdm.auto import tqdm
 
-from pytorch_mqa.ops.backends import BACKEND_CHOICES
-from pytorch_mqa.training.distributed import launched_rank
-from pytorch_mqa.training.files import OLD_SUFFIX, TMP_PREFIX, FileFormatError, stale_temporaries
-from pytorch_mqa.training.loop import TrainConfig, steps_for_epochs
+from pytorch_mqa.core.devices import resolve_device
+from pytorch_mqa.core.threads import set_threads
+from pytorch_mqa.ops.backends import BACKEND_CHOICES, use_backend
+from pytorch_mqa.training.distributed import barrier, launched_rank, process_group, shard_model
+from pytorch_mqa.training.files import OLD_SUFFIX, TMP_PREFIX, FileFormatError, recover_directory, stale_temporaries
+from pytorch_mqa.training.loop import TrainConfig, fit, load_trainer_state, steps_for_epochs
 from pytorch_mqa.training.tokenizers import KINDS as TOKENIZER_KINDS
 
 
@@ -313,3 +316,52 @@ def resume_command(argv: list[str] | None, command: str) -> str:
     line = shlex.join(["torchrun", *(["--standalone"] if one_node else []), "--nproc-per-node", per_node, "-m",
                        "pytorch_mqa", command, *args, "--resume"])
     return line if one_node else line + "  (on every node, with the same --nnodes and rendezvous options as before)"
+
+
+# ------------------------------------------------------------------ the run of a training command
+
+
+def launch_training(args, body):
+    """Threads, device, torchrun's process group (if launched by it) and the backend of a training
+    command, then `body(args, device, rank)`."""
+    set_threads(args.threads)
+    device = str(resolve_device(args.device))
+    with process_group(device) as (rank, device), use_backend(args.backend):
+        return body(args, device, rank)
+
+
+def resume_state(args, ckpt: str, rank):
+    """With --resume, the trainer state in `ckpt` (rank 0 first finishes a checkpoint swap that a
+    crash interrupted; then every rank reads); else None."""
+    if not args.resume:
+        return None
+    if rank.is_main:
+        recover_directory(ckpt)
+    barrier(rank)
+    return load_trainer_state(ckpt)
+
+
+def fit_until_done(model, data, cfg, args, rank, device, to_remove, *, tokenizer, resume, step_label=str):
+    """Shard the model for --fsdp, remove --overwrite's old outputs (every input is checked by
+    now), and train, with SIGINT/SIGTERM turned into a checkpoint and a clean stop.
+
+    Returns (history, the signal's name or None, the exit code a stop should give)."""
+    if args.fsdp:
+        shard_model(model, rank, device)  # from the CPU, a block at a time
+    if rank.is_main:
+        remove_paths(to_remove)
+
+    def on_eval(step, losses):
+        tqdm.write(f"step {step_label(step)}: train {losses['train']:.4f}  val {losses['val']:.4f}  "
+                   f"val ppl {math.exp(losses['val']):.2f}")
+
+    with stop_on_signals(announce=rank.is_main) as received:
+        history = fit(model, data, cfg, tokenizer=tokenizer, resume=resume, stop=lambda: bool(received),
+                      on_eval=on_eval)
+    reason, code = stop_reason(received)
+    return history, reason, code
+
+
+def print_stopped(args, command: str, history: dict, reason, ckpt: str) -> None:
+    print(f"stopped by {reason} at step {history['stopped_at']} of {args.max_steps}; checkpoint written to "
+          f"{ckpt}/\nresume with: {resume_command(getattr(args, 'argv', None), command)}", flush=True)

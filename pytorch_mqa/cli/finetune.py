@@ -17,17 +17,26 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from pytorch_mqa.cli.common import (UserError, add_optim_arguments, check_at_least, check_heads, check_optim_args,
-                                    check_resume_steps, prepare_out, remove_paths, resume_command, set_max_steps, stop_on_signals,
-                                    stop_reason, train_config_from_args)
-from pytorch_mqa.core.devices import resolve_device
-from pytorch_mqa.core.threads import set_threads
-from pytorch_mqa.ops.backends import BACKEND_CHOICES, use_backend
+from pytorch_mqa.cli.common import (
+    UserError,
+    add_optim_arguments,
+    check_at_least,
+    check_heads,
+    check_optim_args,
+    check_resume_steps,
+    fit_until_done,
+    launch_training,
+    prepare_out,
+    print_stopped,
+    resume_state,
+    set_max_steps,
+    train_config_from_args,
+)
+from pytorch_mqa.ops.backends import BACKEND_CHOICES
 from pytorch_mqa.training.data import ALPACA_PROMPT_WITH_INPUT, format_prompt, load_instructions, split_examples
-from pytorch_mqa.training.distributed import Rank, barrier, process_group, shard_model
-from pytorch_mqa.training.files import recover_directory
+from pytorch_mqa.training.distributed import Rank
 from pytorch_mqa.training.finetune import InstructionData, respond, response_budget
-from pytorch_mqa.training.loop import fit, load_trainer_state, plot_loss_curves, summarize
+from pytorch_mqa.training.loop import plot_loss_curves, summarize
 from pytorch_mqa.training.pretrained import load_model_and_tokenizer
 
 RESPONSE_TOKENS = 64  # the example response printed at the end
@@ -76,10 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--answers", f"expected a JSON file to write, got the directory {args.answers!r}")
     if args.max_len is not None and args.max_len < 2:
         raise UserError("--max-len", f"expected at least 2 tokens, got {args.max_len}")
-    set_threads(args.threads)
-    device = str(resolve_device(args.device))
-    with process_group(device) as (rank, device), use_backend(args.backend):
-        return _finetune(args, device, rank)
+    return launch_training(args, _finetune)
 
 
 def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
@@ -87,12 +93,7 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
     ckpt = os.path.join(args.out, "checkpoint")
     to_remove = prepare_out(args.out, "finetune", args.resume, args.overwrite)
     records = load_instructions(args.data)  # the cheap check first: a bad data file fails before any loading
-    resume = None
-    if args.resume:
-        if rank.is_main:
-            recover_directory(ckpt)  # one process finishes a swap a crash interrupted; then all read
-        barrier(rank)
-        resume = load_trainer_state(ckpt)
+    resume = resume_state(args, ckpt, rank)
     if args.max_steps is not None:
         check_resume_steps(resume, ckpt, args.max_steps)
     torch.manual_seed(args.seed)
@@ -130,25 +131,16 @@ def _finetune(args: argparse.Namespace, device: str, rank: Rank) -> int:
             "beginning (or the response its end) in training]", file=sys.stderr)
     if resume is not None:
         say(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
-    if args.fsdp:
-        shard_model(model, rank, device)  # from the CPU, a block at a time
-    if rank.is_main:
-        remove_paths(to_remove)  # --overwrite: only now that every input has been checked
-    with stop_on_signals(announce=rank.is_main) as received:
-        history = fit(model, data, cfg, tokenizer=tokenizer, resume=resume, stop=lambda: bool(received),
-                      on_eval=lambda s, l: tqdm.write(f"step {s} (epoch {s / per_epoch:.2f}): train {l['train']:.4f}  "
-                                                      f"val {l['val']:.4f}  val ppl {math.exp(l['val']):.2f}"))
+    history, reason, code = fit_until_done(model, data, cfg, args, rank, device, to_remove, tokenizer=tokenizer,
+                                           resume=resume, step_label=lambda s: f"{s} (epoch {s / per_epoch:.2f})")
     epochs = [{"epoch": round(e["step"] / per_epoch, 4), **e} for e in history["eval"]]
-    reason, code = stop_reason(received)
     if not rank.is_main:
         return code if "stopped_at" in history else 0
     plot_loss_curves({"finetune": history}, os.path.join(args.out, "loss.png"), title="fine-tuning loss")
     if "stopped_at" in history:
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump({"summary": summarize(history), "history": history}, f, indent=1)
-        print(f"stopped by {reason} at step {history['stopped_at']} of {args.max_steps}; "
-              f"checkpoint written to {ckpt}/\nresume with: {resume_command(getattr(args, 'argv', None), 'finetune')}",
-              flush=True)
+        print_stopped(args, "finetune", history, reason, ckpt)
         return code
     example = val_recs[0]
     prompt_len, block = len(tokenizer.encode(format_prompt(example))), model.config.block_size

@@ -10,25 +10,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 
 import torch
-from tqdm.auto import tqdm
 
-from pytorch_mqa.cli.common import (UserError, add_common_arguments, add_model_arguments, add_optim_arguments,
-                                    check_at_least, check_heads, check_optim_args, check_resume_steps, prepare_out,
-                                    remove_paths, resume_command, set_max_steps, stop_on_signals, stop_reason,
-                                    train_config_from_args)
-from pytorch_mqa.core.devices import resolve_device
-from pytorch_mqa.core.threads import set_threads
+from pytorch_mqa.cli.common import (
+    UserError,
+    add_common_arguments,
+    add_model_arguments,
+    add_optim_arguments,
+    check_at_least,
+    check_heads,
+    check_optim_args,
+    check_resume_steps,
+    fit_until_done,
+    launch_training,
+    prepare_out,
+    print_stopped,
+    resume_state,
+    set_max_steps,
+    train_config_from_args,
+)
 from pytorch_mqa.model import GPT, GPTConfig
 from pytorch_mqa.model.bigram import BigramConfig, BigramLM, is_bigram_checkpoint
-from pytorch_mqa.ops.backends import use_backend
 from pytorch_mqa.training.data import load_corpus
-from pytorch_mqa.training.distributed import Rank, barrier, process_group, shard_model
-from pytorch_mqa.training.files import recover_directory
-from pytorch_mqa.training.loop import LMBatches, fit, load_trainer_state, plot_loss_curves, summarize
+from pytorch_mqa.training.distributed import Rank
+from pytorch_mqa.training.loop import LMBatches, plot_loss_curves, summarize
 from pytorch_mqa.training.pretrained import load_model
 from pytorch_mqa.training.tokenizers import get_tokenizer, load_tokenizer
 
@@ -61,10 +68,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    set_threads(args.threads)
-    device = str(resolve_device(args.device))
-    with process_group(device) as (rank, device), use_backend(args.backend):
-        return _train(args, device, rank)
+    return launch_training(args, _train)
 
 
 def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
@@ -72,12 +76,8 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
     ckpt = os.path.join(args.out, "checkpoint")
     to_remove = prepare_out(args.out, "train", args.resume, args.overwrite)
     text = load_corpus(args.corpus)
-    resume = None
-    if args.resume:
-        if rank.is_main:
-            recover_directory(ckpt)  # one process finishes a swap a crash interrupted; then all read
-        barrier(rank)
-        resume = load_trainer_state(ckpt)
+    resume = resume_state(args, ckpt, rank)
+    if resume is not None:
         if args.max_steps is not None:
             check_resume_steps(resume, ckpt, args.max_steps)
         trained_on = resume.get("config", {}).get("extra", {}).get("corpus", args.corpus)
@@ -114,23 +114,15 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
             f"{args.max_steps:,} steps")
     if resume is not None:
         say(f"resuming from {ckpt} at step {resume['step']} of {args.max_steps}")
-    if args.fsdp:
-        shard_model(model, rank, device)  # from the CPU, a block at a time
-    if rank.is_main:
-        remove_paths(to_remove)  # --overwrite: only now that every input has been checked
-    with stop_on_signals(announce=rank.is_main) as received:
-        history = fit(model, batches, cfg, tokenizer=tokenizer, resume=resume, stop=lambda: bool(received),
-                      on_eval=lambda s, l: tqdm.write(f"step {s}: train {l['train']:.4f}  val {l['val']:.4f}  "
-                                                      f"val ppl {math.exp(l['val']):.2f}"))
-    reason, code = stop_reason(received)
+    history, reason, code = fit_until_done(model, batches, cfg, args, rank, device, to_remove, tokenizer=tokenizer,
+                                           resume=resume)
     if not rank.is_main:
         return code if "stopped_at" in history else 0
     plot_loss_curves({"model": history}, os.path.join(args.out, "loss.png"), title="training loss")
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump({"summary": summarize(history), "history": history}, f, indent=1)
     if "stopped_at" in history:
-        print(f"stopped by {reason} at step {history['stopped_at']} of {args.max_steps}; checkpoint written to "
-              f"{ckpt}/\nresume with: {resume_command(getattr(args, 'argv', None), 'train')}", flush=True)
+        print_stopped(args, "train", history, reason, ckpt)
         return code
     print(f"wrote {ckpt}/ (model, tokenizer, trainer state), {args.out}/loss.png, {args.out}/metrics.json")
     return 0
