@@ -96,6 +96,19 @@ def add_common_arguments(parser: argparse.ArgumentParser, out_default: str, *, t
     parser.add_argument("--threads", type=int, default=None, help=h["threads"])
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, n_kv_head_help: str) -> None:
+    """Flags of the commands that start from a checkpoint (generate, finetune): its tokenizer and heads."""
+    parser.add_argument("--tokenizer", choices=("saved", "gpt2"), default="saved",
+                        help="the tokenizer saved with the checkpoint, or GPT-2's")
+    parser.add_argument("--n-kv-head", type=int, default=None, help=n_kv_head_help)
+    parser.add_argument("--n-head", type=int, default=None,
+                        help="query heads of a bare weights file (a .pt/.bin/.safetensors state dict without "
+                             "config.json), which does not say; GPT-2 sizes use n_embd // 64")
+    parser.add_argument("--tokenizer-dir", default=None,
+                        help="with --tokenizer gpt2: a directory with vocab.bpe + encoder.json, vocab.json + "
+                             "merges.txt, or tiktoken's cache (default: tiktoken's cache)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, n_layer=4, n_head=4, n_embd=128, block_size=128) -> None:
     parser.add_argument("--n-layer", type=int, default=n_layer, help="transformer blocks")
     parser.add_argument("--n-head", type=int, default=n_head, help="query heads")

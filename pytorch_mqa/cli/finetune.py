@@ -17,21 +17,9 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from pytorch_mqa.cli.common import (
-    UserError,
-    add_optim_arguments,
-    check_at_least,
-    check_heads,
-    check_optim_args,
-    check_resume_steps,
-    fit_until_done,
-    launch_training,
-    prepare_out,
-    print_stopped,
-    resume_state,
-    set_max_steps,
-    train_config_from_args,
-)
+from pytorch_mqa.cli.common import (UserError, add_checkpoint_arguments, add_optim_arguments, check_at_least, check_heads, check_optim_args,
+                                    check_resume_steps, fit_until_done, launch_training, prepare_out, print_stopped,
+                                    resume_state, set_max_steps, train_config_from_args)
 from pytorch_mqa.ops.backends import BACKEND_CHOICES
 from pytorch_mqa.training.data import ALPACA_PROMPT_WITH_INPUT, format_prompt, load_instructions, split_examples
 from pytorch_mqa.training.distributed import Rank
@@ -45,16 +33,7 @@ RESPONSE_TOKENS = 64  # the example response printed at the end
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="JSON list (or JSON lines) of {instruction, input?, output}")
     parser.add_argument("--init", required=True, help="checkpoint directory (from train) or Hugging Face GPT-2 directory")
-    parser.add_argument("--tokenizer", choices=("saved", "gpt2"), default="saved",
-                        help="the tokenizer saved with --init, or GPT-2's")
-    parser.add_argument("--n-kv-head", type=int, default=None,
-                        help="convert MHA weights to GQA/MQA before fine-tuning (default: keep the checkpoint's)")
-    parser.add_argument("--n-head", type=int, default=None,
-                        help="query heads of a bare weights file (a .pt/.bin/.safetensors state dict without "
-                             "config.json), which does not say; GPT-2 sizes use n_embd // 64")
-    parser.add_argument("--tokenizer-dir", default=None,
-                        help="with --tokenizer gpt2: a directory with vocab.bpe + encoder.json, vocab.json + "
-                             "merges.txt, or tiktoken's cache (default: tiktoken's cache)")
+    add_checkpoint_arguments(parser, "convert MHA weights to GQA/MQA before fine-tuning (default: keep the checkpoint's)")
     parser.add_argument("--max-len", type=int, default=None, help="tokens per example (default: the model's block_size)")
     parser.add_argument("--no-mask-prompt", action="store_true", help="also train on the prompt tokens")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the records held out for validation")

@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 
-from pytorch_mqa.cli.common import UserError, check_at_least, check_heads
+from pytorch_mqa.cli.common import UserError, add_checkpoint_arguments, check_at_least, check_heads
 from pytorch_mqa.core.devices import resolve_device
 from pytorch_mqa.core.dtypes import DTYPE_CHOICES
 from pytorch_mqa.model import generate
@@ -47,15 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruction", action="store_true",
                         help="wrap the prompt in the Alpaca template and print only the response")
     parser.add_argument("--input", default=None, help="with --instruction: the optional Alpaca input field")
-    parser.add_argument("--tokenizer", choices=("saved", "gpt2"), default="saved",
-                        help="the tokenizer saved with the checkpoint (default) or GPT-2's")
-    parser.add_argument("--n-kv-head", type=int, default=None, help="convert an MHA checkpoint to GQA/MQA on load")
-    parser.add_argument("--n-head", type=int, default=None,
-                        help="query heads of a bare weights file (a .pt/.bin/.safetensors state dict without "
-                             "config.json), which does not say; GPT-2 sizes use n_embd // 64")
-    parser.add_argument("--tokenizer-dir", default=None,
-                        help="with --tokenizer gpt2: a directory with vocab.bpe + encoder.json, vocab.json + "
-                             "merges.txt, or tiktoken's cache (default: tiktoken's cache)")
+    add_checkpoint_arguments(parser, "convert an MHA checkpoint to GQA/MQA on load")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto = cuda if available")
     parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="attention backend of the model's ops")

@@ -14,23 +14,10 @@ import os
 
 import torch
 
-from pytorch_mqa.cli.common import (
-    UserError,
-    add_common_arguments,
-    add_model_arguments,
-    add_optim_arguments,
-    check_at_least,
-    check_heads,
-    check_optim_args,
-    check_resume_steps,
-    fit_until_done,
-    launch_training,
-    prepare_out,
-    print_stopped,
-    resume_state,
-    set_max_steps,
-    train_config_from_args,
-)
+from pytorch_mqa.cli.common import (UserError, add_common_arguments, add_model_arguments, add_optim_arguments,
+                                    check_at_least, check_heads, check_optim_args, check_resume_steps, fit_until_done,
+                                    launch_training, prepare_out, print_stopped, resume_state, set_max_steps,
+                                    train_config_from_args)
 from pytorch_mqa.model import GPT, GPTConfig
 from pytorch_mqa.model.bigram import BigramConfig, BigramLM, is_bigram_checkpoint
 from pytorch_mqa.training.data import load_corpus
