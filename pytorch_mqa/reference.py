@@ -78,6 +78,20 @@ def _grouped(x, B, Hq, Hkv, Tq, Tk):
     return x.reshape(B, Hkv, (Hq // Hkv) * Tq, Tk)
 
 
+def visible(j, diag, key_len, causal: bool, window_size=(-1, -1)):
+    """True where a key is visible: key index j (broadcast), `diag` the key aligned with the query
+    (i + key_len - Tq), key_len the sequence's keys; causal and the window are relative to diag."""
+    left, right = window_size
+    vis = j < key_len
+    if causal:
+        vis = vis & (j <= diag)
+    if left >= 0:
+        vis = vis & (j >= diag - left)
+    if right >= 0:
+        vis = vis & (j <= diag + right)
+    return vis
+
+
 def _variant_masks(B, Hq, Tq, Tk, key_lens, causal, window_size, alibi_slopes, device):
     """(visible (B, 1, Tq, Tk) bool or None, bias (B, Hq, Tq, Tk) float32 or None).
 
@@ -91,13 +105,7 @@ def _variant_masks(B, Hq, Tq, Tk, key_lens, causal, window_size, alibi_slopes, d
     j = torch.arange(Tk, device=device)[None, None, :]
     lens = torch.full((B,), Tk, dtype=torch.long, device=device) if key_lens is None else key_lens
     diag = i + (lens[:, None, None] - Tq)  # (B, Tq, 1): the key aligned with query i
-    vis = j < lens[:, None, None]
-    if causal:
-        vis = vis & (j <= diag)
-    if left >= 0:
-        vis = vis & (j >= diag - left)
-    if right >= 0:
-        vis = vis & (j <= diag + right)
+    vis = visible(j, diag, lens[:, None, None], causal, window_size)
     bias = None
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(device=device, dtype=torch.float32)

@@ -23,7 +23,7 @@ import torch
 
 from pytorch_mqa.ops.cpu import _append
 from pytorch_mqa.ops.validation import check_cache_capacity
-from pytorch_mqa.reference import dropout_keep
+from pytorch_mqa.reference import dropout_keep, visible
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -38,18 +38,11 @@ def _bias(B, Hq, Tq, Tk, causal, window_size, alibi_slopes, key_lens=None, rows=
 
     key_lens: the keys each sequence has (the cache op), or None: all Tk; the offset of query i
     is key_len - Tq. rows, cols: (start, stop) of a block of the (Tq, Tk) problem (default all)."""
-    left, right = window_size
     i = torch.arange(*(rows or (0, Tq)))[None, :, None]
     j = torch.arange(*(cols or (0, Tk)))[None, None, :]
     lens = torch.tensor([Tk] if key_lens is None else key_lens, dtype=torch.long)[:, None, None]
     diag = i + (lens - Tq)  # (B|1, rows, 1)
-    vis = j < lens
-    if causal:
-        vis = vis & (j <= diag)
-    if left >= 0:
-        vis = vis & (j >= diag - left)
-    if right >= 0:
-        vis = vis & (j <= diag + right)
+    vis = visible(j, diag, lens, causal, window_size)
     bias = torch.zeros(vis.shape).masked_fill_(~vis, float("-inf"))[:, None]
     if alibi_slopes is not None:
         slopes = alibi_slopes.float()
