@@ -171,15 +171,23 @@ def _check_prompts(model, prompts: list[list[int]], max_new_tokens: int) -> None
 class _Stepper:
     """Produces next-token logits (B, V) for the running sequences, with or without a cache.
 
-    Each sequence is kept whole (on the device: no host sync per step); the model sees its last
-    `block` tokens.
+    Each sequence is kept whole in one preallocated device buffer (no host sync and no per-sequence
+    copy per step); the model sees its last `block` tokens.
     """
 
     def __init__(self, model, prompts: list[list[int]], config: GenerationConfig, device):
         self.model, self.device = model, device
         self.block = _block_size(model)
         self.use_cache = config.use_cache and supports_cache(model)
-        self.seqs = [torch.tensor(p, dtype=torch.long, device=device) for p in prompts]
+        # Every sequence's ids in one preallocated buffer (row b holds lens[b] ids), so a step writes
+        # its tokens with one indexed store instead of growing B tensors.
+        B, longest = len(prompts), max(len(p) for p in prompts)
+        self.ids = torch.zeros(B, longest + config.max_new_tokens, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            self.ids[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        self.lens = [len(p) for p in prompts]  # host-side lengths: no sync to read them
+        self._rows = torch.arange(B, device=device)
+        self._pos = torch.tensor(self.lens, device=device)  # where each row's next id goes
         self.step = None
         if self.use_cache:
             # Positions ever used: the longest prompt + max_new_tokens - 1, at most the context.
@@ -189,7 +197,12 @@ class _Stepper:
                 self.step = DecodeStep(model, self.cache)
 
     def _windows(self, rows) -> list[Tensor]:
-        return [self.seqs[b] if self.block is None else self.seqs[b][-self.block :] for b in rows]
+        """The ids each sequence in `rows` feeds the model: all of them, or the last `block`."""
+        out = []
+        for b in rows:
+            n = self.lens[b]
+            out.append(self.ids[b, : n] if self.block is None else self.ids[b, max(0, n - self.block) : n])
+        return out
 
     def _fill(self, rows: list[int]) -> Tensor:
         """Re-fill the cache rows `rows` from their windows (prefill); their last logits (len(rows), V)."""
@@ -207,11 +220,13 @@ class _Stepper:
 
     def prefill(self) -> Tensor:
         if self.use_cache:
-            return self._fill(list(range(len(self.seqs))))
+            return self._fill(list(range(len(self.lens))))
         return self._recompute()
 
     def decode(self, tokens: Tensor) -> Tensor:
-        self.seqs = [torch.cat([s, t[None]]) for s, t in zip(self.seqs, tokens)]
+        self.ids[self._rows, self._pos] = tokens
+        self._pos += 1
+        self.lens = [n + 1 for n in self.lens]
         if not self.use_cache:
             return self._recompute()
         c = self.cache
@@ -229,7 +244,7 @@ class _Stepper:
         return self.model(tokens[:, None], cache=c)[:, -1]
 
     def _recompute(self) -> Tensor:
-        windows = self._windows(range(len(self.seqs)))
+        windows = self._windows(range(len(self.lens)))
         if len({len(w) for w in windows}) == 1:
             return _logits(self.model, torch.stack(windows))[:, -1]
         return torch.cat([_logits(self.model, w[None])[:, -1] for w in windows])
