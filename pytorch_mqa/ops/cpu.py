@@ -188,6 +188,18 @@ def _append(cache, new, lens, uniform):
     cache.index_put_((b_idx, pos), new)
 
 
+def append_new_rows(q, k_cache, v_cache, k, v, cache_seqlens):
+    """The cache op's prologue on CPU: read the lengths once, check the capacity before anything
+    is written, append k/v (if given) in place. Returns (lengths, min, max, new rows per sequence)."""
+    lens = cache_seqlens.tolist()  # the one host read of the lengths in this call
+    new = q.shape[1] if k is not None else 0
+    lo, hi = check_cache_capacity(lens, k_cache.shape[1], new)
+    if new and q.shape[0] > 0:
+        _append(k_cache, k, lens, lo == hi)
+        _append(v_cache, v, lens, lo == hi)
+    return lens, lo, hi, new
+
+
 def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bool, scale: float):
     """The decoding op on CPU tensors: append k/v (if given) at cache_seqlens, then attend.
 
@@ -196,15 +208,10 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
     """
     B, Tq, Hq, D = q.shape
     S = k_cache.shape[1]
-    lens = cache_seqlens.tolist()  # the one host read of the lengths in this call
-    new = Tq if k is not None else 0
-    lo, hi = check_cache_capacity(lens, S, new)
+    lens, lo, hi, new = append_new_rows(q, k_cache, v_cache, k, v, cache_seqlens)
     if B == 0 or Tq == 0:
         return _empty_result(q)
     uniform = lo == hi
-    if new:
-        _append(k_cache, k, lens, uniform)
-        _append(v_cache, v, lens, uniform)
     n_keys = hi + new  # the longest visible prefix
     if n_keys == 0:
         return _empty_result(q)
@@ -270,4 +277,4 @@ def _ragged(q, kc, vc, key_lens, causal, scale):
     return out.contiguous(), lse.contiguous()
 
 
-__all__ = ["attention_forward", "attention_backward", "attention_with_kv_cache"]
+__all__ = ["attention_forward", "attention_backward", "attention_with_kv_cache", "append_new_rows"]

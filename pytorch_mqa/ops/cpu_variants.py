@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from pytorch_mqa.ops.cpu import _append
-from pytorch_mqa.ops.validation import check_cache_capacity
+from pytorch_mqa.ops.cpu import append_new_rows
 from pytorch_mqa.reference import dropout_keep, visible
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -224,14 +223,9 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, sc
     checked first), then attend the longest visible prefix with per-sequence offsets: the fused
     kernel with an additive mask, or (softcap) explicit float32 math."""
     B, Tq, Hq, D = q.shape
-    lens = cache_seqlens.tolist()  # the one host read of the lengths in this call
-    new = Tq if k is not None else 0
-    lo, hi = check_cache_capacity(lens, k_cache.shape[1], new)
+    lens, lo, hi, new = append_new_rows(q, k_cache, v_cache, k, v, cache_seqlens)
     if B == 0 or Tq == 0 or hi + new == 0:
         return _empty(q)
-    if new:
-        _append(k_cache, k, lens, lo == hi)
-        _append(v_cache, v, lens, lo == hi)
     n = hi + new
     kc, vc = k_cache.narrow(1, 0, n), v_cache.narrow(1, 0, n)
     key_lens = [L + new for L in lens]
