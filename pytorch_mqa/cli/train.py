@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gpt: the transformer; bigram: a table of next-token logits per token (the char-level "
                              "tutorial's baseline; --n-layer/--n-head/--n-embd are not used); unigram: one logit "
                              "vector for every position")
+    parser.add_argument("--attn-dropout", type=float, default=0.0,
+                        help="dropout on the attention probabilities while training (off at evaluation and in "
+                             "generation); stored in the checkpoint's config")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from OUT/checkpoint (model and tokenizer come from it)")
 
@@ -47,6 +50,11 @@ def check_args(args: argparse.Namespace) -> None:
     check_heads(args.n_head, args.n_kv_head, args.n_embd)
     if not 0.0 <= args.dropout < 1.0:
         raise UserError("--dropout", f"expected a probability in [0, 1), got {args.dropout}")
+    if not 0.0 <= args.attn_dropout < 1.0:
+        raise UserError("--attn-dropout", f"expected a probability in [0, 1), got {args.attn_dropout}")
+    if args.attn_dropout and args.arch != "gpt":
+        raise UserError("--attn-dropout", f"expected --arch gpt (the {args.arch} model has no attention), "
+                                          f"got --arch {args.arch}")
     minimum = {"bpe": 257, "word": 4}.get(args.tokenizer)
     if args.vocab_size is not None and minimum and args.vocab_size < minimum:
         raise UserError("--vocab-size", f"expected at least {minimum} for --tokenizer {args.tokenizer}, "
@@ -83,7 +91,7 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
         if args.arch == "gpt":
             config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                                n_head=args.n_head, n_kv_head=args.n_kv_head or args.n_head, n_embd=args.n_embd,
-                               dropout=args.dropout)
+                               dropout=args.dropout, attn_dropout=args.attn_dropout)
             model = GPT(config)
         else:
             model = BigramLM(BigramConfig(tokenizer.vocab_size, args.block_size, 2 if args.arch == "bigram" else 1))

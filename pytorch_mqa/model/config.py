@@ -16,6 +16,7 @@ class GPTConfig:
     dropout: float = 0.0  # dropout on embeddings and residual branches (not on attention probs)
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2: True)
     tie_embeddings: bool = True  # output head = token embedding (GPT-2: True; the from-scratch tutorial's out_head: False)
+    attn_dropout: float = 0.0  # dropout on the attention probabilities, in training mode only (nanoGPT's attn_dropout)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -30,6 +31,8 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout: expected a float in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.attn_dropout < 1.0:
+            raise ValueError(f"GPTConfig.attn_dropout: expected a float in [0, 1), got {self.attn_dropout!r}")
 
     @property
     def head_dim(self) -> int:

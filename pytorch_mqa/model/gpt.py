@@ -39,18 +39,21 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias)
         self.c_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = config.attn_dropout  # on the attention probabilities, training mode only
 
     def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto"):
         """x (B, T, C) -> (B, T, C). With caches, appends this step's K/V and attends the prefix.
 
-        backend goes to the op ("auto": the ops' choice; a compiled step passes a concrete one)."""
+        backend goes to the op ("auto": the ops' choice; a compiled step passes a concrete one).
+        Attention dropout (config.attn_dropout) applies in training mode only, never with a cache."""
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         if k_cache is None:
-            y = attention(q, k, v, causal=True, backend=backend)
+            p = self.attn_dropout if self.training else 0.0
+            y = attention(q, k, v, causal=True, dropout_p=p, backend=backend)
         else:
             y = attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=True, backend=backend)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, -1)))

@@ -145,3 +145,18 @@ def test_generate_from_a_bare_scratch_layout_file_needs_n_head(trained, tmp_path
     assert "n_head" in capsys.readouterr().err
     assert cli.main(argv + ["--n-head", "2"]) == 0
     assert "[3 tokens in" in capsys.readouterr().out
+
+
+def test_train_with_attention_dropout(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--corpus", str(corpus), "--tokenizer", "char", "--n-layer", "1", "--n-head", "2",
+                   "--n-kv-head", "1", "--n-embd", "32", "--block-size", "32", "--max-steps", "20", "--lr", "1e-2",
+                   "--warmup-steps", "3", "--eval-interval", "20", "--eval-iters", "1", "--attn-dropout", "0.2",
+                   "--out", str(out), "--device", "cpu", "--no-progress", "--checkpoint-minutes", "0"])
+    assert rc == 0
+    cfg = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert cfg["attn_dropout"] == 0.2
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["history"]["loss"][-1] < m["history"]["loss"][0]

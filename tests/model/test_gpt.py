@@ -237,3 +237,73 @@ def test_dtype_and_bf16_round_trip(tmp_path):
     assert torch.equal(again(IDX), model(IDX))
     as32 = GPT.from_pretrained(tmp_path, dtype="float32")
     assert as32.transformer.wte.weight.dtype == torch.float32
+
+
+# ---- attention dropout (GPTConfig.attn_dropout) ---------------------------------------------------
+
+
+def test_attn_dropout_validation():
+    with pytest.raises(ValueError, match=r"attn_dropout: expected a float in \[0, 1\), got 1.0"):
+        GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_kv_head=1, n_embd=16, attn_dropout=1.0)
+
+
+def test_attn_dropout_is_off_in_eval_and_with_a_cache():
+    base, dropped = tiny_gpt(2), tiny_gpt(2, attn_dropout=0.5)
+    with torch.no_grad():
+        assert torch.equal(base(IDX), dropped(IDX))  # eval(): the field changes nothing
+        torch.manual_seed(0)
+        out = generate(dropped, IDX[:, :4], 5, temperature=0)
+    assert out == generate(base, IDX[:, :4], 5, temperature=0)
+
+
+def test_attn_dropout_in_training_is_seeded_and_differs_from_none():
+    model = tiny_gpt(2, attn_dropout=0.3).train()
+    plain = tiny_gpt(2).train()
+    torch.manual_seed(7)
+    a = model(IDX)
+    torch.manual_seed(7)
+    b = model(IDX)
+    torch.manual_seed(8)
+    c = model(IDX)
+    assert torch.equal(a, b)  # same seed, same masks
+    assert not torch.equal(a, c)
+    with torch.no_grad():
+        ref = plain(IDX)
+    assert (a - ref).abs().max().item() > 1e-3  # the masks change the output
+    # the same seed gives the same masks in the backward too: equal gradients
+    grads = []
+    for _ in range(2):
+        model.zero_grad()
+        torch.manual_seed(7)
+        model(IDX).square().mean().backward()
+        grads.append(model.transformer.h[0].attn.c_attn.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+def test_attn_dropout_round_trips_and_old_configs_load(tmp_path):
+    model = tiny_gpt(2, attn_dropout=0.25)
+    model.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["attn_dropout"] == 0.25
+    assert GPT.from_pretrained(tmp_path / "new").config.attn_dropout == 0.25
+    # a checkpoint written before the field existed loads with attention dropout off
+    tiny_gpt(2).save_pretrained(tmp_path / "old")
+    cfg_file = tmp_path / "old" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    del cfg["attn_dropout"]
+    cfg_file.write_text(json.dumps(cfg))
+    loaded = GPT.from_pretrained(tmp_path / "old")
+    assert loaded.config.attn_dropout == 0.0
+    with torch.no_grad():
+        assert torch.equal(loaded(IDX), tiny_gpt(2)(IDX))
+
+
+def test_attn_dropout_tiny_run_trains():
+    from pytorch_mqa.training.loop import LMBatches, TrainConfig, fit
+
+    ids = torch.randint(0, 97, (3000,), generator=torch.Generator().manual_seed(0)) % 13  # 13 tokens used
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, attn_dropout=0.2))
+    cfg = TrainConfig(max_steps=30, batch_size=8, lr=1e-2, warmup_steps=3, eval_interval=30, eval_iters=2,
+                      progress=False, checkpoint_minutes=0)
+    history = fit(model, LMBatches(ids, 8, 16), cfg)
+    assert history["loss"][-1] < history["loss"][0] - 1.0
