@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 
 import torch
 
@@ -20,11 +21,11 @@ from pytorch_mqa.cli.common import (UserError, add_common_arguments, add_model_a
                                     train_config_from_args)
 from pytorch_mqa.model import GPT, GPTConfig
 from pytorch_mqa.model.bigram import BigramConfig, BigramLM, is_bigram_checkpoint
-from pytorch_mqa.training.data import load_corpus
+from pytorch_mqa.training.data import encode_documents, load_corpus
 from pytorch_mqa.training.distributed import Rank
 from pytorch_mqa.training.loop import LMBatches, plot_loss_curves, summarize
 from pytorch_mqa.training.pretrained import load_model
-from pytorch_mqa.training.tokenizers import get_tokenizer, load_tokenizer
+from pytorch_mqa.training.tokenizers import EOT, get_tokenizer, load_tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn-dropout", type=float, default=0.0,
                         help="dropout on the attention probabilities while training (off at evaluation and in "
                              "generation); stored in the checkpoint's config")
+    parser.add_argument("--pack", action="store_true",
+                        help="padding-free packed training: the corpus is cut into documents at --doc-separator, "
+                             "each one followed by the tokenizer's end-of-text token; every batch runs as one packed "
+                             "row in which no token attends across a document and positions restart per document")
+    parser.add_argument("--doc-separator", default=EOT,
+                        help=f"with --pack: the text between documents of the corpus (default {EOT!r}, the "
+                             "layout of GPT-2-style text dumps such as TinyStories; e.g. $'\\n\\n' for paragraphs)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from OUT/checkpoint (model and tokenizer come from it)")
 
@@ -55,6 +63,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.attn_dropout and args.arch != "gpt":
         raise UserError("--attn-dropout", f"expected --arch gpt (the {args.arch} model has no attention), "
                                           f"got --arch {args.arch}")
+    if args.pack and args.arch != "gpt":
+        raise UserError("--pack", f"expected --arch gpt (packing needs attention), got --arch {args.arch}")
+    if not args.doc_separator:
+        raise UserError("--doc-separator", "expected a non-empty string, got ''")
     minimum = {"bpe": 257, "word": 4}.get(args.tokenizer)
     if args.vocab_size is not None and minimum and args.vocab_size < minimum:
         raise UserError("--vocab-size", f"expected at least {minimum} for --tokenizer {args.tokenizer}, "
@@ -75,6 +87,10 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
     if resume is not None:
         if args.max_steps is not None:
             check_resume_steps(resume, ckpt, args.max_steps)
+        packed = resume.get("config", {}).get("pack_eot_id") is not None
+        if packed != args.pack:
+            raise UserError("--pack", f"the run in {args.out} was trained {'with' if packed else 'without'} --pack; "
+                                      "resume it the same way")
         trained_on = resume.get("config", {}).get("extra", {}).get("corpus", args.corpus)
         if trained_on != args.corpus:
             raise UserError("--corpus", f"the run in {args.out} was trained on {trained_on or 'the embedded corpus'}; "
@@ -86,7 +102,9 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
             model = load_model(ckpt, device="cpu" if args.fsdp else device)  # FSDP: moved to the device in shards
     else:
         torch.manual_seed(args.seed)
-        tokenizer = get_tokenizer(args.tokenizer, text if args.tokenizer != "gpt2" else None,
+        # with --pack the tokenizer learns the documents' text, not the separators
+        vocab_text = "\n".join(text.split(args.doc_separator)) if args.pack else text
+        tokenizer = get_tokenizer(args.tokenizer, vocab_text if args.tokenizer != "gpt2" else None,
                                   vocab_size=args.vocab_size, path=args.tokenizer_dir, word_split=args.word_split)
         if args.arch == "gpt":
             config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
@@ -95,15 +113,24 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
             model = GPT(config)
         else:
             model = BigramLM(BigramConfig(tokenizer.vocab_size, args.block_size, 2 if args.arch == "bigram" else 1))
-    batches = LMBatches(tokenizer.encode(text), args.batch_size, model.config.block_size,
-                        source=args.corpus or "corpus")
+    if args.pack:
+        documents = text.split(args.doc_separator)
+        ids = encode_documents(documents, tokenizer.encode, tokenizer.eos_id)
+    else:
+        ids = tokenizer.encode(text)
+    batches = LMBatches(ids, args.batch_size, model.config.block_size, source=args.corpus or "corpus")
     check_resume_steps(resume, ckpt, set_max_steps(args, batches))
     cfg = train_config_from_args(args, device, ckpt, "train", {"tokenizer": tokenizer.kind, "corpus": args.corpus,
                                                                        "arch": args.arch})
+    if args.pack:
+        cfg = replace(cfg, pack_eot_id=tokenizer.eos_id)
     say(f"model: {model.num_params(non_embedding=False):,} parameters, {model.config}")
     scale = f" x {rank.world_size} processes ({'FSDP' if args.fsdp else 'DDP'})" if rank.enabled else ""
     say(f"data: {len(batches.train):,} train / {len(batches.val):,} val tokens ({tokenizer.kind} tokenizer, "
         f"vocab {tokenizer.vocab_size})  device: {device}{scale}")
+    if args.pack:
+        say(f"packed: {sum(1 for d in documents if d.strip()):,} documents, each ending with token {tokenizer.eos_id}; "
+            "attention stays inside each document")
     if args.epochs is not None:
         say(f"{args.epochs:g} epoch(s) of {batches.train_sequences:,} windows at {args.batch_size} a step: "
             f"{args.max_steps:,} steps")

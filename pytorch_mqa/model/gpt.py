@@ -21,7 +21,7 @@ from pytorch_mqa.model import checkpoints, export
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.model.config import GPTConfig
 from pytorch_mqa.model.loss import next_token_loss
-from pytorch_mqa.ops import attention, attention_with_kv_cache
+from pytorch_mqa.ops import attention, attention_varlen, attention_with_kv_cache
 
 
 class CausalSelfAttention(nn.Module):
@@ -41,8 +41,11 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.attn_dropout  # on the attention probabilities, training mode only
 
-    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto"):
+    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto", *,
+                cu_seqlens=None, max_seqlen=None):
         """x (B, T, C) -> (B, T, C). With caches, appends this step's K/V and attends the prefix.
+        With cu_seqlens (B = 1, packed documents): causal attention within each document only,
+        through `attention_varlen`.
 
         backend goes to the op ("auto": the ops' choice; a compiled step passes a concrete one).
         Attention dropout (config.attn_dropout) applies in training mode only, never with a cache."""
@@ -51,7 +54,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        if k_cache is None:
+        if cu_seqlens is not None:
+            p = self.attn_dropout if self.training else 0.0
+            y = attention_varlen(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                                 dropout_p=p, backend=backend)
+        elif k_cache is None:
             p = self.attn_dropout if self.training else 0.0
             y = attention(q, k, v, causal=True, dropout_p=p, backend=backend)
         else:
@@ -79,8 +86,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto"):
-        x = x + self.attn(self.ln_1(x), k_cache, v_cache, cache_seqlens, backend)
+    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto", *,
+                cu_seqlens=None, max_seqlen=None):
+        x = x + self.attn(self.ln_1(x), k_cache, v_cache, cache_seqlens, backend, cu_seqlens=cu_seqlens,
+                          max_seqlen=max_seqlen)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -120,14 +129,26 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, *, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, *, cache: KVCache | None = None, cu_seqlens=None,
+                max_seqlen: int | None = None):
         """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) -> (logits, loss).
 
         loss is the mean cross-entropy over targets != -100. With `cache`, token t of sequence b
         sits at position cache.lengths[b] + t: its K/V are appended to the cache, it attends the
         whole cached prefix, and the cache lengths advance by T once all layers have run. The
         checks read only host-side values; the computation is `logits`.
+
+        Packed documents (padding-free training and prefill, FlashAttention's varlen layout):
+        idx (total,) or (1, total) holds the documents one after another and cu_seqlens, int32
+        (N + 1,), their boundaries (0, len_0, len_0 + len_1, ..., total; see
+        pytorch_mqa.training.data.pack_documents). Each document is causal on its own: no token
+        attends across a boundary and positions restart at 0 in every document, so logits (idx's
+        shape + (V,)) and the per-token losses are those of running each document alone; targets
+        have idx's shape. max_seqlen is a host int >= the longest document (<= block_size); None
+        reads it from cu_seqlens (a device sync on a GPU). Not combined with `cache`.
         """
+        if cu_seqlens is not None:
+            return self._forward_packed(idx, targets, cache, cu_seqlens, max_seqlen)
         if idx.dim() != 2:
             raise ValueError(f"idx: expected a 2-D tensor (B, T) of token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
@@ -151,7 +172,31 @@ class GPT(nn.Module):
             cache.advance(T)
         return logits if targets is None else (logits, next_token_loss(logits, targets))
 
-    def logits(self, idx, k_caches=None, v_caches=None, cache_seqlens=None, backend: str = "auto"):
+    def _forward_packed(self, idx, targets, cache, cu_seqlens, max_seqlen):
+        if cache is not None:
+            raise ValueError("cache: expected None with cu_seqlens (packed documents run without a cache), "
+                             f"got {type(cache).__name__}")
+        if not (idx.dim() == 1 or (idx.dim() == 2 and idx.shape[0] == 1)):
+            raise ValueError(f"idx: expected shape (total,) or (1, total) with cu_seqlens, got {tuple(idx.shape)}")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            got = f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) \
+                else type(cu_seqlens).__name__
+            raise ValueError(f"cu_seqlens: expected an int32 tensor of shape (N + 1,), got {got}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets: expected shape {tuple(idx.shape)} (the shape of idx), got {tuple(targets.shape)}")
+        if max_seqlen is None:
+            max_seqlen = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise ValueError(f"max_seqlen: expected a host int >= 0, got {max_seqlen!r}")
+        if max_seqlen > self.config.block_size:
+            raise ValueError(f"max_seqlen: expected at most block_size = {self.config.block_size} (positions restart "
+                             f"in each document), got {max_seqlen}")
+        logits = self.logits(idx.reshape(1, -1), cu_seqlens=cu_seqlens.to(idx.device), max_seqlen=max_seqlen)
+        logits = logits.view(*idx.shape, -1)
+        return logits if targets is None else (logits, next_token_loss(logits, targets))
+
+    def logits(self, idx, k_caches=None, v_caches=None, cache_seqlens=None, backend: str = "auto", *,
+               cu_seqlens=None, max_seqlen=None):
         """The one body of every mode (training, prefill, cached prefill, decode step): no checks,
         and the cache lengths are not advanced (`forward` does both).
 
@@ -162,10 +207,17 @@ class GPT(nn.Module):
         host-side length, so `torch.compile(fullgraph=True)` traces a decode step once. backend
         goes to every attention call; under torch.compile pass a concrete one (resolving "auto"
         reads host-side state, see pytorch_mqa.ops.backends.resolve_backend).
+
+        Packed: idx (1, total), cu_seqlens int32 (N + 1,) on idx's device and max_seqlen (host int)
+        as in `forward`; positions restart at each document (no host read, so this compiles too).
         """
         T = idx.shape[1]
         tr = self.transformer
-        if cache_seqlens is None:
+        if cu_seqlens is not None:
+            t = torch.arange(T, device=idx.device, dtype=torch.int32)
+            doc = torch.searchsorted(cu_seqlens, t, right=True) - 1  # the document each token belongs to
+            pos = (t - cu_seqlens[doc]).long()
+        elif cache_seqlens is None:
             pos = torch.arange(T, device=idx.device)
         elif T == 1:
             pos = cache_seqlens[:, None]
@@ -174,7 +226,7 @@ class GPT(nn.Module):
         x = tr.drop(tr.wte(idx) + tr.wpe(pos))
         if k_caches is None:
             for block in tr.h:
-                x = block(x, backend=backend)
+                x = block(x, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         else:
             for block, k_cache, v_cache in zip(tr.h, k_caches, v_caches):
                 x = block(x, k_cache, v_cache, cache_seqlens, backend)

@@ -89,6 +89,50 @@ def get_lm_batch(
     return x.to(device), y.to(device)
 
 
+# ------------------------------------------------------------------------- packed documents
+
+
+def pack_documents(documents: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Documents one after another in one row, for `GPT.forward(ids, cu_seqlens=..., max_seqlen=...)`.
+
+    Returns ids (total,) int64, cu_seqlens int32 (N + 1,) (0, len_0, len_0 + len_1, ..., total) and
+    max_seqlen, the longest document (a host int). Empty documents are kept (empty ranges)."""
+    if not len(documents):
+        raise ValueError("documents: expected at least one document, got none")
+    lengths = [len(d) for d in documents]
+    ids = torch.tensor([t for d in documents for t in d], dtype=torch.long)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return ids, cu, max(lengths)
+
+
+def eot_cu_seqlens(x: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, int]:
+    """Document boundaries of windows x (B, T) (or (T,)) cut from a token stream whose documents
+    each end with the token `eot_id` (GPT-2's <|endoftext|>): a document ends after every EOT token
+    and at the end of every row. Returns cu_seqlens int32 over the B * T tokens of x flattened (one
+    packed row) and max_seqlen, a host int (reading it is a device sync when x is on a GPU)."""
+    if x.dim() not in (1, 2):
+        raise ValueError(f"x: expected token ids of shape (B, T) or (T,), got shape {tuple(x.shape)}")
+    T = x.shape[-1]
+    flat = x.reshape(-1)
+    ends = torch.nonzero(flat == eot_id).flatten() + 1
+    row_ends = torch.arange(1, flat.numel() // max(T, 1) + 1, device=x.device) * T
+    cu = torch.cat([torch.zeros(1, dtype=ends.dtype, device=x.device), ends, row_ends]).unique(sorted=True)
+    max_seqlen = int(cu.diff().max()) if cu.numel() > 1 else 0
+    return cu.to(torch.int32), max_seqlen
+
+
+def encode_documents(documents: Sequence[str], encode: Callable[[str], list[int]], eot_id: int) -> list[int]:
+    """One token stream: every non-blank document's ids followed by `eot_id` (GPT-2's data layout)."""
+    ids: list[int] = []
+    for doc in documents:
+        if doc.strip():
+            ids += encode(doc) + [eot_id]
+    if not ids:
+        raise ValueError("documents: expected at least one non-blank document, got none")
+    return ids
+
+
 # ------------------------------------------------------------------------------- instructions
 
 

@@ -31,7 +31,7 @@ import torch
 
 from pytorch_mqa.core.plotting import new_figure, save_figure
 from pytorch_mqa.model.loss import IGNORE_INDEX, next_token_loss
-from pytorch_mqa.training.data import check_split_lengths, get_lm_batch, split_train_val
+from pytorch_mqa.training.data import check_split_lengths, eot_cu_seqlens, get_lm_batch, split_train_val
 from pytorch_mqa.training.distributed import (Rank, Unsharded, all_reduce_sum, barrier, check_divisible, current_rank,
                                               full_optimizer_state, full_tensors, gather_objects, gradient_sync,
                                               is_sharded, load_sharded_optimizer_state, shard, wrap)
@@ -105,6 +105,10 @@ class TrainConfig:
     # decay continues from the learning rate the run had reached, so the schedule never jumps.
     decay_from_step: Optional[int] = None
     decay_from_lr: Optional[float] = None
+    # Packed, padding-free batches: the documents of the token stream end with this token id; each
+    # micro-batch's windows are run as one packed row (training/data.eot_cu_seqlens), attention stays
+    # inside each document and positions restart in it (a GPT's forward with cu_seqlens). None: off.
+    pack_eot_id: Optional[int] = None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -142,10 +146,14 @@ def _autocast(device: torch.device):
     return torch.autocast(device_type="cpu", enabled=False)
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, pack_eot_id: Optional[int] = None) -> torch.Tensor:
     """Mean next-token cross-entropy of model(x) against y over targets != IGNORE_INDEX (prompt
-    and padding masked); a batch with no target left gives 0, not NaN."""
-    return next_token_loss(model(x), y)
+    and padding masked); a batch with no target left gives 0, not NaN. With `pack_eot_id`, the
+    rows of x are one packed row of documents that end with that token (TrainConfig.pack_eot_id)."""
+    if pack_eot_id is None:
+        return next_token_loss(model(x), y)
+    cu_seqlens, max_seqlen = eot_cu_seqlens(x, pack_eot_id)
+    return next_token_loss(model(x.reshape(1, -1), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen), y.reshape(1, -1))
 
 
 def steps_for_epochs(epochs: float, train_sequences: int, batch_size: int) -> int:
@@ -162,11 +170,11 @@ def _parts(x: torch.Tensor, y: torch.Tensor, rank: Rank, accum: int):
     return [(a, b) for a, b in zip(mine[0].tensor_split(accum), mine[1].tensor_split(accum)) if len(a)]
 
 
-def _sum_and_count(model, x, y, device) -> tuple[float, int]:
+def _sum_and_count(model, x, y, device, pack_eot_id=None) -> tuple[float, int]:
     """Summed next-token loss and the number of targets that count, for one batch."""
     n = int((y != IGNORE_INDEX).sum())
     with _autocast(device):
-        mean = lm_loss(model, x.to(device), y.to(device)).item()
+        mean = lm_loss(model, x.to(device), y.to(device), pack_eot_id).item()
     return mean * n, n
 
 
@@ -199,7 +207,7 @@ def evaluate(model, batches: Batches, cfg: TrainConfig, splits=("train", "val"),
             for i in range(rank.rank, -(-len(chunks) // rank.world_size) * rank.world_size, rank.world_size):
                 if i >= len(chunks) and not is_sharded(model):
                     break
-                s, n = _sum_and_count(model, *chunks[min(i, len(chunks) - 1)], device)
+                s, n = _sum_and_count(model, *chunks[min(i, len(chunks) - 1)], device, cfg.pack_eot_id)
                 if i < len(chunks):
                     total[0] += s
                     total[1] += n
@@ -210,7 +218,7 @@ def evaluate(model, batches: Batches, cfg: TrainConfig, splits=("train", "val"),
         sums = []  # per batch: summed loss, target count
         for _ in range(cfg.eval_iters):
             x, y = batches.sample(split, gen, "cpu")
-            parts = [_sum_and_count(model, xp, yp, device) for xp, yp in _parts(x, y, rank, accum)]
+            parts = [_sum_and_count(model, xp, yp, device, cfg.pack_eot_id) for xp, yp in _parts(x, y, rank, accum)]
             sums += [sum(p[0] for p in parts), sum(p[1] for p in parts)]
         sums = all_reduce_sum(sums, device, rank)
         means = [sums[i] / max(sums[i + 1], 1) for i in range(0, len(sums), 2)]
@@ -391,7 +399,7 @@ def fit(model, batches: Batches, cfg: TrainConfig, *, tokenizer=None, resume: Op
             n = int((yi != IGNORE_INDEX).sum())
             with gradient_sync(train_model, rank, sync=i == len(parts) - 1):
                 with _autocast(device):
-                    loss = lm_loss(train_model, xi.to(device), yi.to(device))
+                    loss = lm_loss(train_model, xi.to(device), yi.to(device), cfg.pack_eot_id)
                 # Weighted so the gradients (DDP averages over ranks) are those of the token mean over the
                 # global batch: exactly `loss` for one process and one micro-batch.
                 (loss * (n * rank.world_size / n_global)).backward()

@@ -160,3 +160,22 @@ def test_train_with_attention_dropout(tmp_path):
     assert cfg["attn_dropout"] == 0.2
     m = json.loads((out / "metrics.json").read_text())
     assert m["history"]["loss"][-1] < m["history"]["loss"][0]
+
+
+def test_train_packed(tmp_path, capsys):
+    """--pack: documents cut at <|endoftext|>, each batch one packed row; the run trains and
+    resuming without --pack is refused."""
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("<|endoftext|>".join(CORPUS[i:i + 90] for i in range(0, len(CORPUS), 90)))
+    out = tmp_path / "run"
+    base = ["train", "--corpus", str(corpus), "--tokenizer", "char", "--n-layer", "1", "--n-head", "2",
+            "--n-kv-head", "1", "--n-embd", "32", "--block-size", "32", "--lr", "1e-2", "--warmup-steps", "3",
+            "--eval-interval", "20", "--eval-iters", "1", "--out", str(out), "--device", "cpu", "--no-progress",
+            "--checkpoint-minutes", "0"]
+    assert cli.main([*base, "--max-steps", "20", "--pack"]) == 0
+    printed = capsys.readouterr().out
+    assert f"packed: {len(range(0, len(CORPUS), 90))} documents" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["history"]["loss"][-1] < m["history"]["loss"][0]
+    assert cli.main([*base, "--max-steps", "25", "--resume"]) == 2
+    assert "--pack" in capsys.readouterr().err

@@ -115,6 +115,7 @@ def test_short_validation_split_is_caught_before_training(tmp_path, capsys):
     (["--dropout", "1.5"], "--dropout", "[0, 1)"),
     (["--attn-dropout", "1.0"], "--attn-dropout", "[0, 1)"),
     (["--attn-dropout", "0.1", "--arch", "bigram"], "--attn-dropout", "--arch gpt"),
+    (["--pack", "--arch", "unigram"], "--pack", "--arch gpt"),
     (["--n-kv-head", "two"], "--n-kv-head", "invalid int value"),
 ])
 def test_bad_arguments_exit_2_naming_the_flag(tmp_path, capsys, args, where, what):

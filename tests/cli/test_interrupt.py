@@ -28,12 +28,12 @@ def signal_at_step(monkeypatch, signum, at):
     """Send `signum` to this process during the training forward pass of step `at` (1-based)."""
     real, count = loop.lm_loss, []
 
-    def lm_loss(model, x, y):
+    def lm_loss(model, x, y, *rest):
         if model.training:
             count.append(1)
             if len(count) == at:
                 os.kill(os.getpid(), signum)
-        return real(model, x, y)
+        return real(model, x, y, *rest)
 
     monkeypatch.setattr(loop, "lm_loss", lm_loss)
 

@@ -307,3 +307,103 @@ def test_attn_dropout_tiny_run_trains():
                       progress=False, checkpoint_minutes=0)
     history = fit(model, LMBatches(ids, 8, 16), cfg)
     assert history["loss"][-1] < history["loss"][0] - 1.0
+
+
+# ---- packed documents (cu_seqlens, attention_varlen) -----------------------------------------------
+
+from pytorch_mqa.testing.tolerance import atol  # noqa: E402
+from pytorch_mqa.training.data import pack_documents  # noqa: E402
+
+DOCS = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 1, 0, 19, 12)]
+
+
+def doc_targets(doc):
+    t = torch.tensor(doc[1:] + [-100], dtype=torch.long)
+    return t
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@pytest.mark.parametrize("flat", [True, False])
+def test_packed_forward_equals_each_document_alone(n_kv_head, flat):
+    """fp32 logits and loss of the packed row against each document run alone (DESIGN §5: in
+    fp32 the rule is atol(float32) on values of magnitude ~1, so it is scaled by the logits' size)."""
+    model = tiny_gpt(n_kv_head)
+    ids, cu, max_len = pack_documents(DOCS)
+    targets = torch.cat([doc_targets(d) for d in DOCS if d])
+    if not flat:
+        ids, targets = ids[None], targets[None]
+    with torch.no_grad():
+        logits, loss = model(ids, targets, cu_seqlens=cu, max_seqlen=max_len)
+        assert logits.shape == (*ids.shape, 97)
+        logits = logits.reshape(-1, 97)
+        alone, nll_sum, n = [], 0.0, 0
+        for d in DOCS:
+            if d:
+                lg, ls = model(torch.tensor([d]), doc_targets(d)[None])
+                alone.append(lg[0])
+                nll_sum, n = nll_sum + ls.item() * (len(d) - 1), n + len(d) - 1
+        ref = torch.cat(alone)
+    tol = atol(torch.float32) * max(1.0, ref.abs().max().item())
+    assert (logits - ref).abs().max().item() <= tol
+    assert abs(loss.item() - nll_sum / n) <= tol
+    # max_seqlen read from cu_seqlens when omitted
+    with torch.no_grad():
+        again = model(ids, cu_seqlens=cu)
+    assert torch.equal(again.reshape(-1, 97), logits)
+
+
+def test_packed_positions_restart_and_no_token_crosses_a_boundary():
+    """Changing the first document leaves the second's logits exactly alone."""
+    model = tiny_gpt(2)
+    a, b = DOCS[3], DOCS[4]
+    ids, cu, m = pack_documents([a, b])
+    ids2, _, _ = pack_documents([[(t + 1) % 97 for t in a], b])
+    with torch.no_grad():
+        one, two = model(ids, cu_seqlens=cu, max_seqlen=m), model(ids2, cu_seqlens=cu, max_seqlen=m)
+    assert torch.equal(one[len(a):], two[len(a):])
+    assert not torch.equal(one[: len(a)], two[: len(a)])
+
+
+def test_packed_gradients_match_each_document_alone():
+    model = tiny_gpt(2).train()
+    docs = [d for d in DOCS if d]
+    ids, cu, m = pack_documents(docs)
+    targets = torch.cat([doc_targets(d) for d in docs])
+    n_total = int((targets != -100).sum())
+    _, loss = model(ids, targets, cu_seqlens=cu, max_seqlen=m)
+    loss.backward()
+    packed = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    for d in docs:
+        _, ls = model(torch.tensor([d]), doc_targets(d)[None])
+        (ls * (len(d) - 1) / n_total).backward()  # the token mean over all documents
+    for k, p in model.named_parameters():
+        tol = atol(torch.float32) * max(1.0, p.grad.abs().max().item())
+        assert (packed[k] - p.grad).abs().max().item() <= tol, k
+
+
+def test_packed_forward_compiles_fullgraph():
+    model = tiny_gpt(2)
+    ids, cu, m = pack_documents([d for d in DOCS if d])
+
+    def step(idx, cu_seqlens):
+        return model.logits(idx[None], cu_seqlens=cu_seqlens, max_seqlen=m, backend="reference")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(ids, cu)
+        ref = model(ids, cu_seqlens=cu, max_seqlen=m)
+    assert torch.equal(got[0], ref)
+
+
+def test_packed_forward_errors():
+    model = tiny_gpt(2)
+    ids, cu, m = pack_documents(DOCS)
+    with pytest.raises(ValueError, match=r"idx: expected shape \(total,\) or \(1, total\)"):
+        model(ids.view(1, -1).expand(2, -1), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens: expected an int32 tensor"):
+        model(ids, cu_seqlens=cu.long())
+    with pytest.raises(ValueError, match="max_seqlen: expected at most block_size = 64"):
+        model(ids, cu_seqlens=cu, max_seqlen=65)
+    with pytest.raises(ValueError, match="targets: expected shape"):
+        model(ids, ids[:-1], cu_seqlens=cu)

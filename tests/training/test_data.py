@@ -93,3 +93,61 @@ def test_split_examples():
     train, val = D.split_examples(recs, 0.1, seed=0)
     assert len(val) == 2 and len(train) == 18 and not {r["instruction"] for r in val} & {r["instruction"] for r in train}
     assert D.split_examples(recs, 0.1, seed=0) == (train, val)
+
+
+# ----------------------------------------------------------------------------- packed documents
+
+
+def test_pack_documents():
+    ids, cu, m = D.pack_documents([[5, 6, 7], [], [8], [9, 10]])
+    assert ids.tolist() == [5, 6, 7, 8, 9, 10] and ids.dtype == torch.long
+    assert cu.tolist() == [0, 3, 3, 4, 6] and cu.dtype == torch.int32 and m == 3
+    with pytest.raises(ValueError, match="documents: expected at least one document"):
+        D.pack_documents([])
+
+
+def test_eot_cu_seqlens_ends_documents_after_eot_and_at_row_ends():
+    EOT = 0
+    x = torch.tensor([[3, 4, EOT, 5, 6, 7],
+                      [EOT, 8, 9, EOT, EOT, 2]])
+    cu, m = D.eot_cu_seqlens(x, EOT)
+    # row 0: [3 4 EOT] [5 6 7] | row 1: [EOT] [8 9 EOT] [EOT] [2]
+    assert cu.tolist() == [0, 3, 6, 7, 10, 11, 12] and cu.dtype == torch.int32 and m == 3
+    cu1, m1 = D.eot_cu_seqlens(x[0], EOT)
+    assert cu1.tolist() == [0, 3, 6] and m1 == 3
+    cu2, _ = D.eot_cu_seqlens(torch.tensor([[1, 2, EOT]]), EOT)  # an EOT at the row end: no empty document
+    assert cu2.tolist() == [0, 3]
+    with pytest.raises(ValueError, match=r"x: expected token ids of shape \(B, T\)"):
+        D.eot_cu_seqlens(torch.zeros(1, 2, 3, dtype=torch.long), EOT)
+
+
+def test_encode_documents():
+    ids = D.encode_documents(["ab", "  ", "c"], lambda s: [ord(ch) for ch in s], 0)
+    assert ids == [97, 98, 0, 99, 0]
+    with pytest.raises(ValueError, match="non-blank document"):
+        D.encode_documents(["", " "], list, 0)
+
+
+def test_packed_lm_loss_is_the_token_mean_over_documents():
+    """lm_loss with pack_eot_id: each document of each window on its own, the token mean over all."""
+    from model_helpers import tiny_gpt
+    from pytorch_mqa.testing.tolerance import atol
+    from pytorch_mqa.training.loop import lm_loss
+
+    model = tiny_gpt(2)
+    EOT = 0
+    x = torch.tensor([[3, 4, EOT, 5, 6, 7, 8, 9], [EOT, 8, 9, 10, 11, EOT, 2, 3]])
+    y = torch.randint(1, 97, x.shape, generator=torch.Generator().manual_seed(0))
+    y[1, 2] = -100
+    cu, _ = D.eot_cu_seqlens(x, EOT)
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    with torch.no_grad():
+        got = lm_loss(model, x, y, EOT).item()
+        total, n = 0.0, 0
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            _, loss = model(xf[a:b][None], yf[a:b][None])
+            k = int((yf[a:b] != -100).sum())
+            total, n = total + loss.item() * k, n + k
+        plain = lm_loss(model, x, y).item()
+    assert abs(got - total / n) <= atol(torch.float32) * 10
+    assert abs(got - plain) > 1e-4  # the document boundaries matter
