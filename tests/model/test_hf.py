@@ -279,3 +279,33 @@ def test_attention_dropout_in_training_goes_to_the_op():
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(IDX).logits, evaluated)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_llama_loaded_with_the_attention_registered_matches_hf(tmp_path, impl, op_calls):
+    """A Llama-architecture checkpoint (3 layers, GQA 8:2, head_dim 16 != hidden / heads, random
+    weights, written offline) loaded with attn_implementation="pytorch_mqa" gives HF's logits
+    (DESIGN §5's fp32 atol, scaled by the logits) and HF's greedy tokens, padded batch included."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(seed=3, num_hidden_layers=3, head_dim=16).save_pretrained(tmp_path)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="pytorch_mqa").eval()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl).eval()
+    assert ours.config._attn_implementation == "pytorch_mqa"
+    ids, mask, keep = padded_batch("left")
+    ctx = no_fallback()
+    try:
+        with torch.no_grad():
+            got_plain, got_padded = ours(ids).logits, ours(ids, attention_mask=mask).logits
+        prompt, pmask = ids[:, :6], mask[:, :6]
+        kw = dict(attention_mask=pmask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        tokens = ours.generate(prompt, **kw)
+    finally:
+        ctx.__exit__(None, None, None)
+    assert op_calls[0][1] == (2, 11, 8, 16) and op_calls[0][2] == (2, 11, 2, 16)
+    with torch.no_grad():
+        want_plain, want_padded = ref(ids).logits, ref(ids, attention_mask=mask).logits
+    tol = atol(torch.float32) * max(1.0, want_plain.abs().max().item())
+    assert max_diff(got_plain, want_plain) <= tol
+    assert max_diff(got_padded[1], want_padded[1]) <= tol and max_diff(got_padded[0, keep], want_padded[0, keep]) <= tol
+    assert tokens.tolist() == ref.generate(prompt, **kw).tolist()
