@@ -407,3 +407,17 @@ def test_packed_forward_errors():
         model(ids, cu_seqlens=cu, max_seqlen=65)
     with pytest.raises(ValueError, match="targets: expected shape"):
         model(ids, ids[:-1], cu_seqlens=cu)
+
+
+def test_packed_attention_dropout_in_training_only():
+    ids, cu, m = pack_documents([d for d in DOCS if d])
+    model = tiny_gpt(2, attn_dropout=0.3)
+    with torch.no_grad():
+        evaluated = model(ids, cu_seqlens=cu, max_seqlen=m)
+        assert torch.equal(evaluated, tiny_gpt(2)(ids, cu_seqlens=cu, max_seqlen=m))
+    model.train()
+    torch.manual_seed(3)
+    a = model(ids, cu_seqlens=cu, max_seqlen=m)
+    torch.manual_seed(3)
+    b = model(ids, cu_seqlens=cu, max_seqlen=m)
+    assert torch.equal(a, b) and (a - evaluated).abs().max().item() > 1e-3
