@@ -129,8 +129,9 @@ def _train(args: argparse.Namespace, device: str, rank: Rank) -> int:
     say(f"data: {len(batches.train):,} train / {len(batches.val):,} val tokens ({tokenizer.kind} tokenizer, "
         f"vocab {tokenizer.vocab_size})  device: {device}{scale}")
     if args.pack:
-        say(f"packed: {sum(1 for d in documents if d.strip()):,} documents, each ending with token {tokenizer.eos_id}; "
-            "attention stays inside each document")
+        n_docs = sum(1 for d in documents if d.strip())
+        say(f"packed: {n_docs:,} documents, each ending with token {tokenizer.eos_id}; attention stays inside each "
+            "document" + (f" (the corpus holds no --doc-separator {args.doc_separator!r})" if n_docs == 1 else ""))
     if args.epochs is not None:
         say(f"{args.epochs:g} epoch(s) of {batches.train_sequences:,} windows at {args.batch_size} a step: "
             f"{args.max_steps:,} steps")
