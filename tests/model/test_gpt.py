@@ -394,6 +394,13 @@ def test_packed_forward_compiles_fullgraph():
         got = compiled(ids, cu)
         ref = model(ids, cu_seqlens=cu, max_seqlen=m)
     assert torch.equal(got[0], ref)
+    # the training step too: one graph forward and backward, the eager gradients
+    model.train()
+    w = model.transformer.h[0].attn.c_attn.weight
+    compiled(ids, cu).square().mean().backward()
+    compiled_grad, w.grad = w.grad.clone(), None
+    step(ids, cu).square().mean().backward()
+    assert torch.equal(compiled_grad, w.grad)
 
 
 def test_packed_forward_errors():
