@@ -23,6 +23,7 @@ model advances the lengths once per forward, after its last layer.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -92,7 +93,7 @@ class KVCache:
         self._host = [0] * batch_size  # host mirror of cache_seqlens, shared with views
         self._max_seqlen = max_seqlen
         self._root = self
-        self._slots = list(range(batch_size))  # the root's sequences this view holds
+        self._slots: Sequence[int] = range(batch_size)  # the root's sequences this view holds (a range for slices)
         self._idx: Tensor | None = None  # a gather view's slots on the device (None: a slice)
 
     @classmethod
@@ -182,8 +183,10 @@ class KVCache:
     @property
     def lengths(self) -> list[int]:
         """The valid rows of each sequence, read from the host mirror (no device sync)."""
-        host = self._root._host
-        return [host[s] for s in self._slots]
+        host, slots = self._root._host, self._slots
+        if isinstance(slots, range):
+            return host[slots.start : slots.stop]
+        return [host[s] for s in slots]
 
     def check_room(self, n: int) -> None:
         """Raise ValueError if appending n rows to every sequence would pass max_seqlen."""
@@ -200,17 +203,18 @@ class KVCache:
     def allocate(self, n: int) -> None:
         """Make room for n more rows in every sequence, before they are written: a paged cache takes
         the pages they land in from the free list and enters them in block_table (all or nothing:
-        a pool with too few free pages raises ValueError and changes nothing). Contiguous: a check."""
-        self.check_room(n)
+        a pool with too few free pages raises ValueError and changes nothing). Contiguous: nothing to
+        do (its rows are preallocated; `check_room` is the check)."""
         if not self.paged:
             return
+        self.check_room(n)
         root = self._root
         ps = self.page_size
         want = [(s, len(root._pages[s]), -(-(root._host[s] + n) // ps)) for s in self._slots]
         need = sum(max(0, hi - lo) for _, lo, hi in want)
         if need > len(root._free):
             raise ValueError(
-                f"KVCache page pool exhausted: appending {n} rows to sequences {self._slots} needs {need} more "
+                f"KVCache page pool exhausted: appending {n} rows to sequences {list(self._slots)} needs {need} more "
                 f"pages of {ps} rows, got {len(root._free)} free of num_pages = {self.num_pages}; free finished "
                 "sequences (free(b)) or build the cache with more num_pages"
             )
@@ -297,7 +301,7 @@ class KVCache:
         view._refresh()
         return view
 
-    def _view(self, slots: list[int]) -> "KVCache":
+    def _view(self, slots: Sequence[int]) -> "KVCache":
         view = KVCache.__new__(KVCache)
         view.k, view.v, view.block_table = self.k, self.v, self.block_table
         view.cache_seqlens = self.cache_seqlens

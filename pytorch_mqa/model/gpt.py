@@ -128,7 +128,8 @@ class GPT(nn.Module):
 
     def init_rope(self) -> None:
         """(Re)compute the rotary tables `rope_cos`, `rope_sin` (block_size, head_dim // 2) on the
-        embedding's device: float32 buffers, not saved in checkpoints (they follow from the config).
+        embedding's device: float32 buffers (`.to(dtype)` casts them with the weights), not saved in
+        checkpoints (they follow from the config).
         A model built on the meta device and loaded with assign=True calls this for real tables."""
         cfg = self.config
         device = self.transformer.wte.weight.device
