@@ -15,7 +15,9 @@ Formats (detected from the keys):
 An output head equal to the embedding (or absent) is tied, as in GPT-2; a different one is kept
 untied (`GPTConfig(tie_embeddings=False)`, e.g. the from-scratch tutorial's own `out_head`).
 Writing the Hugging Face and from-scratch layouts back is model/export.py's.
-- `GPT.save_pretrained`: config.json with `"format": "pytorch_mqa.GPT"` + model.safetensors.
+- `GPT.save_pretrained`: config.json with `"format": "pytorch_mqa.GPT"` + model.safetensors. The
+  config holds every GPTConfig field (pos_embedding and rope_theta included); a config.json
+  written before a field existed loads with that field's default (learned positions).
 """
 
 from __future__ import annotations
@@ -253,6 +255,10 @@ def _infer_ours_config(sd: dict, n_head: Optional[int], path) -> dict:
         raise ValueError(f"n_head: the pytorch_mqa weights file {path} has no config.json beside it and its shapes "
                          "do not say how many query heads it has; pass n_head= (the CLI's --n-head)")
     V, C = sd["transformer.wte.weight"].shape
+    if "transformer.wpe.weight" not in sd:
+        raise ValueError(f"path: the pytorch_mqa weights file {path} has no position table (a pos_embedding='rope' "
+                         "model) and no config.json beside it, so its block_size and rope_theta are unknown; keep "
+                         "the config.json that save_pretrained writes next to it")
     if C % n_head:
         raise ValueError(f"n_head: expected a divisor of the weights' n_embd = {C}, got {n_head}")
     D = C // n_head
@@ -381,6 +387,8 @@ def load_pretrained(cls, path, *, n_kv_head=None, n_head=None, dtype=None, devic
         raise ValueError(f"checkpoint: missing {missing}, unexpected {unexpected}")
     if fields.get("tie_embeddings", True):
         model.lm_head.weight = model.transformer.wte.weight
+    if model.config.pos_embedding == "rope":  # its rotary tables are not stored: compute them (built on meta)
+        model.init_rope()
     return model.to(device=device or "cpu", dtype=dtype).eval()
 
 

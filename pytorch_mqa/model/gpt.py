@@ -3,7 +3,9 @@
 Read top to bottom: `GPTConfig`, `CausalSelfAttention`, `MLP`, `Block`, `GPT`. The architecture
 is GPT-2's (pre-LayerNorm, learned positions, GELU(tanh) MLP, tied input/output embeddings);
 the only change is that K and V have `n_kv_head` heads, each shared by `n_head // n_kv_head`
-query heads. Attention goes through the package's ops, `attention` without a cache (training,
+query heads. `GPTConfig(pos_embedding="rope")` replaces the learned positions by rotary ones
+(GPT-NeoX halves, as Llama): no wpe, q and k rotated by `reference.apply_rotary` without a cache
+and by the op's fused rotary append with one. Attention goes through the package's ops, `attention` without a cache (training,
 prefill) and `attention_with_kv_cache` with one (cached prefill, decoding), so CUDA tensors run
 the kernels and CPU tensors the CPU path. Every mode runs the same `Block.forward`, through
 `GPT.logits`; the compiled decode step of `generate(compile=True)` (model/decode.py) is that
@@ -17,10 +19,12 @@ import math
 import torch
 import torch.nn as nn
 
+from pytorch_mqa import reference
 from pytorch_mqa.model import checkpoints, export
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.model.config import GPTConfig
 from pytorch_mqa.model.loss import next_token_loss
+from pytorch_mqa.model.rope import rope_tables
 from pytorch_mqa.ops import attention, attention_varlen, attention_with_kv_cache
 
 
@@ -41,19 +45,26 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.attn_dropout  # on the attention probabilities, training mode only
 
-    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto", *,
-                cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto", rope=None,
+                block_table=None, *, cu_seqlens=None, max_seqlen=None):
         """x (B, T, C) -> (B, T, C). With caches, appends this step's K/V and attends the prefix.
         With cu_seqlens (B = 1, packed documents): causal attention within each document only,
         through `attention_varlen`.
 
         backend goes to the op ("auto": the ops' choice; a compiled step passes a concrete one).
-        Attention dropout (config.attn_dropout) applies in training mode only, never with a cache."""
+        Attention dropout (config.attn_dropout) applies in training mode only, never with a cache.
+        rope: None (learned positions) or (cos, sin, positions): without a cache q and k are rotated
+        at positions (B, T); with one the op rotates them in its append (positions unused).
+        block_table: a paged cache's (B, max_blocks) int32 table (k_cache, v_cache are its pools)."""
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if k_cache is None and rope is not None:
+            cos, sin, pos = rope
+            q = reference.apply_rotary(q, cos, sin, pos, False)
+            k = reference.apply_rotary(k, cos, sin, pos, False)
         if cu_seqlens is not None:
             p = self.attn_dropout if self.training else 0.0
             y = attention_varlen(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
@@ -62,7 +73,14 @@ class CausalSelfAttention(nn.Module):
             p = self.attn_dropout if self.training else 0.0
             y = attention(q, k, v, causal=True, dropout_p=p, backend=backend)
         else:
-            y = attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=True, backend=backend)
+            extra = {}
+            if rope is not None:
+                extra.update(rotary_cos=rope[0], rotary_sin=rope[1], rotary_interleaved=False)
+            if block_table is not None:
+                extra["block_table"] = block_table
+            y = attention_with_kv_cache(
+                q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=True, backend=backend, **extra
+            )
         return self.resid_dropout(self.c_proj(y.reshape(B, T, -1)))
 
 
@@ -86,10 +104,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto", *,
-                cu_seqlens=None, max_seqlen=None):
-        x = x + self.attn(self.ln_1(x), k_cache, v_cache, cache_seqlens, backend, cu_seqlens=cu_seqlens,
-                          max_seqlen=max_seqlen)
+    def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto", rope=None,
+                block_table=None, *, cu_seqlens=None, max_seqlen=None):
+        x = x + self.attn(self.ln_1(x), k_cache, v_cache, cache_seqlens, backend, rope, block_table,
+                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -97,15 +115,18 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        self.rope = config.pos_embedding == "rope"
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if not self.rope:
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         )
+        self.transformer = nn.ModuleDict(modules)
+        if self.rope:
+            self.init_rope()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
@@ -114,6 +135,17 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def init_rope(self) -> None:
+        """(Re)compute the rotary tables `rope_cos`, `rope_sin` (block_size, head_dim // 2) on the
+        embedding's device: float32 buffers (`.to(dtype)` casts them with the weights), not saved in
+        checkpoints (they follow from the config).
+        A model built on the meta device and loaded with assign=True calls this for real tables."""
+        cfg = self.config
+        device = self.transformer.wte.weight.device
+        cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     @staticmethod
     def _init_weights(module):
@@ -127,7 +159,7 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position embedding is left out by default (tied wte counts once)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and not self.rope else n
 
     def forward(self, idx, targets=None, *, cache: KVCache | None = None, cu_seqlens=None,
                 max_seqlen: int | None = None):
@@ -168,7 +200,8 @@ class GPT(nn.Module):
                     f"idx: positions past block_size = {self.config.block_size}: the cache holds "
                     f"{held} positions and T = {T} more were given"
                 )
-            logits = self.logits(idx, cache.k, cache.v, cache.cache_seqlens)
+            cache.allocate(T)  # a paged cache takes the pages these rows land in (before the op writes)
+            logits = self.logits(idx, cache.k, cache.v, cache.cache_seqlens, block_table=cache.block_table)
             cache.advance(T)
         return logits if targets is None else (logits, next_token_loss(logits, targets))
 
@@ -195,8 +228,8 @@ class GPT(nn.Module):
         logits = logits.view(*idx.shape, -1)
         return logits if targets is None else (logits, next_token_loss(logits, targets))
 
-    def logits(self, idx, k_caches=None, v_caches=None, cache_seqlens=None, backend: str = "auto", *,
-               cu_seqlens=None, max_seqlen=None):
+    def logits(self, idx, k_caches=None, v_caches=None, cache_seqlens=None, backend: str = "auto", block_table=None,
+               *, cu_seqlens=None, max_seqlen=None):
         """The one body of every mode (training, prefill, cached prefill, decode step): no checks,
         and the cache lengths are not advanced (`forward` does both).
 
@@ -206,12 +239,14 @@ class GPT(nn.Module):
         every layer appends its K/V in place and attends the cached prefix. Nothing here reads a
         host-side length, so `torch.compile(fullgraph=True)` traces a decode step once. backend
         goes to every attention call; under torch.compile pass a concrete one (resolving "auto"
-        reads host-side state, see pytorch_mqa.ops.backends.resolve_backend).
+        reads host-side state, see pytorch_mqa.ops.backends.resolve_backend). block_table: a paged
+        KVCache's table (k_caches, v_caches are then its per-layer page pools). With rope, the
+        rotary tables go to every layer: rotated here without a cache, in the op's append with one.
 
         Packed: idx (1, total), cu_seqlens int32 (N + 1,) on idx's device and max_seqlen (host int)
         as in `forward`; positions restart at each document (no host read, so this compiles too).
         """
-        T = idx.shape[1]
+        B, T = idx.shape
         tr = self.transformer
         if cu_seqlens is not None:
             t = torch.arange(T, device=idx.device, dtype=torch.int32)
@@ -223,13 +258,18 @@ class GPT(nn.Module):
             pos = cache_seqlens[:, None]
         else:
             pos = cache_seqlens[:, None] + torch.arange(T, device=idx.device, dtype=cache_seqlens.dtype)
-        x = tr.drop(tr.wte(idx) + tr.wpe(pos))
+        rope = None
+        if self.rope:
+            x = tr.drop(tr.wte(idx))
+            rope = (self.rope_cos, self.rope_sin, None if cache_seqlens is not None else pos.expand(B, T))
+        else:
+            x = tr.drop(tr.wte(idx) + tr.wpe(pos))
         if k_caches is None:
             for block in tr.h:
-                x = block(x, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                x = block(x, backend=backend, rope=rope, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         else:
             for block, k_cache, v_cache in zip(tr.h, k_caches, v_caches):
-                x = block(x, k_cache, v_cache, cache_seqlens, backend)
+                x = block(x, k_cache, v_cache, cache_seqlens, backend, rope, block_table)
         return self.lm_head(tr.ln_f(x))
 
     # ---- checkpoints (see model/checkpoints.py) --------------------------------------------------------
@@ -250,8 +290,14 @@ class GPT(nn.Module):
         from_pretrained (a tied lm_head is not stored, an untied one is). "hf": a Hugging Face GPT-2
         directory that transformers.GPT2LMHeadModel.from_pretrained loads with the same logits
         (GQA/MQA written with repeated KV heads). "scratch": the from-scratch tutorial's layout
-        (tok_emb, trf_blocks, out_head), one torch.save file `model.pth` in `directory`.
+        (tok_emb, trf_blocks, out_head), one torch.save file `model.pth` in `directory`. The last
+        two have learned positions only (a rope model is saved as "pytorch_mqa").
         """
+        if format in (export.HF_FORMAT, export.SCRATCH_FORMAT) and self.rope:
+            raise ValueError(
+                f"format: {format!r} is a GPT-2 layout with learned positions, this model has "
+                f"pos_embedding='rope'; expected format='pytorch_mqa'"
+            )
         if format == "pytorch_mqa":
             checkpoints.save_pretrained(self, directory)
         elif format == export.HF_FORMAT:
