@@ -70,7 +70,13 @@ def test_cuda_op_schema_declares_the_cache_mutation():
     schema = torch.ops.pytorch_mqa.attention_with_kv_cache_cuda.default._schema
     written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert written == ["k_cache", "v_cache"]
-    assert [a.name for a in schema.arguments] == ["q", "k_cache", "v_cache", "k", "v", "cache_seqlens", "causal", "scale"]
+    assert [a.name for a in schema.arguments] == [
+        "q", "k_cache", "v_cache", "k", "v", "cache_seqlens", "causal", "scale", "window_left", "window_right",
+        "softcap", "alibi_slopes", "block_table", "cache_batch_idx", "cache_leftpad",
+    ]
+    defaults = {a.name: a.default_value for a in schema.arguments[8:]}
+    assert defaults == {"window_left": -1, "window_right": -1, "softcap": 0.0, "alibi_slopes": None,
+                        "block_table": None, "cache_batch_idx": None, "cache_leftpad": None}
 
 
 def test_auto_backend_on_cuda_stays_triton_for_decoding():
