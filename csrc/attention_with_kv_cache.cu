@@ -269,9 +269,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kv_cache_cuda(
   if (cache_leftpad.has_value()) check_index(*cache_leftpad, "cache_leftpad", B, q);
   TORCH_CHECK(cache_slots <= std::numeric_limits<int32_t>::max(), paged ? "block_table" : "k_cache",
               ": expected at most 2**31 - 1 cache slots, got ", cache_slots);
-  TORCH_CHECK(S <= std::numeric_limits<int32_t>::max() && Tq <= std::numeric_limits<int32_t>::max() &&
-                  Hq <= std::numeric_limits<int32_t>::max(),
-              "attention_with_kv_cache_cuda: S, Tq and Hq must fit in int32, got S=", S, ", Tq=", Tq, ", Hq=", Hq);
+  TORCH_CHECK(S + Tq <= std::numeric_limits<int32_t>::max() && Hq <= std::numeric_limits<int32_t>::max(),
+              "attention_with_kv_cache_cuda: S + Tq and Hq must fit in int32, got S=", S, ", Tq=", Tq, ", Hq=", Hq);
 
   c10::cuda::CUDAGuard device_guard(q.device());
   auto out = at::empty({B, Tq, Hq, D}, q.options());

@@ -1,21 +1,28 @@
 // Shared by the CUDA decoding kernels (attention_with_kv_cache.cuh: CUDA cores; decode_mma.cuh:
-// tensor cores): the parameter block, dtype helpers, warp reductions and the split combine.
-// No torch headers: the launcher (attention_with_kv_cache.cu) fills `KvCacheParams`.
+// tensor cores): the parameter block, the per-sequence work, dtype helpers, warp reductions and the
+// split combine. No torch headers: the launcher (attention_with_kv_cache.cu) fills `KvCacheParams`.
 //
 // Semantics (DESIGN §3, pytorch_mqa/reference.py::attention_with_kv_cache), per sequence b with
 // L = cache_seqlens[b] read on the device:
-//   * keys visible to sequence b: [0, Lk) with Lk = clamp(L + Tq_new, 0, S), Tq_new = Tq when new
-//     k/v are given, else 0;
+//   * keys visible to sequence b: [lo, Lk) with Lk = clamp(L + Tq_new, 0, S), Tq_new = Tq when new
+//     k/v are given, else 0, and lo = cache_leftpad[b] (0 without it);
 //   * key row j comes from the new k/v (row j - L) when j >= L, else from the cache; new rows are
 //     written to the cache at j, and only for 0 <= j < Lk <= S, so no write can pass S or go below 0;
-//   * causal: query t sees key j iff j <= t + Lk - Tq (bottom-right alignment, per sequence);
+//   * causal: query t sees key j iff j <= t + Lk - Tq (bottom-right alignment, per sequence); a
+//     window (left, right) also needs t + Lk - Tq - left <= j <= t + Lk - Tq + right; softcap
+//     and ALiBi transform the score (decode_index.h variant_score). With left padding these are the
+//     alignment on j - lo with Lk - lo keys, FlashAttention's rule;
+//   * cache row j of sequence b: k_cache[slot, j] with slot = cache_batch_idx[b] (else b), or, with
+//     a block table, k_cache[table[slot, j / page_size], j % page_size];
 //   * a query row that sees no key gives zeros and lse = -inf.
 //
 // Work split (decode_index.h): one block per (batch * KV head, row chunk, split), folded into
-// grid axis 0. The splits cut the *live* keys [0, Lk) of each sequence into num_splits equal
-// slices (a multiple of kSplitAlign keys); the split count depends only on static shapes and the
-// SM count, so the launch is CUDA-graph safe. Blocks of splits past the live keys exit at once
-// and write nothing; `combine_splits_kernel` merges the active splits' partials.
+// grid axis 0. The splits cut each sequence's work span [begin, Lk) into num_splits equal slices
+// (a multiple of kSplitAlign keys); begin is the first key any query can see (the padding, or the
+// window's start), rounded down to kSplitAlign, so the work scales with the window. The split count
+// depends only on static shapes and the SM count, so the launch is CUDA-graph safe. Blocks of
+// splits past the span exit at once and write nothing; `combine_splits_kernel` merges the active
+// splits' partials.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -260,8 +260,10 @@ __global__ void __launch_bounds__(kMmaThreads)
   float m_run[2] = {neg_inf(), neg_inf()};  // rows g and g + 8, base 2
   float l_run[2] = {0.f, 0.f};              // this lane's part of the row sums
   // Causal offsets of this lane's two rows: key j is visible iff j <= t + Lk - Tq. VARIANT: key j
-  // is visible iff row_lo <= j <= row_lim, at ALiBi distance |diag - j| with the row's slope.
-  int64_t row_lim[2], row_lo[2], row_diag[2];
+  // is visible iff vlo <= j <= vhi, at ALiBi distance |diag - j| with the row's slope (int32: keys
+  // are below S, which fits in int32; this keeps the variant kernel's registers down).
+  int64_t row_lim[2];
+  int vlo[2], vhi[2], vdiag[2];
   float slope_log2[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
@@ -271,9 +273,9 @@ __global__ void __launch_bounds__(kMmaThreads)
       const decode::PackedRow pr = decode::packed_row(r < p.rows ? r : 0, hk, G);
       const decode::RowBounds rb = decode::row_bounds(pr.t, w.s.Lk, Tq, w.s.lo, key_end, p.causal, p.window_left,
                                                       p.window_right);
-      row_lo[rr] = rb.lo;
-      row_lim[rr] = r >= p.rows ? -1 : rb.hi;
-      row_diag[rr] = rb.diag;
+      vlo[rr] = static_cast<int>(rb.lo);
+      vhi[rr] = r >= p.rows ? -1 : static_cast<int>(rb.hi);
+      vdiag[rr] = static_cast<int>(rb.diag);
       slope_log2[rr] = p.alibi_slopes
                            ? p.alibi_slopes[b * p.alibi_stride_b + pr.hq * p.alibi_stride_h] * static_cast<float>(kLog2e)
                            : 0.f;
@@ -322,9 +324,10 @@ __global__ void __launch_bounds__(kMmaThreads)
         const int64_t j = key0 + nt * 8 + co.col;
         if (VARIANT) {
           const int rr = v >> 1;
-          const bool ok = j >= row_lo[rr] && j <= row_lim[rr];
+          const int jj = static_cast<int>(j);
+          const bool ok = jj >= vlo[rr] && jj <= vhi[rr];
           s[nt][v] = ok ? decode::variant_score(s[nt][v], p.scale_log2, p.softcap_in, p.softcap_out, slope_log2[rr],
-                                                row_diag[rr] - j)
+                                                vdiag[rr] - jj)
                         : neg_inf();
         } else {
           const bool ok = j < key_end && j <= row_lim[v >> 1];
