@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 
 #include "attention_with_kv_cache.cuh"
 #include "decode_mma.cuh"
@@ -84,20 +85,6 @@ void check_4d(const at::Tensor& t, const char* name, const at::Tensor& q) {
 
 // Partials and the combine, shared by both kernels. Rows are (b, hq, t) flattened.
 void launch_combine(const KvCacheParams& p, cudaStream_t stream, at::ScalarType dtype) {
-  kv_cache::CombineParams c;
-  c.o_partial = p.o_partial;
-  c.lse_partial = p.lse_partial;
-  c.cache_seqlens = p.cache_seqlens;
-  c.seqlens_stride = p.seqlens_stride;
-  c.out = p.out;
-  c.lse = p.lse;
-  c.batch = p.batch;
-  c.seqlen_q = p.seqlen_q;
-  c.heads_q = p.heads_q;
-  c.head_dim = p.head_dim;
-  c.num_splits = p.num_splits;
-  c.cache_len = p.cache_len;
-  c.has_new = p.has_new;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
   const int64_t blocks = ceil_div(rows, kv_cache::kCombineWarps);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "attention_with_kv_cache_cuda: too many query rows (",
@@ -106,13 +93,13 @@ void launch_combine(const KvCacheParams& p, cudaStream_t stream, at::ScalarType 
   const int threads = 32 * kv_cache::kCombineWarps;
   switch (dtype) {
     case at::kHalf:
-      kv_cache::combine_splits_kernel<__half><<<grid, threads, 0, stream>>>(c);
+      kv_cache::combine_splits_kernel<__half><<<grid, threads, 0, stream>>>(p);
       break;
     case at::kBFloat16:
-      kv_cache::combine_splits_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(c);
+      kv_cache::combine_splits_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(p);
       break;
     default:
-      kv_cache::combine_splits_kernel<float><<<grid, threads, 0, stream>>>(c);
+      kv_cache::combine_splits_kernel<float><<<grid, threads, 0, stream>>>(p);
       break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -125,16 +112,17 @@ dim3 split_grid(const KvCacheParams& p) {
   return dim3(static_cast<unsigned>(blocks));
 }
 
-template <typename T, int D_MAX, bool EXACT_D>
+template <typename T, int D_MAX, bool EXACT_D, bool VARIANT>
 void launch_simt(const KvCacheParams& p, cudaStream_t stream) {
-  kv_cache::attention_with_kv_cache_simt_kernel<T, D_MAX, EXACT_D><<<split_grid(p), kv_cache::kThreads, 0, stream>>>(p);
+  kv_cache::attention_with_kv_cache_simt_kernel<T, D_MAX, EXACT_D, VARIANT>
+      <<<split_grid(p), kv_cache::kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int D_MAX, bool EXACT_D>
+template <typename T, int D_MAX, bool EXACT_D, bool VARIANT>
 void launch_mma(const KvCacheParams& p, int device, cudaStream_t stream) {
   constexpr size_t smem = kv_cache::MmaConfig<D_MAX>::kSmemBytes;
-  auto kernel = kv_cache::attention_with_kv_cache_mma_kernel<T, D_MAX, EXACT_D>;
+  auto kernel = kv_cache::attention_with_kv_cache_mma_kernel<T, D_MAX, EXACT_D, VARIANT>;
   // Above 48 KiB of dynamic shared memory a kernel needs an opt-in, once per device.
   static std::atomic<bool> opted_in[kMaxDevices] = {};
   const int slot = device >= 0 && device < kMaxDevices ? device : 0;
@@ -146,32 +134,55 @@ void launch_mma(const KvCacheParams& p, int device, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The plain kernels have exact instantiations for D = 64 and 128; the variant kernels (window,
+// softcap, ALiBi, left padding) only the general head-dim ones, to bound the build's size.
 template <typename T>
-void dispatch_simt(const KvCacheParams& p, cudaStream_t stream) {
-  if (p.head_dim == 64) {
-    launch_simt<T, 64, true>(p, stream);
+void dispatch_simt(const KvCacheParams& p, bool variant, cudaStream_t stream) {
+  if (variant) {
+    if (p.head_dim <= 128) {
+      launch_simt<T, 128, false, true>(p, stream);
+    } else {
+      launch_simt<T, 256, false, true>(p, stream);
+    }
+  } else if (p.head_dim == 64) {
+    launch_simt<T, 64, true, false>(p, stream);
   } else if (p.head_dim == 128) {
-    launch_simt<T, 128, true>(p, stream);
+    launch_simt<T, 128, true, false>(p, stream);
   } else if (p.head_dim < 128) {
-    launch_simt<T, 128, false>(p, stream);
+    launch_simt<T, 128, false, false>(p, stream);
   } else {
-    launch_simt<T, 256, false>(p, stream);
+    launch_simt<T, 256, false, false>(p, stream);
   }
 }
 
 template <typename T>
-void dispatch_mma(const KvCacheParams& p, int device, cudaStream_t stream) {
-  if (p.head_dim == 64) {
-    launch_mma<T, 64, true>(p, device, stream);
+void dispatch_mma(const KvCacheParams& p, bool variant, int device, cudaStream_t stream) {
+  if (variant) {
+    if (p.head_dim <= 64) {
+      launch_mma<T, 64, false, true>(p, device, stream);
+    } else if (p.head_dim <= 128) {
+      launch_mma<T, 128, false, true>(p, device, stream);
+    } else {
+      launch_mma<T, 256, false, true>(p, device, stream);
+    }
+  } else if (p.head_dim == 64) {
+    launch_mma<T, 64, true, false>(p, device, stream);
   } else if (p.head_dim == 128) {
-    launch_mma<T, 128, true>(p, device, stream);
+    launch_mma<T, 128, true, false>(p, device, stream);
   } else if (p.head_dim < 64) {
-    launch_mma<T, 64, false>(p, device, stream);
+    launch_mma<T, 64, false, false>(p, device, stream);
   } else if (p.head_dim < 128) {
-    launch_mma<T, 128, false>(p, device, stream);
+    launch_mma<T, 128, false, false>(p, device, stream);
   } else {
-    launch_mma<T, 256, false>(p, device, stream);
+    launch_mma<T, 256, false, false>(p, device, stream);
   }
+}
+
+// An optional int32 (B,) index tensor on q's device, with values read on the device.
+void check_index(const at::Tensor& t, const char* name, int64_t B, const at::Tensor& q) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, ": expected dtype int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, name, ": expected shape (", B, "), got ", t.sizes());
+  TORCH_CHECK(t.device() == q.device(), name, ": expected device ", q.device(), ", got ", t.device());
 }
 
 }  // namespace
@@ -179,7 +190,9 @@ void dispatch_mma(const KvCacheParams& p, int device, cudaStream_t stream) {
 std::tuple<at::Tensor, at::Tensor> attention_with_kv_cache_cuda(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
-    const at::Tensor& cache_seqlens, bool causal, double scale) {
+    const at::Tensor& cache_seqlens, bool causal, double scale, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_leftpad) {
   TORCH_CHECK(q.dim() == 4, "q: expected a 4-D tensor (B, Tq, Hq, D), got ", q.dim(), "-D");
   TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
   const auto dtype = q.scalar_type();
@@ -188,11 +201,22 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kv_cache_cuda(
   check_4d(k_cache, "k_cache", q);
   check_4d(v_cache, "v_cache", q);
   const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t S = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t Hkv = k_cache.size(2);
+  const bool paged = block_table.has_value();
   TORCH_CHECK(D >= 1 && D <= 256, "q: expected head dim D in 1..256, got ", D);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D && Hkv >= 1 && Hq % Hkv == 0,
-              "k_cache: expected shape (", B, ", S, Hkv, ", D, ") with Hq = ", Hq,
-              " a multiple of Hkv, got ", k_cache.sizes());
+  if (paged) {
+    TORCH_CHECK(k_cache.size(3) == D && Hkv >= 1 && Hq % Hkv == 0 && k_cache.size(1) >= 1,
+                "k_cache: expected shape (num_blocks, page_size, Hkv, ", D, ") with Hq = ", Hq,
+                " a multiple of Hkv (block_table given), got ", k_cache.sizes());
+    TORCH_CHECK(k_cache.size(1) % decode::kPageAlign == 0, "k_cache: expected page_size (dim 1) a multiple of ",
+                decode::kPageAlign, " (block_table given), got ", k_cache.size(1));
+  } else {
+    const std::string slots = cache_batch_idx.has_value() ? "B_cache" : std::to_string(B);
+    TORCH_CHECK((cache_batch_idx.has_value() || k_cache.size(0) == B) && k_cache.size(3) == D && Hkv >= 1 &&
+                    Hq % Hkv == 0,
+                "k_cache: expected shape (", slots, ", S, Hkv, ", D, ") with Hq = ", Hq, " a multiple of Hkv, got ",
+                k_cache.sizes());
+  }
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache: expected shape ", k_cache.sizes(),
               " (the shape of k_cache), got ", v_cache.sizes());
   TORCH_CHECK(k.has_value() == v.has_value(), "k, v: expected both or neither");
@@ -213,9 +237,40 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kv_cache_cuda(
   TORCH_CHECK(cache_seqlens.device() == q.device(), "cache_seqlens: expected device ", q.device(), ", got ",
               cache_seqlens.device());
   TORCH_CHECK(std::isfinite(scale), "scale: expected a finite float, got ", scale);
-  TORCH_CHECK(S <= std::numeric_limits<int32_t>::max() && Tq <= std::numeric_limits<int32_t>::max() &&
-                  Hq <= std::numeric_limits<int32_t>::max(),
-              "attention_with_kv_cache_cuda: S, Tq and Hq must fit in int32, got S=", S, ", Tq=", Tq, ", Hq=", Hq);
+  TORCH_CHECK(window_left >= -1 && window_left <= std::numeric_limits<int32_t>::max(),
+              "window_left: expected -1 (unbounded) or a non-negative int32, got ", window_left);
+  TORCH_CHECK(window_right >= -1 && window_right <= std::numeric_limits<int32_t>::max(),
+              "window_right: expected -1 (unbounded) or a non-negative int32, got ", window_right);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "softcap: expected a finite float >= 0 (0 = off), got ",
+              softcap);
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "alibi_slopes: expected dtype float32, got ", a.scalar_type());
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == Hq) || (a.dim() == 2 && a.size(0) == B && a.size(1) == Hq),
+                "alibi_slopes: expected shape (", Hq, ") or (", B, ", ", Hq, "), got ", a.sizes());
+    TORCH_CHECK(a.device() == q.device(), "alibi_slopes: expected device ", q.device(), ", got ", a.device());
+  }
+  int64_t cache_slots = k_cache.size(0);  // slots of contiguous caches, or rows of the block table
+  int64_t S = k_cache.size(1);
+  if (paged) {
+    const at::Tensor& bt = *block_table;
+    TORCH_CHECK(bt.scalar_type() == at::kInt, "block_table: expected dtype int32, got ", bt.scalar_type());
+    const std::string rows = cache_batch_idx.has_value() ? "rows >= 1" : std::to_string(B);
+    TORCH_CHECK(bt.dim() == 2 && bt.size(1) >= 1 && (cache_batch_idx.has_value() ? bt.size(0) >= 1 : bt.size(0) == B),
+                "block_table: expected shape (", rows, ", max_blocks >= 1), got ", bt.sizes());
+    TORCH_CHECK(bt.device() == q.device(), "block_table: expected device ", q.device(), ", got ", bt.device());
+    TORCH_CHECK(bt.stride(1) == 1, "block_table: expected unit stride along max_blocks, got strides ", bt.strides());
+    TORCH_CHECK(k_cache.size(0) <= std::numeric_limits<int32_t>::max(),
+                "k_cache: expected at most 2**31 - 1 pages, got ", k_cache.size(0));
+    cache_slots = bt.size(0);
+    S = bt.size(1) * k_cache.size(1);
+  }
+  if (cache_batch_idx.has_value()) check_index(*cache_batch_idx, "cache_batch_idx", B, q);
+  if (cache_leftpad.has_value()) check_index(*cache_leftpad, "cache_leftpad", B, q);
+  TORCH_CHECK(cache_slots <= std::numeric_limits<int32_t>::max(), paged ? "block_table" : "k_cache",
+              ": expected at most 2**31 - 1 cache slots, got ", cache_slots);
+  TORCH_CHECK(S + Tq <= std::numeric_limits<int32_t>::max() && Hq <= std::numeric_limits<int32_t>::max(),
+              "attention_with_kv_cache_cuda: S + Tq and Hq must fit in int32, got S=", S, ", Tq=", Tq, ", Hq=", Hq);
 
   c10::cuda::CUDAGuard device_guard(q.device());
   auto out = at::empty({B, Tq, Hq, D}, q.options());
@@ -260,6 +315,22 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kv_cache_cuda(
     p.vn_stride_d = v->stride(3);
   }
   p.seqlens_stride = cache_seqlens.stride(0);
+  p.block_table = paged ? block_table->data_ptr<int32_t>() : nullptr;
+  p.bt_stride = paged ? block_table->stride(0) : 0;
+  p.page_size = paged ? static_cast<int>(k_cache.size(1)) : 0;
+  p.num_pages = paged ? static_cast<int>(k_cache.size(0)) : 0;
+  p.cache_slots = static_cast<int>(cache_slots);
+  p.cache_batch_idx = cache_batch_idx.has_value() ? cache_batch_idx->data_ptr<int32_t>() : nullptr;
+  p.batch_idx_stride = cache_batch_idx.has_value() ? cache_batch_idx->stride(0) : 0;
+  p.cache_leftpad = cache_leftpad.has_value() ? cache_leftpad->data_ptr<int32_t>() : nullptr;
+  p.leftpad_stride = cache_leftpad.has_value() ? cache_leftpad->stride(0) : 0;
+  p.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
+  p.alibi_stride_b = alibi_slopes.has_value() && alibi_slopes->dim() == 2 ? alibi_slopes->stride(0) : 0;
+  p.alibi_stride_h = alibi_slopes.has_value() ? alibi_slopes->stride(-1) : 0;
+  p.window_left = static_cast<int>(window_left);
+  p.window_right = static_cast<int>(window_right);
+  p.softcap_in = softcap > 0.0 ? static_cast<float>(scale / softcap) : 0.f;
+  p.softcap_out = softcap > 0.0 ? static_cast<float>(softcap * kv_cache::kLog2e) : 0.f;
   p.batch = static_cast<int>(B);
   p.seqlen_q = static_cast<int>(Tq);
   p.heads_q = static_cast<int>(Hq);
@@ -294,15 +365,19 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kv_cache_cuda(
   const int device = q.get_device();
   const bool mma = dtype != at::kFloat && p.kv_vectorized && capability_major(device) >= 8 &&
                    mma_smem_bytes(D) <= static_cast<size_t>(max_smem_optin(device));
+  // The variant kernels: any of window, softcap, ALiBi or left padding.
+  const bool variant = window_left >= 0 || window_right >= 0 || softcap > 0.0 || alibi_slopes.has_value() ||
+                       cache_leftpad.has_value();
   switch (dtype) {
     case at::kHalf:
-      mma ? dispatch_mma<__half>(p, device, stream) : dispatch_simt<__half>(p, stream);
+      mma ? dispatch_mma<__half>(p, variant, device, stream) : dispatch_simt<__half>(p, variant, stream);
       break;
     case at::kBFloat16:
-      mma ? dispatch_mma<__nv_bfloat16>(p, device, stream) : dispatch_simt<__nv_bfloat16>(p, stream);
+      mma ? dispatch_mma<__nv_bfloat16>(p, variant, device, stream)
+          : dispatch_simt<__nv_bfloat16>(p, variant, stream);
       break;
     default:
-      dispatch_simt<float>(p, stream);
+      dispatch_simt<float>(p, variant, stream);
       break;
   }
   if (p.num_splits > 1) launch_combine(p, stream, dtype);

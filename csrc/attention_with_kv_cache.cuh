@@ -58,7 +58,9 @@ struct TileConfig {
 // columns past D are zero in shared memory.
 // ------------------------------------------------------------------------------------------
 
-template <typename T, int D_MAX, bool EXACT_D>
+// VARIANT: window, softcap, ALiBi and left padding (per-row key bounds, the score transform), as in
+// decode_mma.cuh. Paged caches and cache_batch_idx are runtime branches, uniform per block.
+template <typename T, int D_MAX, bool EXACT_D, bool VARIANT>
 __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks per SM: ptxas keeps fp32 D = 256 spill-free
     attention_with_kv_cache_simt_kernel(const KvCacheParams p) {
   using Cfg = TileConfig<T, D_MAX>;
@@ -80,6 +82,8 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks per SM: ptxas keeps 
   __shared__ float m_s[R];               // running max (base 2)
   __shared__ float l_s[R];               // running sum of exponentials
   __shared__ float alpha_s[R];           // rescale factor of the current tile
+  __shared__ int64_t krow_s[BLOCK_N];    // paged: offset of each key row of the tile (-1: no page)
+  __shared__ int64_t vrow_s[BLOCK_N];
 
   const int D = EXACT_D ? D_MAX : p.head_dim;
   const int tid = threadIdx.x;
@@ -95,10 +99,21 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks per SM: ptxas keeps 
   const int rows = min(R, p.rows - row0);
   const int G = p.group;
   const int Tq = p.seqlen_q;
-  const int64_t L = w.L;
-  const int64_t Lk = w.Lk;
+  const int64_t L = w.s.L;
+  const int64_t Lk = w.s.Lk;
   const int64_t split_begin = w.keys.begin;
   const int64_t split_end = w.keys.end;
+  // Paged: the sequence's block-table row; contiguous: its cache slot (b, or cache_batch_idx[b]).
+  const int32_t* table = p.block_table ? p.block_table + w.s.slot * p.bt_stride : nullptr;
+  const int64_t slot = w.s.slot;
+  // Keys this block reads: the split; with VARIANT narrowed to what its rows can see.
+  int64_t tiles_begin = split_begin, tiles_end = split_end;
+  if (VARIANT) {
+    const decode::KeyRange ck = decode::chunk_keys(w.keys, row0 / G, (row0 + rows - 1) / G, Lk, Tq, w.s.lo, p.causal,
+                                                   p.window_left, p.window_right, BLOCK_N);
+    tiles_begin = ck.begin;
+    tiles_end = ck.end;
+  }
 
   const T* q = static_cast<const T*>(p.q);
   T* k_cache = static_cast<T*>(p.k_cache);
@@ -126,14 +141,17 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks per SM: ptxas keeps 
   // The first row chunk of the split that holds new rows writes them to the cache, once, before
   // the tile loop (every chunk reads them from k/v, never from the cache).
   if (p.has_new && w.chunk == 0) {
-    const int64_t first = split_begin > w.L_cache ? split_begin : w.L_cache;
+    const int64_t first = split_begin > w.s.L_cache ? split_begin : w.s.L_cache;
     for (int64_t i = tid; i < (split_end - first) * D; i += kThreads) {
       const int64_t j = first + i / D;
       const int64_t d = i % D;
       const int64_t t = j - L;
-      k_cache[b * p.kc_stride_b + j * p.kc_stride_s + h * p.kc_stride_h + d * p.kc_stride_d] =
+      const int64_t k_row = cache_row_offset(p, table, slot, j, p.kc_stride_b, p.kc_stride_s);
+      const int64_t v_row = cache_row_offset(p, table, slot, j, p.vc_stride_b, p.vc_stride_s);
+      if (k_row < 0) continue;  // a page outside the cache: never written
+      k_cache[k_row + h * p.kc_stride_h + d * p.kc_stride_d] =
           k_new[b * p.kn_stride_b + t * p.kn_stride_t + h * p.kn_stride_h + d * p.kn_stride_d];
-      v_cache[b * p.vc_stride_b + j * p.vc_stride_s + h * p.vc_stride_h + d * p.vc_stride_d] =
+      v_cache[v_row + h * p.vc_stride_h + d * p.vc_stride_d] =
           v_new[b * p.vn_stride_b + t * p.vn_stride_t + h * p.vn_stride_h + d * p.vn_stride_d];
     }
   }
@@ -146,8 +164,15 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks per SM: ptxas keeps 
   }
   __syncthreads();
 
-  for (int64_t tile = split_begin; tile < split_end; tile += BLOCK_N) {
-    const int n_valid = static_cast<int>(min(static_cast<int64_t>(BLOCK_N), split_end - tile));
+  for (int64_t tile = tiles_begin; tile < tiles_end; tile += BLOCK_N) {
+    const int n_valid = static_cast<int>(min(static_cast<int64_t>(BLOCK_N), tiles_end - tile));
+    if (table) {  // paged: one block-table read per key row of the tile, before any load
+      if (tid < BLOCK_N) {
+        krow_s[tid] = tid < n_valid ? cache_row_offset(p, table, 0, tile + tid, p.kc_stride_b, p.kc_stride_s) : -1;
+        vrow_s[tid] = tid < n_valid ? cache_row_offset(p, table, 0, tile + tid, p.vc_stride_b, p.vc_stride_s) : -1;
+      }
+      __syncthreads();
+    }
 
     // ---- K/V tile -> shared memory; new rows come from k/v and are written to the cache.
     if (p.kv_vectorized) {
@@ -159,15 +184,17 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks per SM: ptxas keeps 
         if (n < n_valid && (EXACT_D || c * VEC < D)) {
           const int64_t j = tile + n;  // 0 <= j < Lk <= S
           const int64_t d0 = static_cast<int64_t>(c) * VEC;
-          const int64_t kc_off = b * p.kc_stride_b + j * p.kc_stride_s + h * p.kc_stride_h + d0;
-          const int64_t vc_off = b * p.vc_stride_b + j * p.vc_stride_s + h * p.vc_stride_h + d0;
+          const int64_t k_row = table ? krow_s[n] : slot * p.kc_stride_b + j * p.kc_stride_s;
+          const int64_t v_row = table ? vrow_s[n] : slot * p.vc_stride_b + j * p.vc_stride_s;
+          const int64_t kc_off = k_row + h * p.kc_stride_h + d0;
+          const int64_t vc_off = v_row + h * p.vc_stride_h + d0;
           if (p.has_new && j >= L) {  // a new row: 0 <= j - L < Tq because j < Lk <= L + Tq
             const int64_t t = j - L;
             kv = *reinterpret_cast<const uint4*>(
                 k_new + b * p.kn_stride_b + t * p.kn_stride_t + h * p.kn_stride_h + d0);
             vv = *reinterpret_cast<const uint4*>(
                 v_new + b * p.vn_stride_b + t * p.vn_stride_t + h * p.vn_stride_h + d0);
-          } else {
+          } else if (k_row >= 0) {  // (a page outside the cache reads as zeros)
             kv = *reinterpret_cast<const uint4*>(k_cache + kc_off);
             vv = *reinterpret_cast<const uint4*>(v_cache + vc_off);
           }
@@ -183,13 +210,15 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks per SM: ptxas keeps 
         T vv = kv;
         if (n < n_valid && d < D) {
           const int64_t j = tile + n;
-          const int64_t kc_off = b * p.kc_stride_b + j * p.kc_stride_s + h * p.kc_stride_h + d * p.kc_stride_d;
-          const int64_t vc_off = b * p.vc_stride_b + j * p.vc_stride_s + h * p.vc_stride_h + d * p.vc_stride_d;
+          const int64_t k_row = table ? krow_s[n] : slot * p.kc_stride_b + j * p.kc_stride_s;
+          const int64_t v_row = table ? vrow_s[n] : slot * p.vc_stride_b + j * p.vc_stride_s;
+          const int64_t kc_off = k_row + h * p.kc_stride_h + d * p.kc_stride_d;
+          const int64_t vc_off = v_row + h * p.vc_stride_h + d * p.vc_stride_d;
           if (p.has_new && j >= L) {
             const int64_t t = j - L;
             kv = k_new[b * p.kn_stride_b + t * p.kn_stride_t + h * p.kn_stride_h + d * p.kn_stride_d];
             vv = v_new[b * p.vn_stride_b + t * p.vn_stride_t + h * p.vn_stride_h + d * p.vn_stride_d];
-          } else {
+          } else if (k_row >= 0) {
             kv = k_cache[kc_off];
             vv = v_cache[vc_off];
           }
@@ -232,8 +261,21 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks per SM: ptxas keeps 
         const int r = rg + k * NRG;
         if (r < rows) {
           const int t = (row0 + r) / G;
-          const bool visible = n < n_valid && (!p.causal || j <= t + Lk - Tq);
-          sp_s[r * SP_STRIDE + n] = visible ? dots[k] * p.scale_log2 : neg_inf();
+          if (VARIANT) {
+            const decode::RowBounds rb =
+                decode::row_bounds(t, Lk, Tq, w.s.lo, tiles_end, p.causal, p.window_left, p.window_right);
+            const int hq = h * G + (row0 + r) % G;
+            const float slope_log2 =
+                p.alibi_slopes ? p.alibi_slopes[b * p.alibi_stride_b + hq * p.alibi_stride_h] * static_cast<float>(kLog2e)
+                               : 0.f;
+            const bool visible = n < n_valid && j >= rb.lo && j <= rb.hi;
+            sp_s[r * SP_STRIDE + n] =
+                visible ? decode::variant_score(dots[k], p.scale_log2, p.softcap_in, p.softcap_out, slope_log2, rb.diag - j)
+                        : neg_inf();
+          } else {
+            const bool visible = n < n_valid && (!p.causal || j <= t + Lk - Tq);
+            sp_s[r * SP_STRIDE + n] = visible ? dots[k] * p.scale_log2 : neg_inf();
+          }
         }
       }
     }

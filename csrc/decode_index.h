@@ -4,6 +4,7 @@
 // reference. Everything the kernels compute an index with lives here.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -32,27 +33,107 @@ PMQA_HD int64_t live_keys(int64_t L, int64_t n_new, int64_t S) {
 
 PMQA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Keys per split: the live keys cut into num_splits equal slices, rounded up to `align`.
+// Keys per split: a span of Lk keys cut into num_splits equal slices, rounded up to `align`.
 PMQA_HD int64_t split_chunk(int64_t Lk, int num_splits, int align) {
   const int64_t c = ceil_div(ceil_div(Lk, num_splits), align) * align;
   return c < align ? align : c;
 }
 
-// Splits that hold live keys; at least 1 (split 0 writes the empty result when Lk = 0).
-PMQA_HD int active_splits(int64_t Lk, int num_splits, int align) {
-  const int64_t n = ceil_div(Lk, split_chunk(Lk, num_splits, align));
-  return n < 1 ? 1 : static_cast<int>(n);
+// Splits that hold live keys of a span of n keys; at least 1 (split 0 writes the empty result
+// when n = 0).
+PMQA_HD int active_splits(int64_t n, int num_splits, int align) {
+  const int64_t s = ceil_div(n, split_chunk(n, num_splits, align));
+  return s < 1 ? 1 : static_cast<int>(s);
 }
 
 struct KeyRange {
   int64_t begin, end;  // keys [begin, end); empty when begin >= end
 };
 
-PMQA_HD KeyRange split_range(int split, int64_t Lk, int num_splits, int align) {
-  const int64_t c = split_chunk(Lk, num_splits, align);
-  const int64_t b = static_cast<int64_t>(split) * c;
-  const int64_t e = b + c < Lk ? b + c : Lk;
+// Split `split` of the span [begin, end): equal slices, a multiple of `align` keys each, so a
+// span that starts on a multiple of `align` gives splits that do too.
+PMQA_HD KeyRange split_range(int split, int64_t begin, int64_t end, int num_splits, int align) {
+  const int64_t c = split_chunk(end - begin, num_splits, align);
+  const int64_t b = begin + static_cast<int64_t>(split) * c;
+  const int64_t e = b + c < end ? b + c : end;
   return {b, e};
+}
+
+// ---- the keys of sequence b (absolute cache rows j). Valid keys are [lo, Lk): Lk = live_keys,
+// lo = the left padding clamped to [0, L_cache] (L_cache = clamp(L, 0, S), so new rows are never
+// below lo). A window (left >= 0) hides every key below (Lk - Tq) - left from every query, so the
+// work span starts at the first key query 0 can see, rounded down to `align`. Causal and window
+// alignment need no shift for the padding: with j' = j - lo and Lk' = Lk - lo,
+// i + Lk' - Tq - j' = i + Lk - Tq - j.
+struct SeqSpan {
+  int64_t Lk;     // keys [0, Lk) exist (clamped live length)
+  int64_t lo;     // first valid key (the left padding)
+  int64_t begin;  // first key of the work span, a multiple of align, <= every visible key
+};
+
+PMQA_HD SeqSpan seq_span(int64_t L, int64_t n_new, int64_t S, int64_t leftpad, int window_left, int Tq, int align) {
+  const int64_t Lk = live_keys(L, n_new, S);
+  const int64_t L_cache = live_keys(L, 0, S);
+  int64_t lo = leftpad < 0 ? 0 : leftpad;
+  if (lo > L_cache) lo = L_cache;
+  int64_t first = lo;
+  if (window_left >= 0) {
+    const int64_t w = Lk - Tq - window_left;
+    if (w > first) first = w;
+  }
+  return {Lk, lo, first / align * align};
+}
+
+// Visible keys of query position t: lo <= j <= hi (empty when lo > hi); diag = t + Lk - Tq is the
+// key aligned with the query (bottom-right), the ALiBi distance is |diag - j|.
+struct RowBounds {
+  int64_t lo, hi, diag;
+};
+
+PMQA_HD RowBounds row_bounds(int64_t t, int64_t Lk, int Tq, int64_t seq_lo, int64_t key_end, bool causal,
+                             int window_left, int window_right) {
+  const int64_t diag = t + Lk - Tq;
+  int64_t hi = key_end - 1;
+  if (causal && diag < hi) hi = diag;
+  if (window_right >= 0 && diag + window_right < hi) hi = diag + window_right;
+  int64_t lo = seq_lo;
+  if (window_left >= 0 && diag - window_left > lo) lo = diag - window_left;
+  return {lo, hi, diag};
+}
+
+// Keys a row chunk with query positions [t_first, t_last] reads within its split: from the first
+// row's lowest visible key (rounded down to align, so tiles stay aligned) to the last row's highest.
+PMQA_HD KeyRange chunk_keys(KeyRange split, int64_t t_first, int64_t t_last, int64_t Lk, int Tq, int64_t seq_lo,
+                            bool causal, int window_left, int window_right, int align) {
+  const RowBounds f = row_bounds(t_first, Lk, Tq, seq_lo, split.end, causal, window_left, window_right);
+  const RowBounds l = row_bounds(t_last, Lk, Tq, seq_lo, split.end, causal, window_left, window_right);
+  const int64_t lo = f.lo < 0 ? 0 : f.lo / align * align;
+  return {lo > split.begin ? lo : split.begin, l.hi + 1 < split.end ? l.hi + 1 : split.end};
+}
+
+// Score of a visible key in the base-2 domain, in DESIGN §3's order: softcap, then ALiBi.
+// softcap_in = scale / softcap and softcap_out = softcap * log2(e) when softcap > 0;
+// slope_log2 = slope * log2(e) (0 without ALiBi); dist = diag - j.
+PMQA_HD float variant_score(float dot, float scale_log2, float softcap_in, float softcap_out, float slope_log2,
+                            int64_t dist) {
+  const float x = softcap_in > 0.f ? tanhf(dot * softcap_in) * softcap_out : dot * scale_log2;
+  const float d = static_cast<float>(dist < 0 ? -dist : dist);
+  return x - slope_log2 * d;
+}
+
+// ---- paged caches: logical row j of a sequence is row j % page_size of page table[j / page_size].
+// page_size is a multiple of kPageAlign, so the kPageAlign keys of an aligned group share a page.
+constexpr int kPageAlign = 16;
+
+struct PageSlot {
+  int page_index;  // index into the sequence's block-table row
+  int row;         // row inside the page
+};
+
+PMQA_HD PageSlot page_slot(int64_t j, int page_size) {
+  const int jj = static_cast<int>(j);  // j < S = max_blocks * page_size, which fits in int32
+  const int pi = jj / page_size;
+  return {pi, jj - pi * page_size};
 }
 
 // Static split count (shapes and SM count only, so a CUDA graph stays valid for any lengths):

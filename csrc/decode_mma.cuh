@@ -97,7 +97,10 @@ __device__ __forceinline__ uint32_t pack2_raw(T lo, T hi) {
 
 // ---- the kernel ---------------------------------------------------------------------------
 
-template <typename T, int D_MAX, bool EXACT_D>
+// VARIANT: window, softcap, ALiBi and left padding (per-row key bounds, the score transform);
+// without it the inner loop is the plain causal / full one. Paged caches and cache_batch_idx are
+// runtime branches, uniform per block (they change addresses, not the inner loop).
+template <typename T, int D_MAX, bool EXACT_D, bool VARIANT>
 __global__ void __launch_bounds__(kMmaThreads)
     attention_with_kv_cache_mma_kernel(const KvCacheParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -124,23 +127,29 @@ __global__ void __launch_bounds__(kMmaThreads)
   T* v_cache = static_cast<T*>(p.v_cache);
   const T* k_new = static_cast<const T*>(p.k_new);
   const T* v_new = static_cast<const T*>(p.v_new);
-  const T* kc_base = k_cache + b * p.kc_stride_b + hk * p.kc_stride_h;
-  const T* vc_base = v_cache + b * p.vc_stride_b + hk * p.vc_stride_h;
+  // Paged: the sequence's block-table row; contiguous: its cache slot (b, or cache_batch_idx[b]).
+  const int32_t* table = p.block_table ? p.block_table + w.s.slot * p.bt_stride : nullptr;
+  T* kc_base = k_cache + (table ? 0 : w.s.slot * p.kc_stride_b) + hk * p.kc_stride_h;
+  T* vc_base = v_cache + (table ? 0 : w.s.slot * p.vc_stride_b) + hk * p.vc_stride_h;
   const T* kn_base = p.has_new ? k_new + b * p.kn_stride_b + hk * p.kn_stride_h : kc_base;
   const T* vn_base = p.has_new ? v_new + b * p.vn_stride_b + hk * p.vn_stride_h : vc_base;
 
   // New rows of this split -> cache, once (16-byte chunks: the launcher checked the alignment).
   if (p.has_new && w.chunk == 0) {
-    const int64_t first = w.keys.begin > w.L_cache ? w.keys.begin : w.L_cache;
+    const int64_t first = w.keys.begin > w.s.L_cache ? w.keys.begin : w.s.L_cache;
     for (int64_t i = tid; i < (w.keys.end - first) * CHUNKS; i += kMmaThreads) {
       const int64_t j = first + i / CHUNKS;
       const int c = static_cast<int>(i % CHUNKS);
       if (!EXACT_D && c * 8 >= D) continue;
-      const int64_t t = j - w.L;
-      *reinterpret_cast<uint4*>(k_cache + b * p.kc_stride_b + j * p.kc_stride_s + hk * p.kc_stride_h + c * 8) =
-          *reinterpret_cast<const uint4*>(kn_base + t * p.kn_stride_t + c * 8);
-      *reinterpret_cast<uint4*>(v_cache + b * p.vc_stride_b + j * p.vc_stride_s + hk * p.vc_stride_h + c * 8) =
-          *reinterpret_cast<const uint4*>(vn_base + t * p.vn_stride_t + c * 8);
+      const int64_t t = j - w.s.L;
+      int64_t k_off = j * p.kc_stride_s, v_off = j * p.vc_stride_s;
+      if (table) {
+        k_off = cache_row_offset(p, table, 0, j, p.kc_stride_b, p.kc_stride_s);
+        v_off = cache_row_offset(p, table, 0, j, p.vc_stride_b, p.vc_stride_s);
+        if (k_off < 0) continue;  // a page outside the cache: never written
+      }
+      *reinterpret_cast<uint4*>(kc_base + k_off + c * 8) = *reinterpret_cast<const uint4*>(kn_base + t * p.kn_stride_t + c * 8);
+      *reinterpret_cast<uint4*>(vc_base + v_off + c * 8) = *reinterpret_cast<const uint4*>(vn_base + t * p.vn_stride_t + c * 8);
     }
   }
 
@@ -155,19 +164,71 @@ __global__ void __launch_bounds__(kMmaThreads)
     q_s[r * STRIDE + d] = val;
   }
 
-  // Keys this row chunk can see: the causal limit of its last row bounds the loop.
+  // Keys this row chunk can see: the causal limit of its last row bounds the loop; with VARIANT
+  // also the window of its first row (tiles stay aligned to kMmaBlockN).
+  const int last = min(row0 + kMmaRows, p.rows) - 1;
   int64_t key_end = w.keys.end;
-  if (p.causal) {
-    const int last = min(row0 + kMmaRows, p.rows) - 1;
-    const int64_t lim = last / G + w.Lk - Tq + 1;
+  int64_t key_begin = w.keys.begin;
+  if (VARIANT) {
+    const decode::KeyRange ck = decode::chunk_keys(w.keys, row0 / G, last / G, w.s.Lk, Tq, w.s.lo, p.causal,
+                                                   p.window_left, p.window_right, kMmaBlockN);
+    key_begin = ck.begin;
+    key_end = ck.end;
+  } else if (p.causal) {
+    const int64_t lim = last / G + w.s.Lk - Tq + 1;
     key_end = key_end < lim ? key_end : lim;
   }
-  const int64_t key_begin = w.keys.begin;
   const int n_tiles = key_end > key_begin ? static_cast<int>(decode::ceil_div(key_end - key_begin, kMmaBlockN)) : 0;
+
+  // Paged caches: the block-table entries of the next tile to load, one per kPageAlign keys, read
+  // one tile ahead (tiles are loaded in order), so the table read's latency hides behind a tile.
+  constexpr int kSubBlocks = kMmaBlockN / decode::kPageAlign;
+  int32_t pages[kSubBlocks];
+  auto fetch_pages = [&](int i) {
+#pragma unroll
+    for (int sb = 0; sb < kSubBlocks; ++sb) {
+      const int64_t j0 = key_begin + static_cast<int64_t>(i) * kMmaBlockN + sb * decode::kPageAlign;
+      pages[sb] = i < n_tiles && j0 < key_end ? table[decode::page_slot(j0, p.page_size).page_index] : -1;
+    }
+  };
+  if (table) fetch_pages(0);
 
   // Tile i -> stage i % STAGES: K rows then V rows, zero-filled past key_end and past D.
   auto load_tile = [&](int i) {
     T* ks = stage_s + decode::stage_of(i, STAGES) * Cfg::kStageElems;
+    if (table) {  // paged: each aligned group of kPageAlign keys lies in one page
+      const int64_t t0 = key_begin + static_cast<int64_t>(i) * kMmaBlockN;
+#pragma unroll
+      for (int sb = 0; sb < kSubBlocks; ++sb) {
+        const int64_t j0 = t0 + sb * decode::kPageAlign;
+        const int64_t page = pages[sb];
+        const bool page_ok = page >= 0 && page < p.num_pages;
+        const int64_t prow = page_ok ? decode::page_slot(j0, p.page_size).row : 0;
+        const T* kpage = kc_base + (page_ok ? page * p.kc_stride_b + prow * p.kc_stride_s : 0);
+        const T* vpage = vc_base + (page_ok ? page * p.vc_stride_b + prow * p.vc_stride_s : 0);
+        for (int idx = tid; idx < 2 * decode::kPageAlign * CHUNKS; idx += kMmaThreads) {
+          const int is_v = idx / (decode::kPageAlign * CHUNKS);
+          const int n = (idx / CHUNKS) % decode::kPageAlign;
+          const int c = idx % CHUNKS;
+          const int64_t j = j0 + n;
+          const bool ok = j < key_end && (EXACT_D || c * 8 < D);
+          const T* src = is_v ? vpage : kpage;
+          bool load = ok;
+          if (ok) {
+            if (j >= w.s.L_cache) {  // a new row (only with new k/v): 0 <= j - L < Tq
+              src = (is_v ? vn_base : kn_base) + (j - w.s.L) * (is_v ? p.vn_stride_t : p.kn_stride_t) + c * 8;
+            } else {
+              src += n * (is_v ? p.vc_stride_s : p.kc_stride_s) + c * 8;
+              load = page_ok;  // a page outside the cache reads as zeros
+            }
+          }
+          cp_async_16(ks + is_v * kMmaBlockN * STRIDE + (sb * decode::kPageAlign + n) * STRIDE + c * 8, src,
+                      load ? 16 : 0);
+        }
+      }
+      fetch_pages(i + 1);
+      return;
+    }
     for (int idx = tid; idx < 2 * kMmaBlockN * CHUNKS; idx += kMmaThreads) {
       const int is_v = idx / (kMmaBlockN * CHUNKS);
       const int n = (idx / CHUNKS) % kMmaBlockN;
@@ -176,8 +237,8 @@ __global__ void __launch_bounds__(kMmaThreads)
       const bool ok = j < key_end && (EXACT_D || c * 8 < D);
       const T* src = is_v ? vc_base : kc_base;
       if (ok) {
-        if (j >= w.L_cache) {  // a new row (only with new k/v): 0 <= j - L < Tq
-          src = (is_v ? vn_base : kn_base) + (j - w.L) * (is_v ? p.vn_stride_t : p.kn_stride_t) + c * 8;
+        if (j >= w.s.L_cache) {  // a new row (only with new k/v): 0 <= j - L < Tq
+          src = (is_v ? vn_base : kn_base) + (j - w.s.L) * (is_v ? p.vn_stride_t : p.kn_stride_t) + c * 8;
         } else {
           src += j * (is_v ? p.vc_stride_s : p.kc_stride_s) + c * 8;
         }
@@ -198,12 +259,27 @@ __global__ void __launch_bounds__(kMmaThreads)
   for (int nt = 0; nt < Cfg::kNTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
   float m_run[2] = {neg_inf(), neg_inf()};  // rows g and g + 8, base 2
   float l_run[2] = {0.f, 0.f};              // this lane's part of the row sums
-  // Causal offsets of this lane's two rows: key j is visible iff j <= t + Lk - Tq.
+  // Causal offsets of this lane's two rows: key j is visible iff j <= t + Lk - Tq. VARIANT: key j
+  // is visible iff vlo <= j <= vhi, at ALiBi distance |diag - j| with the row's slope (int32: keys
+  // are below S, which fits in int32; this keeps the variant kernel's registers down).
   int64_t row_lim[2];
+  int vlo[2], vhi[2], vdiag[2];
+  float slope_log2[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int r = row0 + g + 8 * rr;
-    row_lim[rr] = r >= p.rows ? -1 : (p.causal ? r / G + w.Lk - Tq : key_end - 1);
+    row_lim[rr] = r >= p.rows ? -1 : (p.causal ? r / G + w.s.Lk - Tq : key_end - 1);
+    if (VARIANT) {
+      const decode::PackedRow pr = decode::packed_row(r < p.rows ? r : 0, hk, G);
+      const decode::RowBounds rb = decode::row_bounds(pr.t, w.s.Lk, Tq, w.s.lo, key_end, p.causal, p.window_left,
+                                                      p.window_right);
+      vlo[rr] = static_cast<int>(rb.lo);
+      vhi[rr] = r >= p.rows ? -1 : static_cast<int>(rb.hi);
+      vdiag[rr] = static_cast<int>(rb.diag);
+      slope_log2[rr] = p.alibi_slopes
+                           ? p.alibi_slopes[b * p.alibi_stride_b + pr.hq * p.alibi_stride_h] * static_cast<float>(kLog2e)
+                           : 0.f;
+    }
   }
 
   for (int i = 0; i < n_tiles; ++i) {
@@ -246,8 +322,17 @@ __global__ void __launch_bounds__(kMmaThreads)
       for (int v = 0; v < 4; ++v) {
         const decode::Coord co = decode::mma_c(lane, v);
         const int64_t j = key0 + nt * 8 + co.col;
-        const bool ok = j < key_end && j <= row_lim[v >> 1];
-        s[nt][v] = ok ? s[nt][v] * p.scale_log2 : neg_inf();
+        if (VARIANT) {
+          const int rr = v >> 1;
+          const int jj = static_cast<int>(j);
+          const bool ok = jj >= vlo[rr] && jj <= vhi[rr];
+          s[nt][v] = ok ? decode::variant_score(s[nt][v], p.scale_log2, p.softcap_in, p.softcap_out, slope_log2[rr],
+                                                vdiag[rr] - jj)
+                        : neg_inf();
+        } else {
+          const bool ok = j < key_end && j <= row_lim[v >> 1];
+          s[nt][v] = ok ? s[nt][v] * p.scale_log2 : neg_inf();
+        }
         mx[v >> 1] = fmaxf(mx[v >> 1], s[nt][v]);
       }
     }

@@ -184,14 +184,17 @@ def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *variant
 
 # The csrc/ kernel's op. Its schema is defined here, once, at import (no compile); the CUDA kernel
 # is registered by csrc/bindings.cpp when pytorch_mqa.ops.build.load_extension() loads the library.
+# Variants: window_left / window_right, softcap, alibi_slopes; cache indexing: block_table (paged
+# caches), cache_batch_idx, cache_leftpad (SERVING_API.md). No rotary in csrc.
 _lib.define(
     "attention_with_kv_cache_cuda(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
-    "Tensor cache_seqlens, bool causal, float scale) -> (Tensor, Tensor)"
+    f"Tensor cache_seqlens, bool causal, float scale, {_V}, Tensor? block_table=None, "
+    "Tensor? cache_batch_idx=None, Tensor? cache_leftpad=None) -> (Tensor, Tensor)"
 )
 
 
 @torch.library.register_fake("pytorch_mqa::attention_with_kv_cache_cuda", lib=_lib)
-def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale):
+def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, *variants, **kw):
     return _fake_out_lse(q)
 
 

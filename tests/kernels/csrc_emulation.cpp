@@ -4,7 +4,9 @@
 // write, the cp.async stage ring (with checks that a stage is never overwritten before it is
 // consumed, nor read before it is loaded), the mma.sync m16n8k16 fragments of every lane (the
 // products are formed only from what each lane's fragment registers hold), the quad-shuffle
-// online softmax, the warp merge, the partial writes and the combine. Values stay in fp32.
+// online softmax, the warp merge, the partial writes and the combine; and the variant kernel's
+// window / softcap / ALiBi / left-padding bounds and the paged, cache_batch_idx addressing with the
+// block-table prefetch. Values stay in fp32.
 //
 //   csrc_emulation selftest              fragment maps against the PTX ISA tables
 //   csrc_emulation IN OUT                run one case (binary protocol of the Python test)
@@ -95,10 +97,11 @@ void warp_mma(float c[32][4], const float a[32][4][2], const float b[32][2][2]) 
 }
 
 struct Case {
-  int B, Tq, S, Hq, Hkv, D, has_new, causal, sms;
-  float scale;
-  std::vector<int32_t> seqlens;
-  std::vector<float> q, kc, vc, kn, vn;
+  int B, Tq, Hq, Hkv, D, has_new, causal, sms;
+  int wl, wr, alibi_kind, page_size, dim0, dim1, table_rows, max_blocks, has_bidx, has_lpad;
+  float scale, softcap;
+  std::vector<int32_t> seqlens, bidx, lpad, table;
+  std::vector<float> alibi, q, kc, vc, kn, vn;
 };
 
 float read_all(FILE* f, void* dst, size_t bytes) {
@@ -106,27 +109,53 @@ float read_all(FILE* f, void* dst, size_t bytes) {
   return 0.f;
 }
 
+// Input: 18 int32 (B, Tq, Hq, Hkv, D, has_new, causal, sms, window_left, window_right,
+// alibi_kind 0/1 (Hq,)/2 (B, Hq), page_size (0: contiguous), dim0, dim1 (caches (dim0, dim1, Hkv,
+// D): slots x S, or pages x page_size), table_rows, max_blocks, has_batch_idx, has_leftpad), 2
+// float32 (scale, softcap), seqlens, batch_idx?, leftpad?, table?, alibi?, q, k_cache, v_cache,
+// k?, v? (float32).
 int run(const char* in_path, const char* out_path) {
   FILE* f = std::fopen(in_path, "rb");
   if (!f) fail("cannot open input");
   Case cs;
-  int hdr[9];
+  int hdr[18];
   read_all(f, hdr, sizeof hdr);
-  cs.B = hdr[0], cs.Tq = hdr[1], cs.S = hdr[2], cs.Hq = hdr[3], cs.Hkv = hdr[4], cs.D = hdr[5];
-  cs.has_new = hdr[6], cs.causal = hdr[7], cs.sms = hdr[8];
-  read_all(f, &cs.scale, sizeof(float));
-  const int B = cs.B, Tq = cs.Tq, S = cs.S, Hq = cs.Hq, Hkv = cs.Hkv, D = cs.D, G = Hq / Hkv;
-  cs.seqlens.resize(B);
-  read_all(f, cs.seqlens.data(), B * sizeof(int32_t));
+  cs.B = hdr[0], cs.Tq = hdr[1], cs.Hq = hdr[2], cs.Hkv = hdr[3], cs.D = hdr[4];
+  cs.has_new = hdr[5], cs.causal = hdr[6], cs.sms = hdr[7], cs.wl = hdr[8], cs.wr = hdr[9], cs.alibi_kind = hdr[10];
+  cs.page_size = hdr[11], cs.dim0 = hdr[12], cs.dim1 = hdr[13], cs.table_rows = hdr[14], cs.max_blocks = hdr[15];
+  cs.has_bidx = hdr[16], cs.has_lpad = hdr[17];
+  float fl[2];
+  read_all(f, fl, sizeof fl);
+  cs.scale = fl[0], cs.softcap = fl[1];
+  const bool paged = cs.page_size > 0;
+  const int B = cs.B, Tq = cs.Tq, Hq = cs.Hq, Hkv = cs.Hkv, D = cs.D, G = Hq / Hkv;
+  const int dim1 = cs.dim1;
+  const int S = paged ? cs.max_blocks * cs.page_size : dim1;
+  const int cache_slots = paged ? cs.table_rows : cs.dim0;
+  auto rdi = [&](std::vector<int32_t>& v, size_t n) { v.resize(n); read_all(f, v.data(), n * sizeof(int32_t)); };
   auto rd = [&](std::vector<float>& v, size_t n) { v.resize(n); read_all(f, v.data(), n * sizeof(float)); };
+  rdi(cs.seqlens, B);
+  if (cs.has_bidx) rdi(cs.bidx, B);
+  if (cs.has_lpad) rdi(cs.lpad, B);
+  if (paged) rdi(cs.table, size_t(cs.table_rows) * cs.max_blocks);
+  if (cs.alibi_kind) rd(cs.alibi, size_t(cs.alibi_kind == 2 ? B : 1) * Hq);
   rd(cs.q, size_t(B) * Tq * Hq * D);
-  rd(cs.kc, size_t(B) * S * Hkv * D);
-  rd(cs.vc, size_t(B) * S * Hkv * D);
+  rd(cs.kc, size_t(cs.dim0) * dim1 * Hkv * D);
+  rd(cs.vc, size_t(cs.dim0) * dim1 * Hkv * D);
   if (cs.has_new) {
     rd(cs.kn, size_t(B) * Tq * Hkv * D);
     rd(cs.vn, size_t(B) * Tq * Hkv * D);
   }
   std::fclose(f);
+
+  // The launcher's choices (attention_with_kv_cache.cu): the variant kernel for any of window,
+  // softcap, ALiBi, left padding; the base-2 score constants.
+  const bool variant = cs.wl >= 0 || cs.wr >= 0 || cs.softcap > 0.f || cs.alibi_kind || cs.has_lpad;
+  const double kLog2e = 1.4426950408889634;
+  const float scale_log2 = static_cast<float>(double(cs.scale) * kLog2e);
+  const float softcap_in = cs.softcap > 0.f ? static_cast<float>(double(cs.scale) / cs.softcap) : 0.f;
+  const float softcap_out = cs.softcap > 0.f ? static_cast<float>(double(cs.softcap) * kLog2e) : 0.f;
+  const int alibi_stride_b = cs.alibi_kind == 2 ? Hq : 0;
 
   const int D_MAX = D <= 64 ? 64 : (D <= 128 ? 128 : 256);
   const int STAGES = D_MAX <= 128 ? 3 : 2;
@@ -136,29 +165,63 @@ int run(const char* in_path, const char* out_path) {
   const int64_t n_rows = int64_t(B) * Hq * Tq;
   std::vector<float> o_part(size_t(ns) * n_rows * D, NAN), lse_part(size_t(ns) * n_rows, NAN);
   std::vector<float> out(size_t(B) * Tq * Hq * D, NAN), lse(n_rows, NAN);
-  auto kc_at = [&](std::vector<float>& c, int b, int64_t j, int h, int d) -> float& {
-    return c[((size_t(b) * S + j) * Hkv + h) * D + d];
+  // Physical cache element: (slot or page, row, head, dim).
+  auto phys = [&](std::vector<float>& c, int64_t slot, int64_t row, int h, int d) -> float& {
+    if (slot < 0 || slot >= cs.dim0 || row < 0 || row >= dim1) fail("cache access outside the cache tensor");
+    return c[((size_t(slot) * dim1 + row) * Hkv + h) * D + d];
   };
   auto kn_at = [&](std::vector<float>& c, int b, int64_t t, int h, int d) -> float& {
+    if (t < 0 || t >= Tq) fail("new-row read outside [0, Tq)");
     return c[((size_t(b) * Tq + t) * Hkv + h) * D + d];
+  };
+  // cache_row_offset (decode_common.cuh) as (page or slot, row); page -1: outside the cache.
+  struct Row {
+    int64_t slot, row;
+  };
+  auto table_at = [&](int64_t trow, int idx) -> int64_t {
+    if (trow < 0 || trow >= cs.table_rows || idx < 0 || idx >= cs.max_blocks) fail("block-table read out of range");
+    return cs.table[size_t(trow) * cs.max_blocks + idx];
+  };
+  auto cache_row = [&](int64_t slot, int64_t j) -> Row {
+    if (j < 0 || j >= S) fail("cache row outside [0, S)");
+    if (!paged) return {slot, j};
+    const PageSlot ps = page_slot(j, cs.page_size);
+    const int64_t page = table_at(slot, ps.page_index);
+    return page < 0 || page >= cs.dim0 ? Row{-1, 0} : Row{page, ps.row};
+  };
+  // seq_work (decode_common.cuh).
+  struct Seq {
+    int64_t L, Lk, L_cache, lo, begin, slot;
+  };
+  auto seq_work = [&](int b) {
+    Seq s;
+    s.L = cs.seqlens[b];
+    s.slot = cs.has_bidx ? cs.bidx[b] : b;
+    const SeqSpan sp = seq_span(s.L, cs.has_new ? Tq : 0, S, cs.has_lpad ? cs.lpad[b] : 0, cs.wl, Tq, kSplitAlign);
+    s.Lk = sp.Lk, s.lo = sp.lo, s.begin = sp.begin;
+    s.L_cache = cs.has_new ? live_keys(s.L, 0, S) : s.Lk;
+    if (s.slot < 0 || s.slot >= cache_slots) s.slot = 0, s.Lk = s.lo = s.begin = s.L_cache = 0;
+    return s;
   };
 
   const int64_t grid = int64_t(B) * Hkv * row_chunks * ns;
+  int32_t tiles_computed = 0;  // key tiles of all blocks: the work, which a window must bound
   for (int64_t bid = 0; bid < grid; ++bid) {
     const BlockIndex bi = block_index(bid, row_chunks, ns);
     const int b = int(bi.bh / Hkv), hk = int(bi.bh % Hkv);
-    const int64_t L = cs.seqlens[b];
-    const int64_t Lk = live_keys(L, cs.has_new ? Tq : 0, S);
-    const int64_t L_cache = cs.has_new ? live_keys(L, 0, S) : Lk;
-    if (bi.split >= active_splits(Lk, ns, kSplitAlign)) continue;
-    const KeyRange kr = split_range(bi.split, Lk, ns, kSplitAlign);
+    const Seq sq = seq_work(b);
+    const int64_t L = sq.L, Lk = sq.Lk, L_cache = sq.L_cache;
+    if (bi.split >= active_splits(Lk - sq.begin, ns, kSplitAlign)) continue;
+    const KeyRange kr = split_range(bi.split, sq.begin, Lk, ns, kSplitAlign);
     const int row0 = bi.chunk * kRows;
     if (cs.has_new && bi.chunk == 0) {
       for (int64_t j = kr.begin > L_cache ? kr.begin : L_cache; j < kr.end; ++j) {
         if (j < 0 || j >= S || j - L < 0 || j - L >= Tq) fail("new-row write outside [0, S) or [0, Tq)");
+        const Row cr = cache_row(sq.slot, j);
+        if (cr.slot < 0) continue;
         for (int d = 0; d < D; ++d) {
-          kc_at(cs.kc, b, j, hk, d) = kn_at(cs.kn, b, j - L, hk, d);
-          kc_at(cs.vc, b, j, hk, d) = kn_at(cs.vn, b, j - L, hk, d);
+          phys(cs.kc, cr.slot, cr.row, hk, d) = kn_at(cs.kn, b, j - L, hk, d);
+          phys(cs.vc, cr.slot, cr.row, hk, d) = kn_at(cs.vn, b, j - L, hk, d);
         }
       }
     }
@@ -169,14 +232,27 @@ int run(const char* in_path, const char* out_path) {
           const PackedRow pr = packed_row(row0 + r, hk, G);
           q_s[r * D_MAX + d] = cs.q[((size_t(b) * Tq + pr.t) * Hq + pr.hq) * D + d];
         }
-    int64_t key_end = kr.end;
-    if (cs.causal) {
-      const int last = (row0 + kRows < rows ? row0 + kRows : rows) - 1;
+    const int last = (row0 + kRows < rows ? row0 + kRows : rows) - 1;
+    int64_t key_end = kr.end, key_begin = kr.begin;
+    if (variant) {
+      const KeyRange ck = chunk_keys(kr, row0 / G, last / G, Lk, Tq, sq.lo, cs.causal, cs.wl, cs.wr, kBlockN);
+      key_begin = ck.begin, key_end = ck.end;
+      if (key_begin % kBlockN != 0) fail("a variant tile range does not start on a tile boundary");
+    } else if (cs.causal) {
       const int64_t lim = last / G + Lk - Tq + 1;
       key_end = key_end < lim ? key_end : lim;
     }
-    const int64_t key_begin = kr.begin;
     const int n_tiles = key_end > key_begin ? int(ceil_div(key_end - key_begin, kBlockN)) : 0;
+    // Paged: block-table entries of the next tile to load, fetched one tile ahead (fetch_pages).
+    constexpr int kSub = kBlockN / kPageAlign;
+    int64_t pages[kSub];
+    auto fetch_pages = [&](int64_t i) {
+      for (int sb = 0; sb < kSub; ++sb) {
+        const int64_t j0 = key_begin + i * kBlockN + sb * kPageAlign;
+        pages[sb] = i < n_tiles && j0 < key_end ? table_at(sq.slot, page_slot(j0, cs.page_size).page_index) : -1;
+      }
+    };
+    if (paged) fetch_pages(0);
     // Stage ring: K then V tiles of kBlockN x D_MAX, tagged with the tile they hold.
     std::vector<float> stage(size_t(STAGES) * 2 * kBlockN * D_MAX);
     std::vector<int64_t> tag(STAGES, -1);
@@ -187,19 +263,28 @@ int run(const char* in_path, const char* out_path) {
       tag[st] = i;
       consumed[st] = 0;
       for (int is_v = 0; is_v < 2; ++is_v)
-        for (int n = 0; n < kBlockN; ++n)
+        for (int n = 0; n < kBlockN; ++n) {
+          const int64_t j = key_begin + i * kBlockN + n;
+          const int sb = n / kPageAlign;
+          const int64_t page = paged ? pages[sb] : 0;
+          const bool page_ok = page >= 0 && page < cs.dim0;
+          if (paged && j % kPageAlign == 0 && j < key_end && (j < 0 || j >= S)) fail("tile row outside [0, S)");
+          const int64_t prow = paged && page_ok ? page_slot(key_begin + i * kBlockN + sb * kPageAlign, cs.page_size).row : 0;
           for (int d = 0; d < D_MAX; ++d) {
-            const int64_t j = key_begin + i * kBlockN + n;
             float val = 0.f;
             if (j < key_end && d < D) {
               if (j >= L_cache) {
                 val = kn_at(is_v ? cs.vn : cs.kn, b, j - L, hk, d);
-              } else {
-                val = kc_at(is_v ? cs.vc : cs.kc, b, j, hk, d);
+              } else if (!paged) {
+                val = phys(is_v ? cs.vc : cs.kc, sq.slot, j, hk, d);
+              } else if (page_ok) {
+                val = phys(is_v ? cs.vc : cs.kc, page, prow + n % kPageAlign, hk, d);
               }
             }
             stage[((size_t(st) * 2 + is_v) * kBlockN + n) * D_MAX + d] = val;
           }
+        }
+      if (paged) fetch_pages(i + 1);
     };
     for (int s = 0; s < STAGES - 1; ++s)
       if (s < n_tiles) load_tile(s);
@@ -210,6 +295,7 @@ int run(const char* in_path, const char* out_path) {
     float m_run[kWarps][32][2], l_run[kWarps][32][2];
     for (int w = 0; w < kWarps; ++w)
       for (int l = 0; l < 32; ++l) m_run[w][l][0] = m_run[w][l][1] = kNegInf, l_run[w][l][0] = l_run[w][l][1] = 0.f;
+    tiles_computed += n_tiles;
     for (int i = 0; i < n_tiles; ++i) {
       const int st = stage_of(i, STAGES);
       if (tag[st] != i) fail("tile computed from a stage that does not hold it");
@@ -248,9 +334,22 @@ int run(const char* in_path, const char* out_path) {
               const Coord co = mma_c(lane, v);
               const int r = row0 + co.row;
               const int64_t j = key0 + nt * 8 + co.col;
-              const int64_t lim = r >= rows ? -1 : (cs.causal ? r / G + Lk - Tq : key_end - 1);
-              const bool ok = j < key_end && j <= lim;
-              s[nt][lane][v] = ok ? s[nt][lane][v] * cs.scale * 1.4426950408889634f : kNegInf;
+              if (variant) {
+                const PackedRow pr = packed_row(r < rows ? r : 0, hk, G);
+                const RowBounds rb = row_bounds(pr.t, Lk, Tq, sq.lo, key_end, cs.causal, cs.wl, cs.wr);
+                const int64_t lim = r >= rows ? -1 : rb.hi;
+                const float slope_log2 =
+                    cs.alibi_kind ? static_cast<float>(cs.alibi[b * alibi_stride_b + pr.hq] * static_cast<float>(kLog2e))
+                                  : 0.f;
+                const bool ok = j >= rb.lo && j <= lim;
+                s[nt][lane][v] = ok ? variant_score(s[nt][lane][v], scale_log2, softcap_in, softcap_out, slope_log2,
+                                                    rb.diag - j)
+                                    : kNegInf;
+              } else {
+                const int64_t lim = r >= rows ? -1 : (cs.causal ? r / G + Lk - Tq : key_end - 1);
+                const bool ok = j < key_end && j <= lim;
+                s[nt][lane][v] = ok ? s[nt][lane][v] * scale_log2 : kNegInf;
+              }
               mx[lane][v >> 1] = std::fmax(mx[lane][v >> 1], s[nt][lane][v]);
             }
         }
@@ -344,8 +443,8 @@ int run(const char* in_path, const char* out_path) {
       const int64_t bh = row / Tq;
       const int hq = int(bh % Hq);
       const int b = int(bh / Hq);
-      const int64_t Lk = live_keys(cs.seqlens[b], cs.has_new ? Tq : 0, S);
-      const int na = active_splits(Lk, ns, kSplitAlign);
+      const Seq sq = seq_work(b);
+      const int na = active_splits(sq.Lk - sq.begin, ns, kSplitAlign);
       float m = kNegInf, sum = 0.f;
       for (int s = 0; s < na; ++s) {
         if (std::isnan(lse_part[size_t(s) * n_rows + row])) fail("combine reads a partial no block wrote");
@@ -366,6 +465,7 @@ int run(const char* in_path, const char* out_path) {
   FILE* g = std::fopen(out_path, "wb");
   if (!g) fail("cannot open output");
   std::fwrite(&ns, sizeof ns, 1, g);
+  std::fwrite(&tiles_computed, sizeof tiles_computed, 1, g);
   std::fwrite(out.data(), sizeof(float), out.size(), g);
   std::fwrite(lse.data(), sizeof(float), lse.size(), g);
   std::fwrite(cs.kc.data(), sizeof(float), cs.kc.size(), g);

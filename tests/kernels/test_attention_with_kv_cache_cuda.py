@@ -6,6 +6,7 @@ use; `scripts/sanitize_cuda.sh` runs them under compute-sanitizer.
 
 from __future__ import annotations
 
+import csrc_oracle
 import pytest
 import torch
 from helpers import DTYPES, KV_CACHE_SHAPES, assert_close, kv_cache_inputs, randn, seeded
@@ -70,7 +71,13 @@ def test_cuda_op_schema_declares_the_cache_mutation():
     schema = torch.ops.pytorch_mqa.attention_with_kv_cache_cuda.default._schema
     written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert written == ["k_cache", "v_cache"]
-    assert [a.name for a in schema.arguments] == ["q", "k_cache", "v_cache", "k", "v", "cache_seqlens", "causal", "scale"]
+    assert [a.name for a in schema.arguments] == [
+        "q", "k_cache", "v_cache", "k", "v", "cache_seqlens", "causal", "scale", "window_left", "window_right",
+        "softcap", "alibi_slopes", "block_table", "cache_batch_idx", "cache_leftpad",
+    ]
+    defaults = {a.name: a.default_value for a in schema.arguments[8:]}
+    assert defaults == {"window_left": -1, "window_right": -1, "softcap": 0.0, "alibi_slopes": None,
+                        "block_table": None, "cache_batch_idx": None, "cache_leftpad": None}
 
 
 def test_auto_backend_on_cuda_stays_triton_for_decoding():
@@ -294,15 +301,44 @@ def _choose_splits(blocks, S, sms):
     return max(1, min(_ceil_div(_WAVES * sms, max(blocks, 1)), _ceil_div(S, _SPLIT_ALIGN), _MAX_SPLITS))
 
 
-def _split_range(split, Lk, num_splits):
-    """decode::split_range / active_splits: the live keys [0, Lk) in equal slices of _SPLIT_ALIGN multiples."""
-    chunk = max(_ceil_div(_ceil_div(Lk, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN, _SPLIT_ALIGN)
-    return split * chunk, min(split * chunk + chunk, Lk), max(_ceil_div(Lk, chunk), 1)
+def _split_range(split, Lk, num_splits, begin=0):
+    """decode::split_range / active_splits: the work span [begin, Lk) in equal slices of _SPLIT_ALIGN multiples."""
+    n = Lk - begin
+    chunk = max(_ceil_div(_ceil_div(n, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN, _SPLIT_ALIGN)
+    return begin + split * chunk, min(begin + split * chunk + chunk, Lk), max(_ceil_div(n, chunk), 1)
 
 
-def _emulate(q, k_cache, v_cache, k, v, seqlens, causal, scale, sms):
+def _row_bounds(t, Lk, Tq, lo, key_end, causal, window):
+    """decode::row_bounds for a tensor of query positions t: (lo, hi, diag)."""
+    diag = t + Lk - Tq
+    hi = torch.full_like(diag, key_end - 1)
+    if causal:
+        hi = torch.minimum(hi, diag)
+    if window[1] >= 0:
+        hi = torch.minimum(hi, diag + window[1])
+    low = torch.full_like(diag, lo)
+    if window[0] >= 0:
+        low = torch.maximum(low, diag - window[0])
+    return low, hi, diag
+
+
+def _emulate(q, k_cache, v_cache, k, v, seqlens, causal, scale, sms, window=(-1, -1), softcap=0.0, alibi=None,
+             table=None, bidx=None, pad=None):
+    """The CUDA-core kernel; with window / softcap / alibi / pad its VARIANT instantiation, with a
+    block table its paged addressing (one offset per key row of a tile), with bidx its slots."""
     B, Tq, Hq, D = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[2]
+    S = table.shape[1] * k_cache.shape[1] if table is not None else k_cache.shape[1]
+    variant = window != (-1, -1) or softcap > 0 or alibi is not None or pad is not None
+    n_slots = table.shape[0] if table is not None else k_cache.shape[0]
+
+    def cache_rows(slot, j):  # cache_row_offset as (page or slot, row) index tensors; page -1: none
+        if table is None:
+            return torch.full_like(j, slot), j
+        page = table[slot, j // k_cache.shape[1]].long()
+        page = torch.where((page >= 0) & (page < k_cache.shape[0]), page, torch.full_like(page, -1))
+        return page, j % k_cache.shape[1]
+
     G, R = Hq // Hkv, _ROWS_PER_BLOCK
     BLOCK_N = _block_n(D, q.dtype)
     rows = G * Tq
@@ -315,6 +351,13 @@ def _emulate(q, k_cache, v_cache, k, v, seqlens, causal, scale, sms):
         L = int(seqlens[b])
         n_new = Tq if k is not None else 0
         Lk = min(max(L + n_new, 0), S)
+        L_cache = min(max(L, 0), S)
+        lo = min(max(int(pad[b]) if pad is not None else 0, 0), L_cache if k is not None else Lk)
+        first = max(lo, Lk - Tq - window[0]) if window[0] >= 0 else lo
+        span_begin = first // _SPLIT_ALIGN * _SPLIT_ALIGN
+        slot = int(bidx[b]) if bidx is not None else b
+        if not 0 <= slot < n_slots:
+            slot, Lk, lo, span_begin = 0, 0, 0, 0
         for h in range(Hkv):
             for split in range(num_splits):
                 for chunk in range(row_chunks):
@@ -325,23 +368,48 @@ def _emulate(q, k_cache, v_cache, k, v, seqlens, causal, scale, sms):
                     m = torch.full((len(gr),), inf)
                     l = torch.zeros(len(gr))
                     acc = torch.zeros(len(gr), D)
-                    begin, end, active = _split_range(split, Lk, num_splits)
+                    begin, end, active = _split_range(split, Lk, num_splits, span_begin)
                     if split >= active:
                         continue  # the block exits; the combine reads only active splits
-                    tile = begin
-                    while tile < end:
-                        n_valid = min(BLOCK_N, end - tile)
+                    if write_new and max(begin, L_cache) < end:  # the split's new rows, before the tiles
+                        j = torch.arange(max(begin, L_cache), end)
+                        pg, row = cache_rows(slot, j)
+                        ok = pg >= 0
+                        k_cache[pg[ok], row[ok], h] = k[b, j[ok] - L, h]
+                        v_cache[pg[ok], row[ok], h] = v[b, j[ok] - L, h]
+                    tile, tiles_end = begin, end
+                    if variant:  # decode::chunk_keys with align BLOCK_N
+                        f_lo = _row_bounds(t[:1], Lk, Tq, lo, end, causal, window)[0]
+                        l_hi = _row_bounds(t[-1:], Lk, Tq, lo, end, causal, window)[1]
+                        tile = max(begin, max(int(f_lo), 0) // BLOCK_N * BLOCK_N)
+                        tiles_end = min(end, int(l_hi) + 1)
+                    while tile < tiles_end:
+                        n_valid = min(BLOCK_N, tiles_end - tile)
                         j = torch.arange(tile, tile + n_valid)
                         is_new = (j >= L) if k is not None else torch.zeros(n_valid, dtype=torch.bool)
-                        K, V = k_cache[b, j, h].clone(), v_cache[b, j, h].clone()
+                        pg, row = cache_rows(slot, j)
+                        K = torch.zeros(n_valid, D, dtype=k_cache.dtype)
+                        V = torch.zeros(n_valid, D, dtype=v_cache.dtype)
+                        old = ~is_new & (pg >= 0)
+                        K[old], V[old] = k_cache[pg[old], row[old], h], v_cache[pg[old], row[old], h]
                         if is_new.any():
                             K[is_new] = k[b, j[is_new] - L, h]
                             V[is_new] = v[b, j[is_new] - L, h]
-                            if write_new:
-                                k_cache[b, j[is_new], h] = K[is_new]
-                                v_cache[b, j[is_new], h] = V[is_new]
-                        s = (qr @ K.float().T) * (scale * _LOG2E)
-                        if causal:
+                        s = qr @ K.float().T
+                        if variant:
+                            r_lo, r_hi, diag = _row_bounds(t, Lk, Tq, lo, tiles_end, causal, window)
+                            if softcap > 0:
+                                s = torch.tanh(s * (scale / softcap)) * (softcap * _LOG2E)
+                            else:
+                                s = s * (scale * _LOG2E)
+                            if alibi is not None:
+                                slope = (alibi[b] if alibi.dim() == 2 else alibi)[hq].float() * _LOG2E
+                                s = s - slope[:, None] * (diag[:, None] - j[None, :]).abs().float()
+                            vis = (j[None, :] >= r_lo[:, None]) & (j[None, :] <= r_hi[:, None])
+                            s = s.masked_fill(~vis, inf)
+                        else:
+                            s = s * (scale * _LOG2E)
+                        if causal and not variant:
                             s = s.masked_fill(~(j[None, :] <= t[:, None] + Lk - Tq), inf)
                         m_new = torch.maximum(m, s.max(dim=1).values)
                         m_use = torch.where(m_new == inf, torch.zeros_like(m_new), m_new)
@@ -354,7 +422,7 @@ def _emulate(q, k_cache, v_cache, k, v, seqlens, causal, scale, sms):
                     inv = torch.where(l > 0, 1 / l, torch.zeros_like(l))
                     o_part[split, b, hq, t] = acc * inv[:, None]
                     lse_part[split, b, hq, t] = torch.where(l > 0, (m + torch.log2(l)) * _LN2, torch.full_like(l, inf))
-    # combine (with one split this is the identity)
+    # combine (with one split this is the identity; inactive splits hold -inf: weight 0)
     mx = lse_part.max(dim=0).values
     w = torch.where(mx == inf, torch.zeros_like(lse_part), torch.exp(lse_part - mx))
     total = w.sum(0)
@@ -391,3 +459,41 @@ def test_emulated_kernel_guard_lengths_and_many_splits(causal):
     assert_close(out, ref, ref, torch.float32, "out", "cuda emulation")
     assert_close(lse, lse_ref, lse_ref, torch.float32, "lse", "cuda emulation")
     assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)
+
+
+# The CUDA-core kernel's variant and paged paths (fp32 inputs take it), 2 SMs: long tile loops.
+EMULATED_SERVING = {
+    "window(70,3)": dict(window=(70, 3)),
+    "window(0,0)+leftpad": dict(window=(0, 0), leftpad=True),
+    "softcap+alibi(B,Hq)": dict(softcap=3.0, alibi="bh"),
+    "paged16+batch_idx+leftpad": dict(page_size=16, batch_idx=True, leftpad=True),
+    "paged48+window(20,0)": dict(page_size=48, window=(20, 0)),
+    "slots+alibi(Hq)+window(9,-1)": dict(slots=True, alibi="h", window=(9, -1)),
+}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("name", list(EMULATED_SERVING), ids=str)
+@pytest.mark.parametrize("case", [(3, 2, 160, 4, 2, 40, [0, 33, 150], [0, 5, 70]),
+                                  (2, 1, 300, 8, 1, 64, [250, 1], [200, 1])], ids=str)
+def test_emulated_simt_variants_and_paging(case, name, causal):
+    o = dict(EMULATED_SERVING[name])
+    B, Tq, S, Hq, Hkv, D, lengths, pads = case
+    pad = pads if o.get("leftpad") else None
+    if o.get("page_size"):
+        rows = [B + 1 - b for b in range(B)] if o.get("batch_idx") else None
+        inputs = csrc_oracle.paged_inputs(B, Tq, S, Hq, Hkv, D, lengths, o["page_size"], batch_rows=rows, leftpad=pad)
+    else:
+        slots = [2 * b + 1 for b in range(B)] if o.get("slots") else None
+        inputs = csrc_oracle.slot_inputs(B, Tq, S, Hq, Hkv, D, lengths, slots=slots, leftpad=pad)
+    q, kc, vc, k, v, seqlens, table, bidx, pad_t = inputs
+    window, softcap = o.get("window", (-1, -1)), o.get("softcap", 0.0)
+    alibi = csrc_oracle.alibi_slopes(B, Hq, o.get("alibi"))
+    scale = D**-0.5
+    ref, lse_ref, kc_ref, vc_ref = csrc_oracle.serving_reference(
+        q, kc, vc, k, v, seqlens, causal, scale, window=window, softcap=softcap, alibi=alibi, block_table=table,
+        batch_idx=bidx, leftpad=pad_t)
+    out, lse, _ = _emulate(q, kc, vc, k, v, seqlens, causal, scale, 2, window, softcap, alibi, table, bidx, pad_t)
+    assert_close(out, ref, ref, torch.float32, "out", "cuda simt emulation")
+    assert_close(lse, lse_ref, lse_ref, torch.float32, "lse", "cuda simt emulation")
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
