@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
+from helpers import assert_close
 
+import pytorch_mqa
+from pytorch_mqa import reference
 from pytorch_mqa.testing import randn, seeded
 
 I32 = torch.int32
@@ -81,4 +84,26 @@ def expected_caches(case, k_written, v_written):
     return kc, vc
 
 
-__all__ = ["make_case", "bits", "expected_caches", "I32"]
+def run_case(case, dtype, causal, label, backend="reference", **variant):
+    """Call the op on `case`, check the caches bit for bit and out/lse by the §5 rule."""
+    q, kc, vc, k, v, lens = (case[n] for n in ("q", "k_cache", "v_cache", "k", "v", "cache_seqlens"))
+    kw = dict(case["kw"], **variant)
+    f = lambda x: None if x is None else x.float()  # noqa: E731
+    o32, l32 = reference.attention_with_kv_cache(q.float(), kc.float(), vc.float(), f(k), f(v), lens, causal=causal, **kw)
+    olp, llp = reference.attention_with_kv_cache(q, kc.clone(), vc.clone(), k, v, lens, causal=causal, upcast=False, **kw)
+    k_written = k
+    if k is not None and "rotary_cos" in kw:
+        pos = reference.rotary_positions(lens, k.shape[1], True)
+        k_written = reference.apply_rotary(k, kw["rotary_cos"], kw["rotary_sin"], pos, kw["rotary_interleaved"])
+    kc_want, vc_want = expected_caches(case, k_written, v)
+    out, lse = pytorch_mqa.attention_with_kv_cache(
+        q, kc, vc, k, v, cache_seqlens=lens, causal=causal, return_lse=True, backend=backend, **kw
+    )
+    assert torch.equal(bits(kc), bits(kc_want)), "k_cache: rows other than the new ones changed, or wrong new rows"
+    assert torch.equal(bits(vc), bits(vc_want)), "v_cache: rows other than the new ones changed, or wrong new rows"
+    assert_close(out, o32, olp, dtype, "out", label)
+    assert_close(lse, l32, llp, dtype, "lse", label)
+    return k_written
+
+
+__all__ = ["make_case", "bits", "expected_caches", "run_case", "I32"]

@@ -6,8 +6,8 @@ inputs with the rotated new rows written at their rows, bit for bit, NaN sentine
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close
-from serving_cases import bits, expected_caches, make_case
+from helpers import DTYPES
+from serving_cases import make_case, run_case
 
 import pytorch_mqa
 from pytorch_mqa import reference
@@ -31,28 +31,6 @@ CASES = {
     "paged16 read-only Tq=2": (3, 2, 4, 2, 16, dict(page=16, S=64, lens=[64, 0, 17], with_new=False)),
     "leftpad read-only": (2, 3, 4, 2, 16, dict(S=30, lens=[30, 7], leftpad=[12, 6], with_new=False)),
 }
-
-
-def run_case(case, dtype, causal, label, backend="reference", **variant):
-    """Call the op on `case`, check the caches bit for bit and out/lse by the §5 rule."""
-    q, kc, vc, k, v, lens = (case[n] for n in ("q", "k_cache", "v_cache", "k", "v", "cache_seqlens"))
-    kw = dict(case["kw"], **variant)
-    f = lambda x: None if x is None else x.float()  # noqa: E731
-    o32, l32 = reference.attention_with_kv_cache(q.float(), kc.float(), vc.float(), f(k), f(v), lens, causal=causal, **kw)
-    olp, llp = reference.attention_with_kv_cache(q, kc.clone(), vc.clone(), k, v, lens, causal=causal, upcast=False, **kw)
-    k_written = k
-    if k is not None and "rotary_cos" in kw:
-        pos = reference.rotary_positions(lens, k.shape[1], True)
-        k_written = reference.apply_rotary(k, kw["rotary_cos"], kw["rotary_sin"], pos, kw["rotary_interleaved"])
-    kc_want, vc_want = expected_caches(case, k_written, v)
-    out, lse = pytorch_mqa.attention_with_kv_cache(
-        q, kc, vc, k, v, cache_seqlens=lens, causal=causal, return_lse=True, backend=backend, **kw
-    )
-    assert torch.equal(bits(kc), bits(kc_want)), "k_cache: rows other than the new ones changed, or wrong new rows"
-    assert torch.equal(bits(vc), bits(vc_want)), "v_cache: rows other than the new ones changed, or wrong new rows"
-    assert_close(out, o32, olp, dtype, "out", label)
-    assert_close(lse, l32, llp, dtype, "lse", label)
-    return k_written
 
 
 @pytest.mark.parametrize("name", list(CASES))
