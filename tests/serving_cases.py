@@ -20,20 +20,22 @@ I32 = torch.int32
 
 
 def make_case(B, Tq, Hq, Hkv, D, dtype, *, lens, S, page=None, slots=False, leftpad=None, rotary=None,
-              with_new=True, seed=0):
+              with_new=True, Tn=None, seed=0):
     """A dict with q, k_cache, v_cache, k, v, cache_seqlens and the serving keywords (`kw`).
 
     page: page size (paged caches) or None (contiguous); S: capacity per sequence (a multiple of
     page); slots: cache_batch_idx in a permuted order over more slots (or table rows) than B;
-    leftpad: list or None; rotary: (rotary_dim, interleaved) or None. lens may use "full" = S - Tq.
+    leftpad: list or None; rotary: (rotary_dim, interleaved) or None; Tn: new rows (default Tq).
+    lens may use "full" = S - Tn.
     """
+    Tn = Tq if Tn is None else Tn
     gen = seeded(seed)
-    lens = [S - Tq if x == "full" else x for x in lens]
-    new = Tq if with_new else 0
+    lens = [S - Tn if x == "full" else x for x in lens]
+    new = Tn if with_new else 0
     pads = leftpad or [0] * B
     q = randn((B, Tq, Hq, D), dtype, gen)
-    k = randn((B, Tq, Hkv, D), dtype, gen) if with_new else None
-    v = randn((B, Tq, Hkv, D), dtype, gen) if with_new else None
+    k = randn((B, Tn, Hkv, D), dtype, gen) if with_new else None
+    v = randn((B, Tn, Hkv, D), dtype, gen) if with_new else None
     n_rows = B + 2 if slots else B  # cache slots or table rows
     order = torch.randperm(n_rows, generator=gen)[:B].to(I32) if slots else torch.arange(B, dtype=I32)
     kw = {}
@@ -61,7 +63,7 @@ def make_case(B, Tq, Hq, Hkv, D, dtype, *, lens, S, page=None, slots=False, left
         kw["cache_leftpad"] = torch.tensor(leftpad, dtype=I32)
     if rotary is not None:
         R, inter = rotary
-        S_ro = S + Tq
+        S_ro = S + max(Tq, Tn)
         angle = torch.rand(S_ro, R // 2, generator=gen, dtype=torch.float64) * 2 * math.pi
         kw.update(rotary_cos=angle.cos().float(), rotary_sin=angle.sin().float(), rotary_interleaved=inter)
     return dict(q=q, k_cache=kc, v_cache=vc, k=k, v=v, cache_seqlens=torch.tensor(lens, dtype=I32), kw=kw,

@@ -194,6 +194,8 @@ SERVING_LOOP_CASES = {
     "paged leftpad alibi softcap": (False, (-1, -1), 1.5, True, dict(page=16, S=48, lens=[33, 20], leftpad=[17, 20])),
     "contiguous leftpad window causal read-only": (True, (1, -1), 0.0, False,
                                                    dict(S=16, lens=[16, 9], leftpad=[3, 8], with_new=False)),
+    "paged rotary causal one new row for three queries": (True, (-1, -1), 0.0, False,
+                                                           dict(page=16, S=32, lens=[5, 31], rotary=(8, True), Tn=1)),
 }
 
 

@@ -59,7 +59,7 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, sc
     block_table, slots, leftpad = srv.get("block_table"), srv.get("cache_batch_idx"), srv.get("cache_leftpad")
     S = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
     lens = cache_seqlens.tolist()  # the one host read of the lengths in this call
-    new = Tq if k is not None else 0
+    new = k.shape[1] if k is not None else 0
     check_cache_capacity(lens, S, new)
     if B == 0 or Tq == 0:
         return _empty(q)

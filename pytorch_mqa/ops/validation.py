@@ -123,14 +123,17 @@ def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, sca
     if (k is None) != (v is None):
         given, missing = ("k", "v") if v is None else ("v", "k")
         raise ValueError(f"{missing}: expected a tensor because {given} is given (pass both or neither), got None")
-    B, Tq = q.shape[0], q.shape[1]
+    B = q.shape[0]
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     if k is not None:
+        # New rows: Tn = k.shape[1], usually Tq; any count is allowed, as in FlashAttention.
         for name, x in (("k", k), ("v", v)):
-            _check_tensor(name, x, "(B, Tq, Hkv, D)")
+            _check_tensor(name, x, "(B, Tn, Hkv, D)")
             _check_same(name, x, "q", q)
-            if tuple(x.shape) != (B, Tq, Hkv, D):
-                raise ValueError(f"{name}: expected shape {(B, Tq, Hkv, D)} (B, Tq, Hkv, D), got {tuple(x.shape)}")
+            if x.shape[0] != B or x.shape[2] != Hkv or x.shape[3] != D:
+                raise ValueError(f"{name}: expected shape ({B}, Tn, {Hkv}, {D}) (B, Tn, Hkv, D), got {tuple(x.shape)}")
+        if v.shape != k.shape:
+            raise ValueError(f"v: expected shape {tuple(k.shape)} (the shape of k), got {tuple(v.shape)}")
     if not isinstance(cache_seqlens, Tensor):
         raise TypeError(f"cache_seqlens: expected an int32 tensor of shape ({B},) or an int, got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32:
@@ -262,7 +265,7 @@ def validate_serving(q, k_cache, k, cache_seqlens, causal, window_size, block_ta
     S_ro = _check_rotary(q, k, rotary_cos, rotary_sin, rotary_interleaved)
     if not _host(cache_seqlens, block_table, cache_batch_idx, cache_leftpad):
         return S
-    new = Tq if k is not None else 0
+    new = k.shape[1] if k is not None else 0
     lens = cache_seqlens.tolist()
     check_cache_capacity(lens, S, new, what)
     slots = list(range(B)) if cache_batch_idx is None else cache_batch_idx.tolist()

@@ -30,6 +30,12 @@ CASES = {
                                                rotary=(32, True))),
     "paged16 read-only Tq=2": (3, 2, 4, 2, 16, dict(page=16, S=64, lens=[64, 0, 17], with_new=False)),
     "leftpad read-only": (2, 3, 4, 2, 16, dict(S=30, lens=[30, 7], leftpad=[12, 6], with_new=False)),
+    # New k/v with fewer (or more) rows than q, as FlashAttention allows (seqlen_new != seqlen_q).
+    "fewer-new paged16 rotary Tq=4 Tn=2": (2, 4, 4, 2, 16, dict(page=16, S=32, lens=[3, "full"], rotary=(16, False),
+                                                                Tn=2)),
+    "fewer-new leftpad slots Tq=5 Tn=1": (2, 5, 6, 3, 24, dict(S=40, lens=[10, 30], slots=True, leftpad=[4, 0],
+                                                               rotary=(8, True), Tn=1)),
+    "more-new contiguous Tq=1 Tn=3": (2, 1, 4, 1, 16, dict(S=24, lens=[0, 21], Tn=3)),
 }
 
 

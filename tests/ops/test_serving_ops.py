@@ -82,6 +82,16 @@ def test_kernel_variant_table(feature, kw, supported):
             dispatch._require("cuda", "attention_with_kv_cache", var)
 
 
+def test_kernel_backends_take_tq_new_rows_only():
+    # New k/v with another row count than q run on the reference; forcing a kernel raises, naming k.
+    c = _case(slots=False, leftpad=None, rotary=None, Tn=1)
+    q, kc, vc, k, v, lens = (c[n] for n in ("q", "k_cache", "v_cache", "k", "v", "cache_seqlens"))
+    for backend in ("triton", "cuda"):
+        with pytest.raises(NotImplementedError, match="k: backend"):
+            dispatch.attention_with_kv_cache_forward(q, kc, vc, k, v, lens, True, 0.25, backend,
+                                                     block_table=c["kw"]["block_table"])
+
+
 def test_user_backend_gets_only_the_active_features():
     seen = {}
 
