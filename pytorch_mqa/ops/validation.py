@@ -286,16 +286,19 @@ def validate_serving(q, k_cache, k, cache_seqlens, causal, window_size, block_ta
                 f"cache_leftpad: expected 0 <= cache_leftpad[b] <= cache_seqlens[b], got cache_leftpad[{b}] = {p} "
                 f"with cache_seqlens[{b}] = {L}"
             )
-    if block_table is not None:
-        table = block_table.tolist()
-        for b, (s, p, L) in enumerate(zip(slots, pads, lens)):
-            used = table[s][p // page: -(-(L + new) // page)]  # the pages holding rows [P_b, L_b + Tq)
-            if used and (min(used) < 0 or max(used) >= n_caches):
-                col = p // page + _first(used, lambda x: not 0 <= x < n_caches)
-                raise ValueError(
-                    f"block_table: expected page indices in [0, {n_caches}) (k_cache.shape[0]) for the pages sequence "
-                    f"{b} uses, got block_table[{s}, {col}] = {table[s][col]}"
-                )
+    if block_table is not None and B > 0:
+        # The pages holding rows [P_b, L_b + Tn) of each sequence; other entries may hold anything.
+        table = block_table[torch.tensor(slots)]
+        col = torch.arange(table.shape[1])[None, :]
+        first_page = torch.tensor([p // page for p in pads])[:, None]
+        end_page = torch.tensor([-(-(L + new) // page) for L in lens])[:, None]
+        bad = (col >= first_page) & (col < end_page) & ((table < 0) | (table >= n_caches))
+        if bool(bad.any()):
+            b, c = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"block_table: expected page indices in [0, {n_caches}) (k_cache.shape[0]) for the pages sequence "
+                f"{b} uses, got block_table[{slots[b]}, {c}] = {int(table[b, c])}"
+            )
     if S_ro and lens:
         per_token = causal or tuple(window_size) != (-1, -1)
         need = max(L + max(new, Tq if per_token else 1) for L in lens)
