@@ -125,10 +125,10 @@ def attention_with_kv_cache(
 ):
     """Append k/v (if given) to the caches at cache_seqlens, in place, then attend. Not differentiable.
 
-    FlashAttention's `flash_attn_with_kvcache` (DESIGN §3). q: (B, Tq, Hq, D); k, v: (B, Tq, Hkv, D)
-    or None; cache_seqlens: int32 (B,) tensor or int, the rows per sequence before this call,
+    FlashAttention's `flash_attn_with_kvcache` (DESIGN §3). q: (B, Tq, Hq, D); k, v: (B, Tn, Hkv, D)
+    or None (usually Tn = Tq; another Tn runs on the reference backend); cache_seqlens: int32 (B,) tensor or int, the rows per sequence before this call,
     left padding included (not advanced here). Sequence b attends its live keys
-    [cache_leftpad[b], cache_seqlens[b] + Tq) (without k/v: up to cache_seqlens[b]).
+    [cache_leftpad[b], cache_seqlens[b] + Tn) (without k/v: up to cache_seqlens[b]).
 
     - caches: k_cache, v_cache (B, S, Hkv, D); with cache_batch_idx int32 (B,), (B_cache, S, Hkv, D)
       and sequence b uses slot cache_batch_idx[b]; with block_table int32 (B, max_blocks), paged
@@ -174,6 +174,8 @@ def attention_with_kv_cache(
         variants.update(block_table=block_table, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                         rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
     name = _pick_backend("attention_with_kv_cache", backend, q.device, variants)
+    if backend == "auto" and name in ("triton", "cuda") and k is not None and k.shape[1] != q.shape[1]:
+        name = "reference"  # the kernels append Tq new rows; another count runs the reference
     var_args = () if plain else (left, right, float(softcap), alibi_slopes)
     if serving:
         var_args = (left, right, float(softcap), alibi_slopes, block_table, cache_batch_idx, cache_leftpad,

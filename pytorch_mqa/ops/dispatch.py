@@ -244,7 +244,7 @@ def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, ca
     var = dict(window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes)
     srv = _serving_active(dict(block_table=block_table, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                                rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved))
-    if srv:
+    if srv or (k is not None and k.shape[1] != q.shape[1]):
         return _kv_cache_serving(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var, srv)
     if _active(var):
         return _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var)
@@ -313,18 +313,24 @@ def _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, 
 
 
 def _kv_cache_serving(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var, srv):
-    """The cache op with paged caches, cache slots, left padding or rotary (DESIGN §3): the CPU
+    """The cache op with paged caches, cache slots, left padding, rotary, or new k/v of another
+    length than q (DESIGN §3): the CPU
     path of `cpu_serving` on CPU tensors; on a device the Triton or csrc kernel where it has the
     requested features (index tensors moved to q's device, int32), else the oracle, after the
     capacity check when the lengths are on the host."""
     feats = dict(var, **srv)
+    new = 0 if k is None else k.shape[1]
     if backend in ("triton", "cuda"):
         _require(backend, "attention_with_kv_cache", feats)
+        if k is not None and new != q.shape[1]:
+            raise NotImplementedError(
+                f"k: backend {backend!r} appends new k/v of Tq = {q.shape[1]} rows; expected that many rows, "
+                f"backend='reference' (or 'auto', which routes around it), got k with {new} rows"
+            )
     if backend == "reference" and q.device.type == "cpu":
         return cpu_serving.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var, srv)
     if cache_seqlens.device.type == "cpu":
-        check_cache_capacity(cache_seqlens.tolist(), _cache_capacity(k_cache, srv.get("block_table")),
-                             q.shape[1] if k is not None else 0)
+        check_cache_capacity(cache_seqlens.tolist(), _cache_capacity(k_cache, srv.get("block_table")), new)
     cache_seqlens = cache_seqlens.to(q.device)
     srv = {name: (x.to(q.device) if name in SERVING_KEYS[:3] else x) for name, x in srv.items()}
     if backend in USER_BACKENDS:

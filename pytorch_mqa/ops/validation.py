@@ -123,14 +123,17 @@ def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, sca
     if (k is None) != (v is None):
         given, missing = ("k", "v") if v is None else ("v", "k")
         raise ValueError(f"{missing}: expected a tensor because {given} is given (pass both or neither), got None")
-    B, Tq = q.shape[0], q.shape[1]
+    B = q.shape[0]
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     if k is not None:
+        # New rows: Tn = k.shape[1], usually Tq; any count is allowed, as in FlashAttention.
         for name, x in (("k", k), ("v", v)):
-            _check_tensor(name, x, "(B, Tq, Hkv, D)")
+            _check_tensor(name, x, "(B, Tn, Hkv, D)")
             _check_same(name, x, "q", q)
-            if tuple(x.shape) != (B, Tq, Hkv, D):
-                raise ValueError(f"{name}: expected shape {(B, Tq, Hkv, D)} (B, Tq, Hkv, D), got {tuple(x.shape)}")
+            if x.shape[0] != B or x.shape[2] != Hkv or x.shape[3] != D:
+                raise ValueError(f"{name}: expected shape ({B}, Tn, {Hkv}, {D}) (B, Tn, Hkv, D), got {tuple(x.shape)}")
+        if v.shape != k.shape:
+            raise ValueError(f"v: expected shape {tuple(k.shape)} (the shape of k), got {tuple(v.shape)}")
     if not isinstance(cache_seqlens, Tensor):
         raise TypeError(f"cache_seqlens: expected an int32 tensor of shape ({B},) or an int, got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32:
@@ -262,7 +265,7 @@ def validate_serving(q, k_cache, k, cache_seqlens, causal, window_size, block_ta
     S_ro = _check_rotary(q, k, rotary_cos, rotary_sin, rotary_interleaved)
     if not _host(cache_seqlens, block_table, cache_batch_idx, cache_leftpad):
         return S
-    new = Tq if k is not None else 0
+    new = k.shape[1] if k is not None else 0
     lens = cache_seqlens.tolist()
     check_cache_capacity(lens, S, new, what)
     slots = list(range(B)) if cache_batch_idx is None else cache_batch_idx.tolist()
@@ -283,16 +286,19 @@ def validate_serving(q, k_cache, k, cache_seqlens, causal, window_size, block_ta
                 f"cache_leftpad: expected 0 <= cache_leftpad[b] <= cache_seqlens[b], got cache_leftpad[{b}] = {p} "
                 f"with cache_seqlens[{b}] = {L}"
             )
-    if block_table is not None:
-        table = block_table.tolist()
-        for b, (s, p, L) in enumerate(zip(slots, pads, lens)):
-            used = table[s][p // page: -(-(L + new) // page)]  # the pages holding rows [P_b, L_b + Tq)
-            if used and (min(used) < 0 or max(used) >= n_caches):
-                col = p // page + _first(used, lambda x: not 0 <= x < n_caches)
-                raise ValueError(
-                    f"block_table: expected page indices in [0, {n_caches}) (k_cache.shape[0]) for the pages sequence "
-                    f"{b} uses, got block_table[{s}, {col}] = {table[s][col]}"
-                )
+    if block_table is not None and B > 0:
+        # The pages holding rows [P_b, L_b + Tn) of each sequence; other entries may hold anything.
+        table = block_table[torch.tensor(slots)]
+        col = torch.arange(table.shape[1])[None, :]
+        first_page = torch.tensor([p // page for p in pads])[:, None]
+        end_page = torch.tensor([-(-(L + new) // page) for L in lens])[:, None]
+        bad = (col >= first_page) & (col < end_page) & ((table < 0) | (table >= n_caches))
+        if bool(bad.any()):
+            b, c = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"block_table: expected page indices in [0, {n_caches}) (k_cache.shape[0]) for the pages sequence "
+                f"{b} uses, got block_table[{slots[b]}, {c}] = {int(table[b, c])}"
+            )
     if S_ro and lens:
         per_token = causal or tuple(window_size) != (-1, -1)
         need = max(L + max(new, Tq if per_token else 1) for L in lens)
