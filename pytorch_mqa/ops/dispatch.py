@@ -83,7 +83,9 @@ KERNEL_VARIANTS = {
     ("triton", "attention_with_kv_cache"): (
         "window_size", "softcap", "alibi_slopes", "block_table", "cache_batch_idx", "cache_leftpad", "rotary",
     ),
-    ("cuda", "attention_with_kv_cache"): ("window_size", "softcap", "block_table", "cache_batch_idx", "cache_leftpad"),
+    ("cuda", "attention_with_kv_cache"): (
+        "window_size", "softcap", "alibi_slopes", "block_table", "cache_batch_idx", "cache_leftpad",
+    ),
 }
 
 
@@ -276,7 +278,7 @@ def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, ca
 
 
 def _cuda_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var, srv):
-    """The csrc op with its variant and serving arguments (no rotary, no ALiBi: see KERNEL_VARIANTS)."""
+    """The csrc op with its variant and serving arguments (no rotary: see KERNEL_VARIANTS)."""
     build.load_extension()
     left, right = var["window_size"]
     return torch.ops.pytorch_mqa.attention_with_kv_cache_cuda(
