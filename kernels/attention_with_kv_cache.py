@@ -42,6 +42,7 @@ from .attention_with_kv_cache_blocks import (
     _load_kv,
     _page_rows,
     _rotate,
+    _round_to,
     paged_args,
     rotary_args,
 )
@@ -165,8 +166,9 @@ def _decode_split_kernel(
                 kn = tl.load(k_base + src * stride_kt + offs_d[None, :] * stride_kd, mask=m2)
                 vn = tl.load(v_base + src * stride_vt + offs_d[None, :] * stride_vd, mask=m2)
                 if ROTARY:
-                    kn = _rotate(kn, k_base + src * stride_kt, offs_d[None, :], stride_kd, pos[:, None], m2,
-                                 Cos, Sin, stride_cs, rot_dim, s_ro, ROTARY_INTERLEAVED, EXACT_MUL)
+                    kn = _round_to(_rotate(kn, k_base + src * stride_kt, offs_d[None, :], stride_kd, pos[:, None], m2,
+                                           Cos, Sin, stride_cs, rot_dim, s_ro, ROTARY_INTERLEAVED, EXACT_MUL),
+                                   KC.dtype.element_ty, UPCAST)
                 if PAGED:
                     page, row = _page_rows(table, n0, offs_nb, pos < end, stride_tn, PAGE_SIZE, False)
                     tl.store(kc_base + (page * stride_kcb + row * stride_kcs)[:, None] + offs_d[None, :] * stride_kcd,
@@ -189,8 +191,9 @@ def _decode_split_kernel(
             q_pos = L + t[:, None]
         else:
             q_pos = L + tl.zeros_like(t)[:, None]
-        q = _rotate(q, q_rows, offs_d[None, :], stride_qd, q_pos, row_ok[:, None] & d_ok[None, :],
-                    Cos, Sin, stride_cs, rot_dim, s_ro, ROTARY_INTERLEAVED, EXACT_MUL).to(Q.dtype.element_ty)
+        q = _round_to(_rotate(q, q_rows, offs_d[None, :], stride_qd, q_pos, row_ok[:, None] & d_ok[None, :],
+                              Cos, Sin, stride_cs, rot_dim, s_ro, ROTARY_INTERLEAVED, EXACT_MUL),
+                      Q.dtype.element_ty, UPCAST)
     if UPCAST:
         q = q.to(tl.float32)
     if CAUSAL:
@@ -255,9 +258,9 @@ def _decode_split_kernel(
             if ROTARY:
                 # The same rotation (and rounding) as the rows written to the cache above.
                 kt, v = _load_kv(k_ptrs, v_ptrs, n_ok, d_ok, False)
-                kt = _rotate(kt, k_base + src[None, :] * stride_kt, offs_d[:, None], stride_kd, offs_n[None, :],
-                             d_ok[:, None] & n_ok[None, :], Cos, Sin, stride_cs, rot_dim, s_ro,
-                             ROTARY_INTERLEAVED, EXACT_MUL).to(KC.dtype.element_ty)
+                kt = _round_to(_rotate(kt, k_base + src[None, :] * stride_kt, offs_d[:, None], stride_kd,
+                                       offs_n[None, :], d_ok[:, None] & n_ok[None, :], Cos, Sin, stride_cs,
+                                       rot_dim, s_ro, ROTARY_INTERLEAVED, EXACT_MUL), KC.dtype.element_ty, UPCAST)
                 if UPCAST:
                     kt = kt.to(tl.float32)
                     v = v.to(tl.float32)

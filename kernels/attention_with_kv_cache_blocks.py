@@ -84,8 +84,8 @@ def _page_rows(table, n0, offs_nb, n_ok, stride_tn, PAGE_SIZE: tl.constexpr, ONE
 def _rotate(x, row_ptrs, d, stride_d, pos, mask, COS, SIN, stride_cs, rot_dim, s_ro,
             INTERLEAVED: tl.constexpr, EXACT: tl.constexpr):
     """Rotary embedding of a tile x loaded from row_ptrs + d * stride_d (any layout: d, pos, mask
-    and row_ptrs broadcast to x's shape); pos: cos/sin rows (positions outside [0, s_ro) rotate
-    by 0). Returns the rotated tile in fp32, not yet rounded. EXACT (GPU): products through
+    and row_ptrs broadcast to x's shape); pos: cos/sin rows. Returns the rotated tile in fp32,
+    not yet rounded. EXACT (GPU): products through
     mul.rn so they are never fused into an FMA; the interpreter computes them unfused anyway."""
     if INTERLEAVED:
         freq = d // 2
@@ -100,10 +100,10 @@ def _rotate(x, row_ptrs, d, stride_d, pos, mask, COS, SIN, stride_cs, rot_dim, s
     rot = d < rot_dim
     m = mask & rot
     xp = tl.load(row_ptrs + partner * stride_d, mask=m, other=0.0).to(tl.float32)
-    cs_ok = m & (pos >= 0) & (pos < s_ro)
-    cs_off = pos.to(tl.int64) * stride_cs + freq
-    c = tl.load(COS + cs_off, mask=cs_ok, other=1.0).to(tl.float32)
-    s = tl.load(SIN + cs_off, mask=cs_ok, other=0.0).to(tl.float32)
+    # Positions are clamped into the table, as reference.apply_rotary does (the host checks them).
+    cs_off = tl.minimum(tl.maximum(pos, 0), s_ro - 1).to(tl.int64) * stride_cs + freq
+    c = tl.load(COS + cs_off, mask=m, other=1.0).to(tl.float32)
+    s = tl.load(SIN + cs_off, mask=m, other=0.0).to(tl.float32)
     x32 = x.to(tl.float32)
     xs = tl.where(neg, -xp, xp)
     if EXACT:
@@ -128,3 +128,14 @@ def paged_args(k_cache, block_table):
     """(table, row stride, entry stride, PAGE_SIZE, capacity per sequence) of a paged cache."""
     page = k_cache.shape[1]
     return block_table, block_table.stride(0), block_table.stride(1), page, block_table.shape[1] * page
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
+    """fp32 x rounded to `dtype`. RNE_BF16 (the interpreter with bf16, whose fp32 -> bf16 cast
+    truncates): round to nearest even on the bits first, so the cast is exact."""
+    if RNE_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+    return x.to(dtype)
