@@ -105,7 +105,7 @@ def _decode_split_kernel(
     VARIANT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     ROTARY: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_Q_PER_TOKEN: tl.constexpr,
-    EXACT_MUL: tl.constexpr,
+    EXACT_MUL: tl.constexpr, NEW_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """pid = (bh * row_blocks + m) * NUM_SPLITS + split; packed row r = t * G + g.
@@ -147,6 +147,10 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     offs_nb = tl.arange(0, BLOCK_N)
+    # New rows (at most Tq) in tiles of NEW_N: with rotary, tiles of NEW_BLOCK rows keep the
+    # rotation's fp32 tiles (value, partner, cos, sin) in registers.
+    NEW_N: tl.constexpr = NEW_BLOCK if ROTARY else BLOCK_N
+    offs_new = tl.arange(0, NEW_N)
     if PAGED:
         table = Table + b_cache * stride_tb
         kc_base = KC + hk * stride_kch
@@ -159,8 +163,8 @@ def _decode_split_kernel(
     if HAS_NEW:
         if pid_m == 0:
             # This split owns the new rows in its slice: write them (rows outside [0, S) are never in a slice).
-            for n0 in range(tl.maximum(start, L_cache), end, BLOCK_N):
-                pos = (n0 + offs_nb).to(tl.int64)
+            for n0 in range(tl.maximum(start, L_cache), end, NEW_N):
+                pos = (n0 + offs_new).to(tl.int64)
                 m2 = (pos < end)[:, None] & d_ok[None, :]
                 src = (pos - L)[:, None]
                 kn = tl.load(k_base + src * stride_kt + offs_d[None, :] * stride_kd, mask=m2)
@@ -170,7 +174,7 @@ def _decode_split_kernel(
                                            Cos, Sin, stride_cs, rot_dim, s_ro, ROTARY_INTERLEAVED, EXACT_MUL),
                                    KC.dtype.element_ty, UPCAST)
                 if PAGED:
-                    page, row = _page_rows(table, n0, offs_nb, pos < end, stride_tn, PAGE_SIZE, False)
+                    page, row = _page_rows(table, n0, offs_new, pos < end, stride_tn, PAGE_SIZE, False)
                     tl.store(kc_base + (page * stride_kcb + row * stride_kcs)[:, None] + offs_d[None, :] * stride_kcd,
                              kn.to(KC.dtype.element_ty), mask=m2)
                     tl.store(vc_base + (page * stride_vcb + row * stride_vcs)[:, None] + offs_d[None, :] * stride_vcd,
@@ -249,8 +253,8 @@ def _decode_split_kernel(
                 slope, scale, softcap, win_left, win_right, VARIANT, SOFTCAP, ALIBI,
             )
     if HAS_NEW:
-        for n0 in range(tl.maximum(start, L_cache), end, BLOCK_N):
-            offs_n = n0 + offs_nb
+        for n0 in range(tl.maximum(start, L_cache), end, NEW_N):
+            offs_n = n0 + offs_new
             src = (offs_n - L).to(tl.int64)
             k_ptrs = k_base + src[None, :] * stride_kt + offs_d[:, None] * stride_kd
             v_ptrs = v_base + src[:, None] * stride_vt + offs_d[None, :] * stride_vd
@@ -424,6 +428,7 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
         SPLIT_ALIGN_=SPLIT_ALIGN, PAGED=paged, PAGE_SIZE=page_size, HAS_BATCH_IDX=cache_batch_idx is not None,
         HAS_LEFTPAD=cache_leftpad is not None, ROTARY=rotary, ROTARY_INTERLEAVED=bool(rotary_interleaved),
         ROTARY_Q_PER_TOKEN=causal or tuple(window_size) != (-1, -1), EXACT_MUL=not interpreting(),
+        NEW_BLOCK=min(64, max(16, triton.next_power_of_2(Tq))) if rotary else 16,
         BLOCK_M=plan.block_m, **flags,
     )
     if plan.combine_programs:
