@@ -1,6 +1,6 @@
 """Triton decoding attention with the cache append fused into the attention pass (split-KV).
 
-q (B, Tq, Hq, D); k_cache, v_cache (B, S, Hkv, D); optional new k, v (B, Tq, Hkv, D);
+q (B, Tq, Hq, D); k_cache, v_cache (B, S, Hkv, D) (or pages, below); optional new k, v (B, Tq, Hkv, D);
 cache_seqlens int32 (B,) on the device. Sequence b attends keys [0, Lk_b) with
 Lk_b = clamp(L_b + Tq, 0, S) (or clamp(L_b, 0, S) without new rows), causal bottom-right per
 sequence: query t sees key j iff j <= t + Lk_b - Tq. Key j in [L_b, L_b + Tq) is new row j - L_b.
@@ -20,6 +20,17 @@ At most two launches, in stream order:
 2. `_combine_kernel` merges the active splits' partials, weighted by exp(lse_split - lse); it
    recomputes the active split count from cache_seqlens. With one split (static shapes say so)
    the split kernel writes the final output and this launch is skipped.
+
+Serving caches (DESIGN §3), each behind a constexpr flag so that the plain path compiles as
+before: PAGED (k_cache / v_cache a pool of pages (num_blocks, page_size, Hkv, D); logical row j
+of sequence b at page block_table[b, j // page_size]; S = max_blocks * page_size; the table is read
+once per key tile, a scalar when tiles start on multiples of BLOCK_N and page_size is a multiple
+of BLOCK_N, else one vector read giving each row its page; new rows are written through it),
+HAS_BATCH_IDX (sequence b uses slot, or table row, cache_batch_idx[b]), HAS_LEFTPAD (the splits
+partition the live keys [leftpad_b, Lk_b) only; alignment is unchanged in cache rows) and ROTARY
+(new k rotated at cache row L_b + t before the write and again, identically, where the new keys
+are attended; q rotated in registers at L_b + t when causal or windowed, else at L_b; fp32 math
+rounded once; FlashAttention's positions, which count the left padding).
 
 The split count depends only on static shapes (B, Hkv, Tq * G, S) and `sm_count`, so the launch
 is the same for every step and works under torch.compile and CUDA graph capture. The split kernel
@@ -260,11 +271,16 @@ def _decode_split_kernel(
             v_ptrs = v_base + src[:, None] * stride_vt + offs_d[None, :] * stride_vd
             n_ok = offs_n < end
             if ROTARY:
-                # The same rotation (and rounding) as the rows written to the cache above.
-                kt, v = _load_kv(k_ptrs, v_ptrs, n_ok, d_ok, False)
-                kt = _round_to(_rotate(kt, k_base + src[None, :] * stride_kt, offs_d[:, None], stride_kd,
-                                       offs_n[None, :], d_ok[:, None] & n_ok[None, :], Cos, Sin, stride_cs,
-                                       rot_dim, s_ro, ROTARY_INTERLEAVED, EXACT_MUL), KC.dtype.element_ty, UPCAST)
+                # The same rotation (and rounding) as the rows written to the cache above, on the
+                # (N, D) tile (the (D, N) layout's gathers along D cost ~70 registers), then transposed.
+                k_rows = k_base + src[:, None] * stride_kt
+                nd_ok = n_ok[:, None] & d_ok[None, :]
+                kn = tl.load(k_rows + offs_d[None, :] * stride_kd, mask=nd_ok, other=0.0)
+                kn = _round_to(_rotate(kn, k_rows, offs_d[None, :], stride_kd, offs_n[:, None], nd_ok, Cos, Sin,
+                                       stride_cs, rot_dim, s_ro, ROTARY_INTERLEAVED, EXACT_MUL), KC.dtype.element_ty,
+                               UPCAST)
+                v = tl.load(v_ptrs, mask=nd_ok, other=0.0)
+                kt = tl.trans(kn)
                 if UPCAST:
                     kt = kt.to(tl.float32)
                     v = v.to(tl.float32)
