@@ -88,6 +88,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     fits = [c for c in configs if c.num_stages * 2 * c.kwargs["BLOCK_N"] * args["BLOCK_D"] * elem <= 200 * 1024]
     if elem == 4:  # fp32 tiles (tf32x3 keeps hi/lo halves): only 32-key tiles stay spill-free
         fits = [c for c in fits if c.kwargs["BLOCK_N"] <= 32]
+    if args.get("ROTARY"):  # 128-key tiles spill (16 B at D = 128) beside the rotation's tiles
+        fits = [c for c in fits if c.kwargs["BLOCK_N"] <= 64]
     return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.num_stages)]
 
 
