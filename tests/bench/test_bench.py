@@ -11,6 +11,7 @@ import torch
 
 from pytorch_mqa import cli
 from pytorch_mqa.bench import attention as bench_attention
+from pytorch_mqa.bench import attention_with_kv_cache as bench_decode
 from pytorch_mqa.bench import generate as bench_generate
 from pytorch_mqa.bench import report, runner, timing
 
@@ -40,6 +41,28 @@ def test_decode_bytes_by_hand():
     assert timing.decode_bytes([3, 5], 1, 4, 2, 8, 2) == 640 + 256 + 256
     # ragged lengths count each sequence's own rows
     assert timing.decode_bytes([0], 1, 1, 1, 1, 4) == 2 * 4 + 2 * 4 + 4 * 4
+
+
+def test_paged_decode_bytes_by_hand():
+    # lengths [3, 20], Tq = 1, page 16: the live rows as decode_bytes counts them, plus 1 + 2 live
+    # pages' int32 table entries.
+    assert bench_decode.paged_decode_bytes([3, 20], 1, 4, 2, 8, 2, 16) == timing.decode_bytes([3, 20], 1, 4, 2, 8, 2) + 12
+
+
+def test_paged_rows_beside_contiguous():
+    """Paged cases (page 16) beside the contiguous one: the same reference result as sdpa+gather,
+    GB/s over the live rows and live pages only."""
+    shapes = dict(TINY["attention_with_kv_cache"], pages=(None, 16))
+    calib = {"copy_gbs": 1.0}
+    rows = bench_decode.run(torch.device("cpu"), torch.float32, calib, True, shapes=shapes)
+    timed = [r for r in rows if r.get("case") != "all"]
+    by = {(r["provider"], r["page"]): r for r in timed}
+    assert set(by) == {("mqa.reference", None), ("sdpa+write", None), ("mqa.reference", 16), ("sdpa+gather", 16)}
+    paged = by[("mqa.reference", 16)]
+    assert paged["S"] == 48 and paged["case"].endswith("page16")  # L + 1 = 41 rows in whole pages
+    assert by[("sdpa+gather", 16)]["max_abs_err"] < 1e-5
+    nbytes = bench_decode.paged_decode_bytes([40, 40], 1, 4, 2, 16, 4, 16)
+    assert paged["gbs"] == pytest.approx(nbytes / (paged["ms"] * 1e-3) / 1e9)
 
 
 def _check_timed(row, rate_key):

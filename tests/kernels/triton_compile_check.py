@@ -105,6 +105,12 @@ def _cases_attention_with_kv_cache(dtype):
     yield "gqa G32 Tq4 D128", 1, 4, 8192, 32, 1, 128, True, True
     yield "gqa G4 D96 no-new", 2, 1, 4096, 16, 4, 96, False, False
     yield "batch64 G8 D64", 64, 1, 2048, 32, 4, 64, True, True
+    # Serving caches (paged with page_size 16 / 256, slots, left padding, rotary in the append).
+    yield "paged16 G8 D128", 1, 1, 32768, 8, 1, 128, True, True, dict(page=16)
+    yield "paged256 G8 D128", 1, 1, 32768, 8, 1, 128, True, True, dict(page=256)
+    yield "rotary G8 D128", 1, 1, 32768, 8, 1, 128, True, True, dict(rotary=128)
+    yield "paged16 all G8 D128", 1, 1, 32768, 8, 1, 128, True, True, dict(page=16, rotary=128, leftpad=True,
+                                                                          slots=True)
 
 
 def _cases_attention(dtype):
@@ -124,16 +130,29 @@ def _limit(cases):
 def run_attention_with_kv_cache(dtype, out):
     saved = _patched(K, ["_decode_split_kernel", "_combine_kernel"], "", out)
     try:
-        for label, B, Tq, S, Hq, Hkv, D, with_new, causal in _limit(_cases_attention_with_kv_cache(dtype)):
+        for label, B, Tq, S, Hq, Hkv, D, with_new, causal, *serving in _limit(_cases_attention_with_kv_cache(dtype)):
             for rec in (K._decode_split_kernel, K._combine_kernel):
                 rec.label = f"{label} {_dt_name(dtype)}"
+            srv = serving[0] if serving else {}
             q = torch.empty((B, Tq, Hq, D), dtype=dtype)
-            kc = torch.empty((B, S, Hkv, D), dtype=dtype)
-            vc = torch.empty((B, S, Hkv, D), dtype=dtype)
+            page = srv.get("page")
+            shape = (B, S, Hkv, D) if page is None else (B * S // page, page, Hkv, D)
+            kc = torch.empty(shape, dtype=dtype)
+            vc = torch.empty(shape, dtype=dtype)
             k = torch.empty((B, Tq, Hkv, D), dtype=dtype) if with_new else None
             v = torch.empty((B, Tq, Hkv, D), dtype=dtype) if with_new else None
             lens = torch.zeros((B,), dtype=torch.int32)
-            K.attention_with_kv_cache(q, kc, vc, k, v, lens, causal, D**-0.5)
+            kw = {}
+            if page is not None:
+                kw["block_table"] = torch.zeros((B, S // page), dtype=torch.int32)
+            if srv.get("slots"):
+                kw["cache_batch_idx"] = torch.zeros((B,), dtype=torch.int32)
+            if srv.get("leftpad"):
+                kw["cache_leftpad"] = torch.zeros((B,), dtype=torch.int32)
+            if srv.get("rotary"):
+                kw["rotary_cos"] = torch.empty((S, srv["rotary"] // 2), dtype=dtype)
+                kw["rotary_sin"] = torch.empty((S, srv["rotary"] // 2), dtype=dtype)
+            K.attention_with_kv_cache(q, kc, vc, k, v, lens, causal, D**-0.5, **kw)
     finally:
         for n, f in saved.items():
             setattr(K, n, f)
