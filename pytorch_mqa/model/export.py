@@ -42,8 +42,18 @@ def _bias(linear_or_norm, n: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(n) if b is None else b.detach()
 
 
+def _require_learned_positions(model, fmt: str) -> None:
+    """Both export layouts are GPT-2's, with a learned position table (wpe / pos_emb)."""
+    if model.config.pos_embedding != "learned":
+        raise ValueError(
+            f"format: {fmt!r} is a GPT-2 layout with learned positions, this model has "
+            f"pos_embedding={model.config.pos_embedding!r}; expected format='pytorch_mqa'"
+        )
+
+
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """The weights under GPT2LMHeadModel's names (Conv1D weights stored (in, out))."""
+    _require_learned_positions(model, HF_FORMAT)
     cfg, t = model.config, model.transformer
     C = cfg.n_embd
     w0 = t.wte.weight.detach()
@@ -86,6 +96,7 @@ def save_hf(model, directory: str) -> None:
     """A directory `transformers.GPT2LMHeadModel.from_pretrained` loads: config.json + model.safetensors."""
     from safetensors.torch import save_file
 
+    _require_learned_positions(model, HF_FORMAT)  # before anything is written
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config(model), f, indent=2)
@@ -95,6 +106,7 @@ def save_hf(model, directory: str) -> None:
 def scratch_state_dict(model) -> dict[str, torch.Tensor]:
     """The from-scratch GPT-2 layout: tok_emb, pos_emb, trf_blocks.N.{att.W_query|W_key|W_value|out_proj,
     ff.layers.0|2, norm1|norm2.scale|shift}, final_norm, out_head (Linear weights (out, in))."""
+    _require_learned_positions(model, SCRATCH_FORMAT)
     cfg, t = model.config, model.transformer
     C = cfg.n_embd
     w0 = t.wte.weight.detach()
@@ -119,6 +131,7 @@ def scratch_state_dict(model) -> dict[str, torch.Tensor]:
 
 def save_scratch(model, path: str) -> None:
     """The from-scratch layout as one torch.save file (a directory gets `model.pth`)."""
+    _require_learned_positions(model, SCRATCH_FORMAT)  # before anything is written
     if os.path.isdir(path) or not os.path.splitext(path)[1]:
         os.makedirs(path, exist_ok=True)
         path = os.path.join(path, "model.pth")

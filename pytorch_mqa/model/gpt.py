@@ -293,11 +293,6 @@ class GPT(nn.Module):
         (tok_emb, trf_blocks, out_head), one torch.save file `model.pth` in `directory`. The last
         two have learned positions only (a rope model is saved as "pytorch_mqa").
         """
-        if format in (export.HF_FORMAT, export.SCRATCH_FORMAT) and self.rope:
-            raise ValueError(
-                f"format: {format!r} is a GPT-2 layout with learned positions, this model has "
-                f"pos_embedding='rope'; expected format='pytorch_mqa'"
-            )
         if format == "pytorch_mqa":
             checkpoints.save_pretrained(self, directory)
         elif format == export.HF_FORMAT:

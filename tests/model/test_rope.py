@@ -195,6 +195,11 @@ def test_save_load_round_trip_and_old_configs(tmp_path):
     torch.testing.assert_close(back(IDX), model(IDX), rtol=0, atol=0)
     with pytest.raises(ValueError, match="format: 'hf' is a GPT-2 layout with learned positions"):
         model.save_pretrained(tmp_path / "hf", format="hf")
+    from pytorch_mqa.model import export
+
+    with pytest.raises(ValueError, match="format: 'scratch' is a GPT-2 layout with learned positions"):
+        export.save_scratch(model, str(tmp_path / "scratch"))
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "scratch").exists()
     # A config.json written before the rope fields existed loads with learned positions.
     learned = tiny_gpt(2)
     learned.save_pretrained(tmp_path / "old")
