@@ -211,6 +211,9 @@ def attention_varlen_backward(dout, q, k, v, cu_q, cu_k, max_q, max_k, out, lse,
 
 
 def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *variants, **kw):
+    if not variants and not kw and backend == "reference" and q.device.type == "cpu":
+        # The plain op on CPU (a decode step per layer): straight to the kernel.
+        return cpu.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)
     var = _variants(*variants, **kw)
     del var["dropout_p"], var["dropout_seed"]
     if _active(var):
