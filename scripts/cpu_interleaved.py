@@ -68,7 +68,7 @@ def decode(args) -> None:
     print("| Hkv | B | L | S | mqa ms | sdpa+write ms | ratio (medians) | ratio (p20) | reps | load |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--|")
     for Hkv in shp["Hkv"]:
-        for B in shp["batch"]:
+        for B in args.batch or shp["batch"]:
             for L in shp["lengths"]:
                 for cap in shp["capacity"]:
                     S = L + 1 if cap == 1 else cap * L
@@ -137,6 +137,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=8.0, help="seconds of timed rounds per case (default 8)")
     p.add_argument("--max-cache-gb", type=float, default=4.5, help="decode: skip cases whose two caches exceed this")
+    p.add_argument("--batch", type=int, nargs="*", help="decode: only these batch sizes")
     p.add_argument("--no-math", action="store_true", help="attention: leave out SDPA's math backend")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
