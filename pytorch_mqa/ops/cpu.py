@@ -17,7 +17,9 @@ wherever its semantics match the contract, and add what it lacks:
   views of the rows some sequence can see: no copy of K/V, no loop over sequences. For one query
   row the G query heads of a KV head become G query rows of one head (a free view), so each K/V
   row is read once per KV head instead of once per query head (or e times, when B * Hkv alone
-  would leave threads idle: see `_expansion`). Ragged lengths use a float mask.
+  would leave threads idle: see `_expansion`). Ragged lengths use a float mask. The common
+  step (one row, equal lengths) builds all its views with one as_strided call each
+  (`_decode_step`): a small step is 50-100 us, of which each tensor call is about 1 us.
 - parallelism of the backward: with fewer (batch, KV head) pairs than threads, K/V are expanded
   just enough to give every thread a task (`_expansion`); in float16/bfloat16 with G > 1 fully,
   so that dK/dV are summed over the query heads in float32.
@@ -207,25 +209,70 @@ def attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal: bo
     longest visible prefix, and sequence b sees keys [0, L_b + Tq) (or [0, L_b)).
     """
     B, Tq, Hq, D = q.shape
-    S = k_cache.shape[1]
-    lens, lo, hi, new = append_new_rows(q, k_cache, v_cache, k, v, cache_seqlens)
+    lens = cache_seqlens.tolist()  # the one host read of the lengths in this call
+    new = Tq if k is not None else 0
+    lo, hi = check_cache_capacity(lens, k_cache.shape[1], new)
+    if lo == hi and Tq == 1 and B > 0 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1:
+        return _decode_step(q, k_cache, v_cache, k, v, hi, scale)
+    if new and B > 0:
+        _append(k_cache, k, lens, lo == hi)
+        _append(v_cache, v, lens, lo == hi)
     if B == 0 or Tq == 0:
         return _empty_result(q)
-    uniform = lo == hi
     n_keys = hi + new  # the longest visible prefix
     if n_keys == 0:
         return _empty_result(q)
-    if n_keys < S:
-        k_cache, v_cache = k_cache.narrow(1, 0, n_keys), v_cache.narrow(1, 0, n_keys)
-    kc, vc = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, Hkv, n_keys, D): views of the caches
-    if kc.stride(-1) != 1:
-        kc, vc = kc.contiguous(), vc.contiguous()
-    if uniform:
+    kc, vc = _prefix_bhsd(k_cache, n_keys), _prefix_bhsd(v_cache, n_keys)
+    if lo == hi:
         if Tq == 1:
             return _one_row(q, kc, vc, scale, None)
         out, lse = _attend(_bhsd(q), kc, vc, causal, scale)
         return out.transpose(1, 2).contiguous(), lse.contiguous()
     return _ragged(q, kc, vc, [L + new for L in lens], causal, scale)
+
+
+def _prefix_bhsd(cache, n):
+    """Rows [0, n) of a (B, S, H, D) cache as a (B, H, n, D) view (a copy only if D is strided)."""
+    x = cache.narrow(1, 0, n).transpose(1, 2)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _decode_step(q, k_cache, v_cache, k, v, L, scale):
+    """The common decoding step: Tq = 1, every sequence at length L, caches unit-stride in D.
+
+    The same work as `_append` + `_one_row`, in fewer tensor calls (each costs about a
+    microsecond of Python and dispatcher, and a small decode step is only 50-100 us): the new
+    rows are written through one as_strided view per cache, and the cache prefix and the grouped
+    query are one as_strided view each. All are views of the callers' tensors, with their own
+    strides and offsets."""
+    B, _, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if k is not None:
+        ks, vs = k_cache.stride(), v_cache.stride()
+        k_cache.as_strided(k.shape, ks, k_cache.storage_offset() + L * ks[1]).copy_(k)
+        v_cache.as_strided(v.shape, vs, v_cache.storage_offset() + L * vs[1]).copy_(v)
+        L += 1
+    if L == 0:
+        return _empty_result(q)
+    ks, vs = k_cache.stride(), v_cache.stride()
+    kc = k_cache.as_strided((B, Hkv, L, D), (ks[0], ks[2], ks[1], 1), k_cache.storage_offset())
+    vc = v_cache.as_strided((B, Hkv, L, D), (vs[0], vs[2], vs[1], 1), v_cache.storage_offset())
+    G = Hq // Hkv
+    e = _expansion(B, Hq, Hkv)
+    qs = q.stride()
+    if qs[3] != 1:
+        q, qs = q.contiguous(), (Hq * D, Hq * D, D, 1)
+    if Hkv == 1 and e > 1:
+        # MQA split over threads: head i takes query heads i, i + e, ... The kernel lays its
+        # output out as (rows, heads), which is query-head order: out and lse are views.
+        qg = q.as_strided((B, e, G // e, D), (qs[0], qs[2], e * qs[2], 1), q.storage_offset())
+        out, lse = _flash(qg, kc, vc, 0.0, False, scale=scale)
+        return out.transpose(1, 2).reshape(B, 1, Hq, D), lse.transpose(1, 2).reshape(B, Hq, 1)
+    r = G // e  # query rows per kernel head; query head h * r + i is row i of kernel head h
+    qg = q.as_strided((B, Hkv * e, r, D), (qs[0], r * qs[2], qs[2], 1), q.storage_offset())
+    out, lse = _flash(qg, kc, vc, 0.0, False, scale=scale)
+    # (B, Hkv * e, r, D) laid out as (B, r, Hkv * e, D): a view when r == 1 (MHA) or Hkv * e == 1.
+    return out.reshape(B, 1, Hq, D), lse.reshape(B, Hq, 1)
 
 
 def _one_row(q, kc, vc, scale, mask):

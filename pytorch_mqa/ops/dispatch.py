@@ -243,6 +243,11 @@ def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, ca
                                     window_right=-1, softcap=0.0, alibi_slopes=None, block_table=None,
                                     cache_batch_idx=None, cache_leftpad=None, rotary_cos=None, rotary_sin=None,
                                     rotary_interleaved=True):
+    if (backend == "reference" and q.device.type == "cpu" and block_table is None and cache_batch_idx is None
+            and cache_leftpad is None and rotary_cos is None and alibi_slopes is None and softcap == 0
+            and window_left == -1 and window_right == -1 and (k is None or k.shape[1] == q.shape[1])):
+        # The plain op on CPU (a decode step per layer): straight to the kernel.
+        return cpu.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)
     var = dict(window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes)
     srv = _serving_active(dict(block_table=block_table, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                                rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved))

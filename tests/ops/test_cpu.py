@@ -201,3 +201,46 @@ def test_decode_one_row_with_and_without_head_split(case, with_new, threads):
     assert torch.equal(kc, kc2)
     torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("Hq,Hkv,B", [(8, 1, 1), (8, 1, 3), (8, 2, 1), (8, 2, 2), (6, 6, 2), (16, 2, 1)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_step_on_strided_caches(Hq, Hkv, B, dtype, threads):
+    # The uniform one-row step builds its views with as_strided: caches that are one layer of a
+    # stacked (layers, B, S, Hkv, D) buffer (storage offset, batch stride of a larger tensor),
+    # every other sequence of a bigger batch, and q, k, v sliced from one fused projection.
+    S, D, layers, L = 40, 16, 3, 21
+    gen = torch.Generator().manual_seed(11)
+    stacked = [torch.randn(layers, 2 * B, S, Hkv, D, generator=gen).to(dtype) for _ in "kv"]
+    kc, vc = stacked[0][1, ::2], stacked[1][2, ::2]
+    buf = torch.randn(B, 1, Hq + 2 * Hkv, D, generator=gen).to(dtype)
+    q, k, v = buf[:, :, :Hq], buf[:, :, Hq : Hq + Hkv], buf[:, :, Hq + Hkv :]
+    lens = torch.full((B,), L, dtype=torch.int32)
+    for new in (True, False):
+        kn, vn = (k, v) if new else (None, None)
+        before = [x.clone() for x in stacked]
+        kc2, vc2 = kc.clone(), vc.clone()
+        out, lse = pytorch_mqa.attention_with_kv_cache(q, kc, vc, kn, vn, cache_seqlens=lens, return_lse=True)
+        ref32, lse32 = reference.attention_with_kv_cache(q.float(), kc2.float(), vc2.float(), None if kn is None else kn.float(),
+                                                         None if vn is None else vn.float(), lens)
+        ref_lp, _ = reference.attention_with_kv_cache(q, kc2.clone(), vc2.clone(), kn, vn, lens, upcast=False)
+        assert out.shape == (B, 1, Hq, D) and out.dtype == dtype and out.is_contiguous()
+        assert lse.shape == (B, Hq, 1) and lse.dtype == torch.float32
+        assert_close(out, ref32, ref_lp, dtype, "out", "cpu decode step (strided caches)")
+        torch.testing.assert_close(lse, lse32, rtol=0, atol=1e-3 if dtype != torch.float32 else 1e-5)
+        # Exactly row L of the viewed sequences changed (with new rows), nothing else in the buffers.
+        for x, b4, src in zip(stacked, before, (k, v)):
+            layer = 1 if x is stacked[0] else 2
+            if new:
+                b4[layer, ::2, L] = src[:, 0]
+            assert torch.equal(x, b4)
+
+
+def test_decode_step_empty_cache_without_new_rows():
+    # L = 0 and no k/v: every row sees no key (zeros, lse = -inf), as the oracle.
+    q = torch.randn(2, 1, 8, 16)
+    kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    out, lse = pytorch_mqa.attention_with_kv_cache(q, kc, vc, cache_seqlens=torch.zeros(2, dtype=torch.int32),
+                                                  return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
