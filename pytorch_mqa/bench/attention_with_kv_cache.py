@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import pytorch_mqa.ops as mqa_ops
 from pytorch_mqa.bench import timing
 from pytorch_mqa.bench.common import (budget_for, collapse_skips, plot_grid, max_err, measure, release,
-                                      shapes_for, bhsd, mqa_providers)
+                                      shapes_for, bhsd, mqa_providers, inputs_too_big)
 
 SHAPES = {
     "cuda": dict(Hq=32, D=128, Hkv=(1, 8, 32), batch=(1, 16, 64), lengths=(1024, 4096, 16384), capacity=(1, 4, 8),
@@ -108,6 +108,11 @@ def run(device, dtype, calib, quick, shapes=None, cuda_graph=False, **options) -
             S = -(-S // page) * page  # whole pages
         set_bytes = 2 * B * S * Hkv * D * elt
         n_sets = timing.n_buffer_sets(set_bytes, device)
+        reason = inputs_too_big(n_sets * set_bytes, device)
+        if reason is not None:
+            rows.append(dict(suite="attention_with_kv_cache", op="attention_with_kv_cache", provider="all", B=B, L=L, S=S,
+                             Hkv=Hkv, page=page, ms=None, reason=reason))
+            continue
         try:
             sets = [_inputs(B, S, L, Hq, Hkv, D, page, device, dtype, gen) for _ in range(n_sets)]
         except torch.OutOfMemoryError as exc:

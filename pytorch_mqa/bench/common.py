@@ -10,6 +10,7 @@ A provider that cannot run a case gets a row with `ms = None` and the reason.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -61,6 +62,36 @@ def first_error(exc: BaseException, caught: list) -> str:
     if "No viable backend" in msg:
         return f"this SDPA backend has no kernel for the case on this device ({msg})"
     return msg
+
+
+# A case's inputs may take at most this fraction of the memory available when it starts (the
+# providers' own temporaries, e.g. a gathered copy of the live rows, need the rest).
+MEMORY_FRACTION = 0.4
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on `device`: the device's free memory on CUDA, the host's
+    available physical memory otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def inputs_too_big(nbytes: int, device: torch.device) -> str | None:
+    """Why a case whose inputs take `nbytes` is skipped, or None when it fits: a process killed
+    for memory loses every result, so a case is refused before anything is allocated."""
+    free = available_bytes(device)
+    if nbytes <= MEMORY_FRACTION * free:
+        return None
+    return (f"inputs need {nbytes / 2**30:.1f} GiB, more than {MEMORY_FRACTION:.0%} of the "
+            f"{free / 2**30:.1f} GiB available")
 
 
 def release(device: torch.device) -> None:

@@ -65,6 +65,19 @@ def test_paged_rows_beside_contiguous():
     assert paged["gbs"] == pytest.approx(nbytes / (paged["ms"] * 1e-3) / 1e9)
 
 
+def test_a_case_that_does_not_fit_is_skipped_before_allocation(monkeypatch):
+    """A case whose caches exceed the memory budget is a row with a reason, not a killed process."""
+    from pytorch_mqa.bench import common
+
+    monkeypatch.setattr(common, "available_bytes", lambda device: 1024)
+    rows = bench_decode.run(torch.device("cpu"), torch.float32, {"copy_gbs": 1.0}, True,
+                            shapes=TINY["attention_with_kv_cache"])
+    skipped = [r for r in rows if r.get("reason", "").startswith("inputs need")]
+    assert skipped and all(r["ms"] is None for r in skipped)
+    assert not [r for r in rows if r.get("ms")]
+    assert common.inputs_too_big(100, torch.device("cpu")) is None
+
+
 def _check_timed(row, rate_key):
     assert row["ms"] > 0 and row["p20_ms"] <= row["ms"] <= row["p80_ms"], row
     assert row[rate_key] > 0 and row["pct_peak"] > 0, row
