@@ -21,10 +21,43 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.ops.backends import resolve_backend, unavailable_reason
+
+
+# The largest weight (elements) whose one-row product `linear` computes as a multiply and a row
+# sum outside a compiled graph: the product's temporary (the weight's size) then stays in cache.
+# Inside a compiled graph inductor fuses the two into one pass over the weight, at any size.
+MATVEC_MAX_EAGER = 1 << 20
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear`, except for one float32 row on CPU (a batch-1 decode step), where it is a
+    multiply and a row sum: `(weight * x).sum(-1) + bias`.
+
+    A decode step's products are matrix-vector products that stream their weights once, so their
+    time is the bytes read. On the 2-core CPU measured (BENCHMARKS.md, generation) BLAS's one-row
+    sgemm reads the weights at a third to a half of the rate PyTorch's own vectorized multiply and
+    sum get, and under torch.compile the two become one fused reduction per weight that inductor
+    can fuse with the layer norm and GELU around it. The row sum is pairwise, so also slightly
+    more accurate. Any other input (training, prefill, several sequences, other dtypes or devices)
+    and, outside a compiled graph, a weight over MATVEC_MAX_EAGER elements is F.linear.
+    """
+    if (
+        x.dtype is torch.float32
+        and x.device.type == "cpu"
+        and weight.dim() == 2
+        and x.numel() == weight.shape[1]
+        and (weight.numel() <= MATVEC_MAX_EAGER or torch.compiler.is_compiling())
+    ):
+        y = (weight * x.reshape(1, -1)).sum(-1)
+        if bias is not None:
+            y = y + bias
+        return y.view(x.shape[:-1] + (weight.shape[0],))
+    return F.linear(x, weight, bias)
 
 
 def _decode_step(model, tokens: Tensor, k_caches, v_caches, cache_seqlens: Tensor, backend: str) -> Tensor:
@@ -35,17 +68,27 @@ def _decode_step(model, tokens: Tensor, k_caches, v_caches, cache_seqlens: Tenso
 @functools.cache
 def compiled_decode_step():
     """`_decode_step` under torch.compile: one graph for every step (static shapes), compiled on
-    a model's first call (see _freezing); dynamo keeps one graph per model and cache shape."""
+    a model's first call (see _inductor_options); dynamo keeps one graph per model and cache shape."""
     return torch.compile(_decode_step, fullgraph=True, dynamic=False)
 
 
-def _freezing():
-    """Inductor freezing, scoped to the compiled call (compile options do not reach it): the
-    weights become constants, so inductor packs them for its CPU matmuls (~30% of a step on CPU).
-    Each model gets its own graph, and a weight changed in place afterwards is not seen."""
+# Inductor parallelises a kernel's loop over 2+ threads only if each thread gets at least this many
+# elements of work. A decode step's kernels are small (a 768 x 256 product is 0.2 M elements, a few
+# microseconds of streaming): split over threads, each pays an OpenMP barrier, and on a shared,
+# oversubscribed machine every barrier waits for a descheduled thread (BENCHMARKS.md, generation).
+# 1 M elements (4 MB of float32 weights per thread) keeps GPT-2 small's big products parallel.
+MIN_ELEMENTS_PER_THREAD = 1 << 20
+
+
+def _inductor_options():
+    """Inductor options, scoped to the compiled call (compile options do not reach them).
+
+    freezing: the weights become constants of the graph, folded into its kernels, and the step
+    takes no parameters as inputs; each model gets its own graph, and a weight changed in place
+    afterwards is not seen. cpp.min_chunk_size: see MIN_ELEMENTS_PER_THREAD."""
     import torch._inductor.config
 
-    return torch._inductor.config.patch(freezing=True)
+    return torch._inductor.config.patch({"freezing": True, "cpp.min_chunk_size": MIN_ELEMENTS_PER_THREAD})
 
 
 class DecodeStep:
@@ -72,7 +115,7 @@ class DecodeStep:
         # A step compiles (if dynamo has no graph for this model and shape) on its first call
         # only: the static shapes leave the guards nothing to fail on later, so the config patch
         # (tens of microseconds) is paid once, not per step.
-        with _freezing():
+        with _inductor_options():
             out = self.fn(self.model, tokens, c.k, c.v, c.cache_seqlens, self.backend)
         self.compiled = True
         return out
@@ -104,4 +147,4 @@ class DecodeStep:
         return logits
 
 
-__all__ = ["DecodeStep", "compiled_decode_step"]
+__all__ = ["DecodeStep", "compiled_decode_step", "linear"]

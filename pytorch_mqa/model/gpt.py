@@ -20,8 +20,17 @@ import torch.nn as nn
 from pytorch_mqa.model import checkpoints, export
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.model.config import GPTConfig
+from pytorch_mqa.model.decode import linear
 from pytorch_mqa.model.loss import next_token_loss
 from pytorch_mqa.ops import attention, attention_with_kv_cache
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose one-row float32 CPU product (a batch-1 decode step) is a multiply and a row
+    sum, which streams the weight at about twice BLAS's one-row speed there (model/decode.py)."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -36,8 +45,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
-        self.c_attn = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias)
-        self.c_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias)
+        self.c_proj = Linear(q_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, k_cache=None, v_cache=None, cache_seqlens=None, backend: str = "auto"):
@@ -59,9 +68,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -94,7 +103,7 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
@@ -207,4 +216,4 @@ class GPT(nn.Module):
             raise ValueError(f"format: expected 'pytorch_mqa', 'hf' or 'scratch', got {format!r}")
 
 
-__all__ = ["GPTConfig", "GPT", "Block", "CausalSelfAttention", "MLP"]
+__all__ = ["GPTConfig", "GPT", "Block", "CausalSelfAttention", "MLP", "Linear"]
