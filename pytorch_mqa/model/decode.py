@@ -28,30 +28,26 @@ from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.ops.backends import resolve_backend, unavailable_reason
 
 
-# The largest weight (elements) whose one-row product `linear` computes as a multiply and a row
-# sum outside a compiled graph: the product's temporary (the weight's size) then stays in cache.
-# Inside a compiled graph inductor fuses the two into one pass over the weight, at any size.
-MATVEC_MAX_EAGER = 1 << 20
-
-
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear`, except for one float32 row on CPU (a batch-1 decode step), where it is a
-    multiply and a row sum: `(weight * x).sum(-1) + bias`.
+    """`F.linear`, except for one float32 row on CPU inside a compiled graph (the batch-1 decode
+    step of `generate(compile=True)`), where it is a multiply and a row sum,
+    `(weight * x).sum(-1) + bias`, which inductor turns into one fused pass over the weight.
 
     A decode step's products are matrix-vector products that stream their weights once, so their
     time is the bytes read. On the 2-core CPU measured (BENCHMARKS.md, generation) BLAS's one-row
-    sgemm reads the weights at a third to a half of the rate PyTorch's own vectorized multiply and
-    sum get, and under torch.compile the two become one fused reduction per weight that inductor
-    can fuse with the layer norm and GELU around it. The row sum is pairwise, so also slightly
-    more accurate. Any other input (training, prefill, several sequences, other dtypes or devices)
-    and, outside a compiled graph, a weight over MATVEC_MAX_EAGER elements is F.linear.
+    sgemm reads them at 7-14 GB/s where a plain read gets 22-30 GB/s (more from L3); the fused
+    reduction also takes the layer norm and GELU around it into the same kernel, and runs on one
+    thread (see MIN_ELEMENTS_PER_THREAD). Outside a graph the multiply and the sum would be two
+    parallel regions and a weight-sized temporary: faster than BLAS on an idle machine, up to 3x
+    slower on an oversubscribed one, so eager calls (and every other input: training, prefill,
+    several sequences, other dtypes or devices) are F.linear.
     """
     if (
-        x.dtype is torch.float32
+        torch.compiler.is_compiling()
+        and x.dtype is torch.float32
         and x.device.type == "cpu"
         and weight.dim() == 2
         and x.numel() == weight.shape[1]
-        and (weight.numel() <= MATVEC_MAX_EAGER or torch.compiler.is_compiling())
     ):
         y = (weight * x.reshape(1, -1)).sum(-1)
         if bias is not None:
