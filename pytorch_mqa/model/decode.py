@@ -7,7 +7,10 @@ or csrc on CUDA). The op declares its writes to `k_cache` and `v_cache`; as each
 are graph inputs of their own (a KVCache has one K and one V buffer per layer), inductor keeps
 the write in place instead of copying the buffers. Positions and lengths are read from the
 int32 device tensor `cache_seqlens`, so every step runs the same graph; the host-side length
-mirror, the overflow check (before the write) and the advance stay outside it.
+mirror, the overflow check (before the write) and the advance stay outside it. At batch 1 on CPU
+the products are `linear`'s multiply-and-sum, which inductor fuses with the layer norms and GELU
+into one kernel between attention calls, on one thread when it is small (see
+MIN_ELEMENTS_PER_THREAD).
 
 On CUDA the compiled step is also captured in a CUDA graph (`torch.cuda.CUDAGraph`) over static
 buffers: the cache, its lengths and a token buffer. Two eager warm-up calls on a side stream run
