@@ -7,9 +7,9 @@ The weights are random: an HF `GPT2LMHeadModel` is built offline from a `GPT2Con
 network. Without transformers our GPT is built from a GPTConfig and the HF row says why it is
 missing. The greedy tokens of every provider are compared with the cached run's.
 
-The CPU shape set is the small model the ratios are quoted for; the full (not --quick) run adds
-rows at GPT-2 small's shape (cached, compiled and HF only: recomputing every prefix of a 124M
-model takes minutes on two cores). Runs are timed round-robin by `pytorch_mqa.core.timing`.
+The CPU shape set is the small model the ratios are quoted for; both runs add rows at GPT-2
+small's shape (cached, compiled and HF only: recomputing every prefix of a 124M model takes
+minutes on two cores), 64 new tokens in the full run and 8 with --quick. Runs are timed round-robin by `pytorch_mqa.core.timing`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,12 @@ SHAPES = {
                 repeats=3, threads=2, mqa_kv_heads=(1,), extra=("cpu_gpt2_small",)),
     # quick: 32 new tokens, since the uncached run costs the sum of all prefix lengths.
     "cpu_quick": dict(n_layer=4, n_head=8, n_embd=256, vocab_size=4096, block_size=1024, prompt=16, new_tokens=32,
-                      repeats=3, threads=2, mqa_kv_heads=(1,)),
+                      repeats=3, threads=2, mqa_kv_heads=(1,), extra=("cpu_gpt2_small_quick",)),
     "cpu_gpt2_small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16,
                            new_tokens=64, repeats=3, threads=2, mqa_kv_heads=(1,), uncached=False),
+    # quick: GPT-2 small's shape with a few new tokens (each step streams its 0.5 GB of weights).
+    "cpu_gpt2_small_quick": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16,
+                                 new_tokens=8, repeats=2, threads=2, mqa_kv_heads=(), uncached=False),
     "cuda": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16, new_tokens=256,
                  repeats=3, threads=None, mqa_kv_heads=(4, 1)),
     "cuda_quick": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, prompt=16,

@@ -7,7 +7,10 @@ or csrc on CUDA). The op declares its writes to `k_cache` and `v_cache`; as each
 are graph inputs of their own (a KVCache has one K and one V buffer per layer), inductor keeps
 the write in place instead of copying the buffers. Positions and lengths are read from the
 int32 device tensor `cache_seqlens`, so every step runs the same graph; the host-side length
-mirror, the overflow check (before the write) and the advance stay outside it.
+mirror, the overflow check (before the write) and the advance stay outside it. At batch 1 on CPU
+the products are `linear`'s multiply-and-sum, which inductor fuses with the layer norms and GELU
+into one kernel between attention calls, on one thread when it is small (see
+MIN_ELEMENTS_PER_THREAD).
 
 On CUDA the compiled step is also captured in a CUDA graph (`torch.cuda.CUDAGraph`) over static
 buffers: the cache, its lengths and a token buffer. Two eager warm-up calls on a side stream run
@@ -21,10 +24,39 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.ops.backends import resolve_backend, unavailable_reason
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear`, except for one float32 row on CPU inside a compiled graph (the batch-1 decode
+    step of `generate(compile=True)`), where it is a multiply and a row sum,
+    `(weight * x).sum(-1) + bias`, which inductor turns into one fused pass over the weight.
+
+    A decode step's products are matrix-vector products that stream their weights once, so their
+    time is the bytes read. On the 2-core CPU measured (BENCHMARKS.md, generation) BLAS's one-row
+    sgemm reads them at 7-14 GB/s where a plain read gets 22-30 GB/s (more from L3); the fused
+    reduction also takes the layer norm and GELU around it into the same kernel, and runs on one
+    thread (see MIN_ELEMENTS_PER_THREAD). Outside a graph the multiply and the sum would be two
+    parallel regions and a weight-sized temporary: faster than BLAS on an idle machine, up to 3x
+    slower on an oversubscribed one, so eager calls (and every other input: training, prefill,
+    several sequences, other dtypes or devices) are F.linear.
+    """
+    if (
+        torch.compiler.is_compiling()
+        and x.dtype is torch.float32
+        and x.device.type == "cpu"
+        and weight.dim() == 2
+        and x.numel() == weight.shape[1]
+    ):
+        y = (weight * x.reshape(1, -1)).sum(-1)
+        if bias is not None:
+            y = y + bias
+        return y.view(x.shape[:-1] + (weight.shape[0],))
+    return F.linear(x, weight, bias)
 
 
 def _decode_step(model, tokens: Tensor, k_caches, v_caches, cache_seqlens: Tensor, backend: str) -> Tensor:
@@ -35,17 +67,27 @@ def _decode_step(model, tokens: Tensor, k_caches, v_caches, cache_seqlens: Tenso
 @functools.cache
 def compiled_decode_step():
     """`_decode_step` under torch.compile: one graph for every step (static shapes), compiled on
-    a model's first call (see _freezing); dynamo keeps one graph per model and cache shape."""
+    a model's first call (see _inductor_options); dynamo keeps one graph per model and cache shape."""
     return torch.compile(_decode_step, fullgraph=True, dynamic=False)
 
 
-def _freezing():
-    """Inductor freezing, scoped to the compiled call (compile options do not reach it): the
-    weights become constants, so inductor packs them for its CPU matmuls (~30% of a step on CPU).
-    Each model gets its own graph, and a weight changed in place afterwards is not seen."""
+# Inductor parallelises a kernel's loop over 2+ threads only if each thread gets at least this many
+# elements of work. A decode step's kernels are small (a 768 x 256 product is 0.2 M elements, a few
+# microseconds of streaming): split over threads, each pays an OpenMP barrier, and on a shared,
+# oversubscribed machine every barrier waits for a descheduled thread (BENCHMARKS.md, generation).
+# 1 M elements (4 MB of float32 weights per thread) keeps GPT-2 small's big products parallel.
+MIN_ELEMENTS_PER_THREAD = 1 << 20
+
+
+def _inductor_options():
+    """Inductor options, scoped to the compiled call (compile options do not reach them).
+
+    freezing: the weights become constants of the graph, folded into its kernels, and the step
+    takes no parameters as inputs; each model gets its own graph, and a weight changed in place
+    afterwards is not seen. cpp.min_chunk_size: see MIN_ELEMENTS_PER_THREAD."""
     import torch._inductor.config
 
-    return torch._inductor.config.patch(freezing=True)
+    return torch._inductor.config.patch({"freezing": True, "cpp.min_chunk_size": MIN_ELEMENTS_PER_THREAD})
 
 
 class DecodeStep:
@@ -72,7 +114,7 @@ class DecodeStep:
         # A step compiles (if dynamo has no graph for this model and shape) on its first call
         # only: the static shapes leave the guards nothing to fail on later, so the config patch
         # (tens of microseconds) is paid once, not per step.
-        with _freezing():
+        with _inductor_options():
             out = self.fn(self.model, tokens, c.k, c.v, c.cache_seqlens, self.backend)
         self.compiled = True
         return out
@@ -104,4 +146,4 @@ class DecodeStep:
         return logits
 
 
-__all__ = ["DecodeStep", "compiled_decode_step"]
+__all__ = ["DecodeStep", "compiled_decode_step", "linear"]

@@ -23,9 +23,18 @@ from pytorch_mqa import reference
 from pytorch_mqa.model import checkpoints, export
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.model.config import GPTConfig
+from pytorch_mqa.model.decode import linear
 from pytorch_mqa.model.loss import next_token_loss
 from pytorch_mqa.model.rope import rope_tables
 from pytorch_mqa.ops import attention, attention_varlen, attention_with_kv_cache
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose one-row float32 CPU product inside a compiled decode step is a multiply and
+    a row sum, fused by inductor into one pass over the weight (model/decode.py's `linear`)."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -40,8 +49,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
-        self.c_attn = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias)
-        self.c_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias)
+        self.c_proj = Linear(q_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.attn_dropout  # on the attention probabilities, training mode only
 
@@ -87,9 +96,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -127,7 +136,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(modules)
         if self.rope:
             self.init_rope()
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
@@ -303,4 +312,4 @@ class GPT(nn.Module):
             raise ValueError(f"format: expected 'pytorch_mqa', 'hf' or 'scratch', got {format!r}")
 
 
-__all__ = ["GPTConfig", "GPT", "Block", "CausalSelfAttention", "MLP"]
+__all__ = ["GPTConfig", "GPT", "Block", "CausalSelfAttention", "MLP", "Linear"]

@@ -328,6 +328,50 @@ def test_compiled_greedy_equals_eager_and_compiles_once():
         generate(model, PROMPTS, 4, compile=True, use_cache=False)
 
 
+@pytest.mark.slow
+def test_one_row_linear_is_f_linear_outside_a_graph():
+    """decode.linear is F.linear in eager mode (bit for bit) and, traced, the multiply-and-sum
+    form for one float32 CPU row only; both agree with F.linear to float32 rounding."""
+    import torch.nn.functional as F
+
+    from pytorch_mqa.model.decode import linear
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    for x in (torch.randn(1, 1, 32, generator=g), torch.randn(3, 1, 32, generator=g)):
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+        traced = torch.compile(linear, fullgraph=True, dynamic=False)(x, w, b)
+        torch.testing.assert_close(traced, F.linear(x, w, b))
+        assert traced.shape == x.shape[:-1] + (48,)
+    x = torch.randn(1, 32, generator=g)  # no bias, 2-D
+    torch.testing.assert_close(torch.compile(linear, fullgraph=True, dynamic=False)(x, w), F.linear(x, w))
+
+
+@pytest.mark.slow
+def test_compiled_batch_one_step_fuses_its_products():
+    """At batch 1 the compiled step's products are inductor's own fused kernels (no BLAS call),
+    small enough to run on one thread (no OpenMP region), and its logits equal the eager step's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from pytorch_mqa.model.decode import DecodeStep
+
+    torch.compiler.reset()
+    model = tiny_gpt(2)
+    cache, ref = KVCache.for_model(model, 1, 16), KVCache.for_model(model, 1, 16)
+    with torch.no_grad():
+        for c in (cache, ref):
+            model(torch.tensor([PROMPTS[0]]), cache=c)
+        step = DecodeStep(model, cache)
+        tokens = torch.tensor([4])
+        want = model(tokens[:, None], cache=ref)[:, -1]
+        got, (code,) = run_and_get_code(step, tokens)
+    torch.testing.assert_close(got, want)
+    assert code.count("torch.ops.pytorch_mqa.attention_with_kv_cache.default(") == model.config.n_layer
+    assert "extern_kernels" not in code.split("def call(")[-1] and "_mkl_linear" not in code
+    assert "omp parallel" not in code
+    assert generate(model, [PROMPTS[0]], 20, temperature=0, compile=True) == generate(model, [PROMPTS[0]], 20, temperature=0)
+
+
 @pytest.mark.cuda
 @pytest.mark.slow
 def test_cuda_graph_decode_equals_eager():
