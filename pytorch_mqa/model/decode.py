@@ -59,9 +59,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def _decode_step(model, tokens: Tensor, k_caches, v_caches, cache_seqlens: Tensor, backend: str) -> Tensor:
-    """tokens (B,) -> next-token logits (B, V); appends each layer's K/V at cache_seqlens."""
-    return model.logits(tokens[:, None], k_caches, v_caches, cache_seqlens, backend)[:, -1]
+def _decode_step(model, tokens: Tensor, k_caches, v_caches, cache_seqlens: Tensor, backend: str,
+                 block_table: Tensor | None = None) -> Tensor:
+    """tokens (B,) -> next-token logits (B, V); appends each layer's K/V at cache_seqlens (through
+    block_table when the cache is paged)."""
+    return model.logits(tokens[:, None], k_caches, v_caches, cache_seqlens, backend, block_table)[:, -1]
 
 
 @functools.cache
@@ -107,15 +109,25 @@ class DecodeStep:
             name = "triton" if unavailable_reason("triton", cache.device.type) is None else "reference"
         self.backend = name
 
+    def _table(self):
+        """The paged cache's block table (a static copy under a CUDA graph, refreshed before each
+        replay), or None for a contiguous cache."""
+        c = self.cache
+        if c.block_table is None or not self.cuda:
+            return c.block_table
+        if getattr(self, "table", None) is None:
+            self.table = c.block_table.clone()
+        return self.table
+
     def _call(self, tokens: Tensor) -> Tensor:
         c = self.cache
         if self.compiled:
-            return self.fn(self.model, tokens, c.k, c.v, c.cache_seqlens, self.backend)
+            return self.fn(self.model, tokens, c.k, c.v, c.cache_seqlens, self.backend, self._table())
         # A step compiles (if dynamo has no graph for this model and shape) on its first call
         # only: the static shapes leave the guards nothing to fail on later, so the config patch
         # (tens of microseconds) is paid once, not per step.
         with _inductor_options():
-            out = self.fn(self.model, tokens, c.k, c.v, c.cache_seqlens, self.backend)
+            out = self.fn(self.model, tokens, c.k, c.v, c.cache_seqlens, self.backend, self._table())
         self.compiled = True
         return out
 
@@ -134,12 +146,15 @@ class DecodeStep:
     def __call__(self, tokens: Tensor) -> Tensor:
         c = self.cache
         c.check_room(1)  # before anything is written
+        c.allocate(1)  # a paged cache takes the pages the new rows land in (contiguous: nothing)
         if not self.cuda:
             logits = self._call(tokens)
         else:
             if self.graph is None:
                 self._capture(tokens)
             self.tokens.copy_(tokens)
+            if c.block_table is not None:
+                self.table.copy_(c.block_table)
             self.graph.replay()
             logits = self.logits
         c.advance(1)

@@ -304,6 +304,29 @@ def test_compiled_step_writes_the_cache_in_place_and_matches_eager():
 
 
 @pytest.mark.slow
+def test_compiled_step_on_a_paged_cache_matches_eager_contiguous():
+    """The compiled step on a paged KVCache takes its pages before each step (crossing a page
+    boundary on the way) and passes the block table to the op: logits equal the eager
+    contiguous cache's."""
+    from pytorch_mqa.model.decode import DecodeStep
+
+    torch.compiler.reset()
+    model = tiny_gpt(2)
+    paged = KVCache.for_model(model, 3, 32, page_size=16, num_pages=8)
+    ref = KVCache.for_model(model, 3, 32)
+    with torch.no_grad():
+        _prefill(model, paged)
+        _prefill(model, ref)
+        step = DecodeStep(model, paged)
+        for t in range(10):  # sequence 0 holds 7 rows: step 10 writes row 16, on its second page
+            tokens = torch.tensor([4 + t, 50, 7 * t % 97])
+            want = model(tokens[:, None], cache=ref)[:, -1]
+            torch.testing.assert_close(step(tokens), want)
+    assert paged.lengths == ref.lengths
+    assert paged.num_free_pages == 8 - 4  # one page per sequence, and sequence 0's second
+
+
+@pytest.mark.slow
 def test_compiled_greedy_equals_eager_and_compiles_once():
     from torch._dynamo.utils import counters
 
