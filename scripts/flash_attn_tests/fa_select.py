@@ -1,0 +1,191 @@
+"""pytest plugin for run.py: selects FlashAttention's parametrizations by feature and cost, puts a
+time limit on each, and writes one JSON line per selected test (outcome, features, error ratios).
+
+Configured by the JSON file named in FA_SELECT_CONFIG (written by run.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import zlib
+
+import pytest
+
+# Tests that call the public Python API (the others call FlashAttention's C++ entry points).
+# Per test: batch * heads of its inputs, and how many times the backward runs.
+TESTS = {
+    "test_flash_attn_qkvpacked": (4 * 9, 2),
+    "test_flash_attn_varlen_qkvpacked": (5 * 6, 2),
+    "test_flash_attn_output": (4 * 6, 2),
+    "test_flash_attn_varlen_output": (4 * 6, 2),
+    "test_flash_attn_causal": (8 * 9, 2),
+    "test_flash_attn_varlen_causal": (8 * 9, 2),
+    "test_flash_attn_splitkv": (1 * 12, 2),
+    "test_flash_attn_kvcache": (2 * 6, 0),
+    "test_flash_attn_deterministic": (4 * 9, 51),
+    "test_flash_attn_varlen_deterministic": (2 * 9, 51),
+    "test_flash_attn_kvcache_paged_block_table_bounds": (1, 0),
+}
+
+FEATURES = ("window", "softcap", "alibi", "varlen", "dropout", "paged", "leftpad", "batch_idx", "rotary")
+
+
+def features_of(name: str, params: dict) -> list:
+    f = []
+    if params.get("local"):
+        f.append("window")
+    if params.get("softcap", 0.0) > 0:
+        f.append("softcap")
+    if params.get("alibi"):
+        f.append("alibi")
+    if "varlen" in name:
+        f.append("varlen")
+    if params.get("dropout_p", 0.0) > 0:
+        f.append("dropout")
+    if params.get("paged_kv_block_size") is not None or name == "test_flash_attn_kvcache_paged_block_table_bounds":
+        f.append("paged")
+    if params.get("has_leftpad"):
+        f.append("leftpad")
+    if params.get("has_batch_idx"):
+        f.append("batch_idx")
+    d = params.get("d", 0)
+    if params.get("rotary_fraction", 0.0) > 0 and math.floor(int(params["rotary_fraction"] * d) / 16) * 16 > 0:
+        f.append("rotary")
+    return f
+
+
+def work_of(name: str, params: dict) -> float:
+    """A relative cost: batch * heads * Tq * Tk * D * (forward + backward passes), plus the
+    identity-V calls that build S_dmask under dropout."""
+    bh, backs = TESTS[name]
+    if "seqlen" in params:
+        tq = tk = params["seqlen"]
+    else:
+        tq, tk = params.get("seqlen_q", 1), params.get("seqlen_k", 1)
+    d = params.get("d", 64)
+    passes = 3 + 2 * backs
+    if params.get("dropout_p", 0.0) > 0:
+        passes += 2 * math.ceil(tk / d) * 3
+    if name == "test_flash_attn_kvcache":
+        passes = 4
+    return float(bh) * tq * tk * d * passes
+
+
+def _cfg():
+    path = os.environ.get("FA_SELECT_CONFIG")
+    if not path:
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep, per test function and per requested feature, `per_feature` parametrizations drawn
+    with a fixed seed (crc32 of test and feature names) among those using that feature and
+    costing at most max_work; plus every one costing at most small_work."""
+    cfg = _cfg()
+    if cfg is None:
+        return
+    want = set(cfg["features"])
+    tests = set(cfg.get("tests") or TESTS)
+    per, small, max_work = cfg["per_feature"], cfg["small_work"], cfg["max_work"]
+    dtypes = set(cfg.get("dtypes") or [])
+    pools = {}
+    info = {}
+    for idx, item in enumerate(items):
+        name = getattr(item, "originalname", None) or item.name.split("[")[0]
+        params = dict(item.callspec.params) if hasattr(item, "callspec") else {}
+        feats = features_of(name, params)
+        dt = str(params.get("dtype", "")).replace("torch.", "")
+        if name not in tests or name not in TESTS or not (want & set(feats)) or (dtypes and dt not in dtypes):
+            continue
+        w = work_of(name, params)
+        if w > max_work:
+            continue
+        info[idx] = (feats, dt, w)
+        for feat in want & set(feats):
+            pools.setdefault((name, feat), []).append(idx)
+    chosen = {idx for idx, (_, _, w) in info.items() if w <= small}
+    for (name, feat), pool in sorted(pools.items()):
+        rng = random.Random(zlib.crc32(f"{name}/{feat}".encode()))
+        chosen.update(rng.sample(pool, min(per, len(pool))))
+    keep, drop = [], []
+    for idx, item in enumerate(items):
+        if idx in chosen:
+            feats, dt, w = info[idx]
+            item.user_properties += [("fa_features", feats), ("fa_dtype", dt), ("fa_work", w)]
+            keep.append(item)
+        else:
+            drop.append(item)
+    items[:] = keep
+    config.hook.pytest_deselected(items=drop)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout("time limit of this parametrization reached")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    cfg = _cfg()
+    limit = int(cfg["timeout"]) if cfg else 0
+    if limit > 0:
+        old = signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(limit)
+    try:
+        yield
+    finally:
+        if limit > 0:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+
+
+_DIFF = re.compile(r"^(Output|dQ|dK|dV|Attention) max diff: (\S+)$|^(Pytorch|dQ Pytorch|dK Pytorch|dV Pytorch|Attention Pytorch) max diff: (\S+)$")
+
+
+def _ratios(text: str) -> dict:
+    ours, theirs = {}, {}
+    for line in text.splitlines():
+        m = _DIFF.match(line.strip())
+        if not m:
+            continue
+        if m.group(1):
+            ours[m.group(1)] = float(m.group(2))
+        else:
+            key = m.group(3).replace(" Pytorch", "").replace("Pytorch", "Output")
+            theirs[key] = float(m.group(4))
+    out = {}
+    for key, a in ours.items():
+        b = theirs.get(key)
+        if b is None:
+            continue
+        out[key] = (a / b) if b > 0 else (0.0 if a == 0 else float("inf"))
+    return out
+
+
+def pytest_runtest_logreport(report):
+    cfg = _cfg()
+    if cfg is None:
+        return
+    props = dict(report.user_properties)
+    if "fa_features" not in props:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        rec = dict(nodeid=report.nodeid, outcome=report.outcome, features=props["fa_features"],
+                   dtype=props["fa_dtype"], work=props["fa_work"], seconds=round(report.duration, 3),
+                   ratios=_ratios(report.capstdout))
+        if report.outcome == "skipped":
+            rec["reason"] = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        elif report.outcome == "failed":
+            rec["error"] = str(report.longrepr).splitlines()[-1][:400] if report.longrepr else ""
+        with open(cfg["results"], "a") as f:
+            f.write(json.dumps(rec) + "\n")
