@@ -33,6 +33,8 @@ __all__ = [
     "attention_backward",
     "attention_with_kv_cache",
     "append_to_cache",
+    "apply_rotary",
+    "cache_rows",
     "causal_mask",
     "dropout_keep",
     "attention_varlen",
@@ -302,63 +304,150 @@ def attention_varlen_backward(
     return dq, dk, dv
 
 
-def append_to_cache(cache: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor) -> None:
-    """Write new (B, Tq, H, D) into cache (B, S, H, D) at rows [L_b, L_b + Tq), in place.
+def apply_rotary(x, cos, sin, positions, interleaved: bool = True):
+    """Rotary embedding of x (B, T, H, D) at positions (B, T): the one rotary body of the package.
+
+    cos, sin (S_ro, R/2) with R = rotary_dim even and <= D; token (b, t) uses row
+    positions[b, t] of both (positions must lie in [0, S_ro); they are clamped there, so an
+    unchecked out-of-range position reads the last row instead of failing on a device).
+    interleaved=True pairs channels (2i, 2i+1) (GPT-J); False pairs (i, i + R/2) (GPT-NeoX). Each
+    pair (x1, x2) becomes (x1 cos - x2 sin, x1 sin + x2 cos); channels >= R pass through. The math
+    is float32 (float64 stays float64), rounded once to x.dtype.
+    """
+    R = 2 * cos.shape[-1]
+    if R == 0:
+        return x
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    pos = positions.to(device=x.device, dtype=torch.long).clamp(0, max(cos.shape[0] - 1, 0))
+    c = cos.to(device=x.device, dtype=cdt)[pos][:, :, None, :]  # (B, T, 1, R/2)
+    s = sin.to(device=x.device, dtype=cdt)[pos][:, :, None, :]
+    xr = x[..., :R].to(cdt)
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+    else:
+        x1, x2 = xr[..., : R // 2], xr[..., R // 2 :]
+    o1, o2 = x1 * c - x2 * s, x1 * s + x2 * c
+    rotated = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., R:]), dim=-1)
+
+
+def cache_rows(k_cache, B: int, block_table=None, cache_batch_idx=None):
+    """Where logical row j of sequence b lives: (first, second) index tensors (B, S), so that
+    row j of sequence b is k_cache[first[b, j], second[b, j]], and the capacity S.
+
+    Contiguous caches (B_cache, S, Hkv, D): first = cache_batch_idx[b] (default b), second = j.
+    Paged caches (num_blocks, page_size, Hkv, D) with block_table (rows, max_blocks): the table
+    row is r = cache_batch_idx[b] (default b), first = block_table[r, j // page_size],
+    second = j % page_size, S = max_blocks * page_size. Indices are clamped into range, so that
+    table entries past a sequence's pages (never visible, never written) cannot fault.
+    """
+    dev = k_cache.device
+    rows = torch.arange(B, device=dev) if cache_batch_idx is None else cache_batch_idx.to(device=dev, dtype=torch.long)
+    if block_table is None:
+        S = k_cache.shape[1]
+        first = rows.clamp(0, max(k_cache.shape[0] - 1, 0))[:, None].expand(B, S)
+        second = torch.arange(S, device=dev)[None, :].expand(B, S)
+        return first, second, S
+    page = k_cache.shape[1]
+    S = block_table.shape[1] * page
+    j = torch.arange(S, device=dev)
+    table = block_table.to(device=dev, dtype=torch.long)[rows.clamp(0, max(block_table.shape[0] - 1, 0))]
+    first = table[:, j // page].clamp(0, max(k_cache.shape[0] - 1, 0))
+    second = (j % page)[None, :].expand(B, S)
+    return first, second, S
+
+
+def _append_through(cache, new, L, first, second, S):
+    """Write new (B, T, H, D) at logical rows [L_b, L_b + T) of each sequence, through the row map.
 
     Rows that would land outside [0, S) are dropped, without a host sync: they are redirected to
-    row S-1 carrying the value that row gets anyway (the last in-range new row, or its old value
-    when no new row is in range), so colliding writes all agree.
+    logical row S-1 (or 0) carrying the value that row gets anyway (the new row landing there, or
+    its old value), so colliding writes all agree.
     """
-    B, Tq = new.shape[:2]
-    S = cache.shape[1]
-    if B == 0 or Tq == 0 or S == 0:
+    B, T = new.shape[:2]
+    if B == 0 or T == 0 or S == 0:
         return
-    L = cache_seqlens.to(device=cache.device, dtype=torch.long)
-    t = torch.arange(Tq, device=cache.device)
-    pos = L[:, None] + t[None, :]  # (B, Tq)
+    dev = cache.device
+    ar = torch.arange(B, device=dev)
+    pos = L[:, None] + torch.arange(T, device=dev)[None, :]  # (B, T) logical rows
     valid = (pos >= 0) & (pos < S)
-    b_idx = torch.arange(B, device=cache.device)[:, None].expand(B, Tq)
     pos_eff = pos.clamp(0, S - 1)
-    # Source row for out-of-range slots: the new row that lands on S-1, if any.
-    t_last = (S - 1 - L).clamp(0, Tq - 1)  # (B,)
-    lands_on_last = (L <= S - 1) & (L + Tq - 1 >= S - 1)
-    src_last = new[torch.arange(B, device=cache.device), t_last]  # (B, H, D)
-    old_last = cache[:, S - 1]
-    fill = torch.where(lands_on_last[:, None, None], src_last, old_last)  # (B, H, D)
-    # pos < 0 rows are redirected to row 0 with row 0's old value unless a new row lands there.
-    t_first = (-L).clamp(0, Tq - 1)
-    lands_on_first = (L <= 0) & (L + Tq - 1 >= 0)
-    fill_first = torch.where(
-        lands_on_first[:, None, None], new[torch.arange(B, device=cache.device), t_first], cache[:, 0]
-    )
-    src = torch.where(valid[..., None, None], new, torch.where((pos < 0)[..., None, None], fill_first[:, None], fill[:, None]))
-    cache.index_put_((b_idx, pos_eff), src.to(cache.dtype))
+
+    def redirect(row, t):  # value logical row `row` of each sequence ends with
+        lands = (L <= row) & (L + T - 1 >= row)
+        old = cache[first[:, row], second[:, row]]
+        return torch.where(lands[:, None, None], new[ar, t.clamp(0, T - 1)].to(cache.dtype), old)
+
+    fill_last, fill_first = redirect(S - 1, S - 1 - L), redirect(0, -L)
+    src = torch.where(valid[..., None, None], new.to(cache.dtype),
+                      torch.where((pos < 0)[..., None, None], fill_first[:, None], fill_last[:, None]))
+    cache.index_put_((first.gather(1, pos_eff), second.gather(1, pos_eff)), src)
+
+
+def append_to_cache(cache: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor) -> None:
+    """Write new (B, Tq, H, D) into a contiguous cache (B, S, H, D) at rows [L_b, L_b + Tq), in
+    place; rows that would land outside [0, S) are dropped (see `_append_through`)."""
+    L = cache_seqlens.to(device=cache.device, dtype=torch.long)
+    first, second, S = cache_rows(cache, new.shape[0])
+    _append_through(cache, new, L, first, second, S)
+
+
+def rotary_positions(cache_seqlens, T: int, per_token: bool):
+    """(B, T) int64 rotary positions of new rows: cache_seqlens_b + t, or cache_seqlens_b for
+    every t when not per_token (FlashAttention: q of a non-causal, non-local call)."""
+    L = cache_seqlens.to(torch.long)
+    t = torch.arange(T, device=L.device)[None, :]
+    return L[:, None] + (t if per_token else 0 * t)
 
 
 def attention_with_kv_cache(
     q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal: bool = True, scale=None, upcast: bool = True,
-    *, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+    *, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None, block_table=None, cache_batch_idx=None,
+    cache_leftpad=None, rotary_cos=None, rotary_sin=None, rotary_interleaved: bool = True,
 ):
-    """Reference decode: append k/v (if given) at cache_seqlens, then attend.
+    """Reference decode (FlashAttention's `flash_attn_with_kvcache`): rotate, append, attend.
 
-    q (B, Tq, Hq, D); caches (B, S, Hkv, D); cache_seqlens int32 (B,). Sequence b attends keys
-    [0, L_b + Tq) (or [0, L_b) without new k/v), clamped to [0, S); causal alignment, window and
-    ALiBi are per sequence, bottom-right. Returns (out, lse) like `attention`.
+    q (B, Tq, Hq, D); k, v (B, Tn, Hkv, D) or None; cache_seqlens int32 (B,): L_b, the rows of
+    sequence b before the call, padding included. The caches are contiguous (B_cache, S, Hkv, D)
+    or, with block_table (rows, max_blocks) int32, paged (num_blocks, page_size, Hkv, D); the row
+    map is `cache_rows` (cache_batch_idx picks the slot, or the table row, of sequence b).
+
+    1. Rotary (rotary_cos/sin (S_ro, R/2), only with new k): new k is rotated at positions
+       L_b + t; q at L_b + i if causal or a window is set, else every q row at L_b
+       (`rotary_positions`; positions are absolute cache rows, the left padding included).
+    2. Append: k/v land at logical rows [L_b, L_b + Tn) through the row map (dropped past S).
+    3. Attend: sequence b's live keys are logical rows [P_b, K_b) with P_b = cache_leftpad[b]
+       (default 0) and K_b = min(L_b + Tn, S). Causal, window and ALiBi are bottom-right aligned:
+       query i's diagonal key is i + K_b - Tq (the same as i + (K_b - P_b) - Tq counted from the
+       first live key). Rows seeing no key give zeros and lse = -inf.
+    Returns (out (B, Tq, Hq, D) in q.dtype, lse (B, Hq, Tq) float32).
     """
     B, Tq, Hq, D = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     window_size, softcap, alibi_slopes = _variant_args(window_size, softcap, alibi_slopes)
-    L = cache_seqlens.to(device=q.device, dtype=torch.long)
+    dev = q.device
+    L = cache_seqlens.to(device=dev, dtype=torch.long)
+    first, second, S = cache_rows(k_cache, B, block_table, cache_batch_idx)
+    Tn = 0 if k is None else k.shape[1]
+    if k is not None and rotary_cos is not None and rotary_cos.shape[-1] > 0:
+        per_token = causal or tuple(window_size) != (-1, -1)
+        k = apply_rotary(k, rotary_cos, rotary_sin, rotary_positions(L, Tn, True), rotary_interleaved)
+        q = apply_rotary(q, rotary_cos, rotary_sin, rotary_positions(L, Tq, per_token), rotary_interleaved)
     if k is not None:
-        append_to_cache(k_cache, k, L)
-        append_to_cache(v_cache, v, L)
-        Lk = L + Tq
-    else:
-        Lk = L
-    Lk = Lk.clamp(0, S)
-    vis, bias = _variant_masks(B, Hq, Tq, S, Lk, causal, window_size, alibi_slopes, q.device)
+        _append_through(k_cache, k, L, first, second, S)
+        _append_through(v_cache, v, L, first, second, S)
+    key_len = (L + Tn).clamp(0, S)
+    pad = torch.zeros_like(L) if cache_leftpad is None else cache_leftpad.to(device=dev, dtype=torch.long)
+    j = torch.arange(S, device=dev)
+    live = (j[None, :] >= pad[:, None]) & (j[None, :] < key_len[:, None])  # (B, S)
+    # The live rows in logical order; dead rows are zeroed, so whatever they hold (stale or NaN
+    # values of other sequences' pages) cannot reach the result.
+    kl = torch.where(live[..., None, None], k_cache[first, second], 0)
+    vl = torch.where(live[..., None, None], v_cache[first, second], 0)
+    vis, bias = _variant_masks(B, Hq, Tq, S, key_len, causal, window_size, alibi_slopes, dev)
+    vis = vis & (j[None, None, None, :] >= pad[:, None, None, None])
     cdt = _compute_dtype(q.dtype, upcast)
-    s, _ = _scores(q, k_cache, scale, Hkv, cdt, vis, softcap, bias)
-    out, lse = _softmax_out(s, v_cache, Tq, Hq // Hkv, cdt, q.dtype)
+    s, _ = _scores(q, kl, scale, Hkv, cdt, vis, softcap, bias)
+    out, lse = _softmax_out(s, vl, Tq, Hq // Hkv, cdt, q.dtype)
     return out, lse.to(torch.promote_types(q.dtype, torch.float32)).contiguous()

@@ -12,7 +12,13 @@ from torch import Tensor
 from pytorch_mqa.ops.backends import OP_BACKENDS, resolve_backend, unavailable_reason
 from pytorch_mqa.ops.dispatch import unsupported
 from pytorch_mqa.ops.library import attention_op, attention_varlen_op, attention_with_kv_cache_op
-from pytorch_mqa.ops.validation import validate_attention, validate_kv_cache, validate_variants, validate_varlen
+from pytorch_mqa.ops.validation import (
+    validate_attention,
+    validate_kv_cache,
+    validate_serving,
+    validate_variants,
+    validate_varlen,
+)
 
 
 def _pick_backend(op: str, backend: str, device: torch.device, variants: dict | None = None) -> str:
@@ -108,17 +114,34 @@ def attention_with_kv_cache(
     softcap: float = 0.0,
     alibi_slopes=None,
     dropout_p: float = 0.0,
+    block_table=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    rotary_interleaved: bool = True,
     return_lse: bool = False,
     backend: str = "auto",
 ):
     """Append k/v (if given) to the caches at cache_seqlens, in place, then attend. Not differentiable.
 
-    window_size, softcap and alibi_slopes as in `attention`, with Tk the keys of each sequence
-    (L_b + Tq); dropout_p must be 0 (it is there so a training-style call fails clearly).
+    FlashAttention's `flash_attn_with_kvcache` (DESIGN §3). q: (B, Tq, Hq, D); k, v: (B, Tq, Hkv, D)
+    or None; cache_seqlens: int32 (B,) tensor or int, the rows per sequence before this call,
+    left padding included (not advanced here). Sequence b attends its live keys
+    [cache_leftpad[b], cache_seqlens[b] + Tq) (without k/v: up to cache_seqlens[b]).
 
-    q: (B, Tq, Hq, D); k_cache, v_cache: (B, S, Hkv, D); k, v: (B, Tq, Hkv, D) or None;
-    cache_seqlens: int32 (B,) tensor or int, the valid rows per sequence before this call (not
-    advanced here). Sequence b attends keys [0, L_b + Tq) (or [0, L_b) without k/v).
+    - caches: k_cache, v_cache (B, S, Hkv, D); with cache_batch_idx int32 (B,), (B_cache, S, Hkv, D)
+      and sequence b uses slot cache_batch_idx[b]; with block_table int32 (B, max_blocks), paged
+      (num_blocks, page_size, Hkv, D), page_size a multiple of 16, and logical row j of sequence b
+      is k_cache[block_table[b, j // page_size], j % page_size] (with cache_batch_idx too, table
+      row cache_batch_idx[b]); new rows are written through the table, no other page is touched.
+    - cache_leftpad int32 (B,): rows [0, cache_leftpad[b]) of sequence b are padding (ignored).
+    - rotary_cos, rotary_sin (S_ro, rotary_dim / 2) (needs k): new k is rotated at positions
+      cache_seqlens[b] + t before it is written; q at the same positions if causal or a window is
+      set, else every q row at cache_seqlens[b]. rotary_interleaved: GPT-J pairs (2i, 2i+1), else
+      GPT-NeoX halves (i, i + rotary_dim / 2).
+    - window_size, softcap and alibi_slopes as in `attention`, bottom-right aligned per sequence
+      (Tk = cache_seqlens[b] + Tq, the padding counted, as in FlashAttention); dropout_p must be 0.
     """
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, Tensor)):
         raise TypeError(
@@ -129,17 +152,32 @@ def attention_with_kv_cache(
             if cache_seqlens < 0:
                 raise ValueError(f"cache_seqlens: expected a value >= 0, got {cache_seqlens}")
             cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32)
-    validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)
+    serving = not (
+        block_table is None and cache_batch_idx is None and cache_leftpad is None and rotary_cos is None
+        and rotary_sin is None
+    )
+    indexed = block_table is not None or cache_batch_idx is not None
+    validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, indexed=indexed)
     plain = alibi_slopes is None and softcap == 0 and dropout_p == 0 and window_size in ((-1, -1), [-1, -1])
     left, right = -1, -1
     if not plain:
         left, right = validate_variants(
             q, window_size, softcap, alibi_slopes, dropout_p, batch=q.shape[0], heads=q.shape[2], cache_op=True
         )
+    if serving:
+        validate_serving(q, k_cache, k, cache_seqlens, causal, (left, right), block_table, cache_batch_idx,
+                         cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    variants = None if plain else _variant_dict(window_size, softcap, alibi_slopes, 0.0)
+    variants = None
+    if not (plain and not serving):
+        variants = _variant_dict(window_size, softcap, alibi_slopes, 0.0)
+        variants.update(block_table=block_table, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                        rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
     name = _pick_backend("attention_with_kv_cache", backend, q.device, variants)
     var_args = () if plain else (left, right, float(softcap), alibi_slopes)
+    if serving:
+        var_args = (left, right, float(softcap), alibi_slopes, block_table, cache_batch_idx, cache_leftpad,
+                    rotary_cos, rotary_sin, bool(rotary_interleaved))
     if torch.is_grad_enabled() and (
         q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or (k is not None and (k.requires_grad or v.requires_grad))
     ):

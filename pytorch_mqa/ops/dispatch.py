@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from pytorch_mqa import reference
-from pytorch_mqa.ops import build, cpu, cpu_variants
+from pytorch_mqa.ops import build, cpu, cpu_serving, cpu_variants
 from pytorch_mqa.ops.backends import USER_BACKENDS
 from pytorch_mqa.ops.validation import check_cache_capacity
 
@@ -54,13 +54,36 @@ def _active(var: dict) -> dict:
         active["alibi_slopes"] = var["alibi_slopes"]
     if var.get("dropout_p", 0.0) > 0:
         active["dropout_p"] = var["dropout_p"]
+    active.update(_serving_active(var))
     return active
 
 
+SERVING_KEYS = ("block_table", "cache_batch_idx", "cache_leftpad", "rotary_cos", "rotary_sin", "rotary_interleaved")
+
+
+def _serving_active(var: dict) -> dict:
+    """The serving-cache arguments in use, as keywords (the rotary ones together, under one
+    feature: "rotary")."""
+    active = {name: var[name] for name in SERVING_KEYS[:3] if var.get(name) is not None}
+    if var.get("rotary_cos") is not None:
+        active.update(rotary_cos=var["rotary_cos"], rotary_sin=var["rotary_sin"],
+                      rotary_interleaved=var.get("rotary_interleaved", True))
+    return active
+
+
+def _feature(name: str) -> str:
+    return "rotary" if name.startswith("rotary_") else name
+
+
 # What each kernel backend implements of the variants, per op.
+# Feature names: window_size, softcap, alibi_slopes, dropout_p, block_table, cache_batch_idx,
+# cache_leftpad, rotary. `auto` routes around a backend lacking a requested feature; forcing it raises.
 KERNEL_VARIANTS = {
     ("triton", "attention"): ("window_size", "softcap", "alibi_slopes", "dropout_p"),
-    ("triton", "attention_with_kv_cache"): ("window_size", "softcap", "alibi_slopes"),
+    ("triton", "attention_with_kv_cache"): (
+        "window_size", "softcap", "alibi_slopes", "block_table", "cache_batch_idx", "cache_leftpad", "rotary",
+    ),
+    ("cuda", "attention_with_kv_cache"): ("window_size", "softcap", "block_table", "cache_batch_idx", "cache_leftpad"),
 }
 
 
@@ -69,7 +92,7 @@ def unsupported(backend: str, var: dict, op: str = "attention") -> list:
     if backend == "reference" or backend in USER_BACKENDS:
         return []
     have = KERNEL_VARIANTS.get((backend, op), ())
-    return sorted(name for name in _active(var) if name not in have)
+    return sorted({_feature(name) for name in _active(var)} - set(have))
 
 
 def _kernel_args(var: dict) -> tuple:
@@ -210,9 +233,19 @@ def attention_varlen_backward(dout, q, k, v, cu_q, cu_k, max_q, max_k, out, lse,
     return reference.attention_varlen_backward(dout, q, k, v, cu_q, cu_k, lse, delta, causal=causal, scale=scale, **var)
 
 
-def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *variants, **kw):
-    var = _variants(*variants, **kw)
-    del var["dropout_p"], var["dropout_seed"]
+def _cache_capacity(k_cache, block_table) -> int:
+    return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+
+
+def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, window_left=-1,
+                                    window_right=-1, softcap=0.0, alibi_slopes=None, block_table=None,
+                                    cache_batch_idx=None, cache_leftpad=None, rotary_cos=None, rotary_sin=None,
+                                    rotary_interleaved=True):
+    var = dict(window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes)
+    srv = _serving_active(dict(block_table=block_table, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                               rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved))
+    if srv:
+        return _kv_cache_serving(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var, srv)
     if _active(var):
         return _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var)
     if backend == "reference" and q.device.type == "cpu":
@@ -242,10 +275,20 @@ def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, ca
     raise RuntimeError(f"backend: {backend!r} has no attention_with_kv_cache implementation")
 
 
+def _cuda_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var, srv):
+    """The csrc op with its variant and serving arguments (no rotary, no ALiBi: see KERNEL_VARIANTS)."""
+    build.load_extension()
+    left, right = var["window_size"]
+    return torch.ops.pytorch_mqa.attention_with_kv_cache_cuda(
+        q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, left, right, var["softcap"], var["alibi_slopes"],
+        srv.get("block_table"), srv.get("cache_batch_idx"), srv.get("cache_leftpad"),
+    )
+
+
 def _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var):
     """The cache op with window, softcap or ALiBi: the CPU kernel of `cpu_variants` on CPU
-    tensors, the Triton decode kernel, or the oracle's masked math (per-sequence offsets) after
-    the capacity check; the csrc kernel lacks them."""
+    tensors, the Triton or csrc decode kernel where it has them, or the oracle's masked math
+    (per-sequence offsets) after the capacity check."""
     if backend in ("triton", "cuda"):
         _require(backend, "attention_with_kv_cache", var)
     if backend == "reference" and q.device.type == "cpu":  # checks the capacity where it reads the lengths
@@ -264,4 +307,38 @@ def _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, 
             q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, None,
             var["window_size"], var["softcap"], var["alibi_slopes"],
         )
+    if backend == "cuda" and q.shape[0] > 0 and q.shape[1] > 0:
+        return _cuda_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var, {})
     return reference.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=causal, scale=scale, **var)
+
+
+def _kv_cache_serving(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var, srv):
+    """The cache op with paged caches, cache slots, left padding or rotary (DESIGN §3): the CPU
+    path of `cpu_serving` on CPU tensors; on a device the Triton or csrc kernel where it has the
+    requested features (index tensors moved to q's device, int32), else the oracle, after the
+    capacity check when the lengths are on the host."""
+    feats = dict(var, **srv)
+    if backend in ("triton", "cuda"):
+        _require(backend, "attention_with_kv_cache", feats)
+    if backend == "reference" and q.device.type == "cpu":
+        return cpu_serving.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var, srv)
+    if cache_seqlens.device.type == "cpu":
+        check_cache_capacity(cache_seqlens.tolist(), _cache_capacity(k_cache, srv.get("block_table")),
+                             q.shape[1] if k is not None else 0)
+    cache_seqlens = cache_seqlens.to(q.device)
+    srv = {name: (x.to(q.device) if name in SERVING_KEYS[:3] else x) for name, x in srv.items()}
+    if backend in USER_BACKENDS:
+        fn = USER_BACKENDS[backend]["attention_with_kv_cache"]
+        return _user_result(backend, "attention_with_kv_cache", fn(
+            q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=causal, scale=scale, return_lse=True,
+            **_active(var), **srv))
+    if backend == "triton" and q.shape[0] > 0 and q.shape[1] > 0:
+        return _triton_attention_with_kv_cache().attention_with_kv_cache(
+            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, None,
+            var["window_size"], var["softcap"], var["alibi_slopes"], **srv,
+        )
+    if backend == "cuda" and q.shape[0] > 0 and q.shape[1] > 0:
+        return _cuda_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var, srv)
+    return reference.attention_with_kv_cache(
+        q, k_cache, v_cache, k, v, cache_seqlens, causal=causal, scale=scale, **var, **srv
+    )

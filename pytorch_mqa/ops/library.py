@@ -10,7 +10,8 @@
     torch.ops.pytorch_mqa.attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k, out, lse, dlse?, causal, scale, backend, *V, *DR) -> (dq, dk, dv)
     torch.ops.pytorch_mqa.attention_with_kv_cache(q, k_cache!, v_cache!, k?, v?, cache_seqlens,
-        causal, scale, backend, *V) -> (out, lse)
+        causal, scale, backend, *V, block_table?, cache_batch_idx?, cache_leftpad?, rotary_cos?,
+        rotary_sin?, rotary_interleaved=True) -> (out, lse)
     torch.ops.pytorch_mqa.attention_with_kv_cache_cuda(...)   the csrc/ kernel (CUDA only)
 
 with the variants V = window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None and DR =
@@ -163,9 +164,15 @@ torch.library.register_autograd(
 
 # ---- attention_with_kv_cache -----------------------------------------------------------------
 
+# The serving caches (DESIGN §3): paged caches through block_table, cache slots, left padding,
+# rotary in the append; all defaulted, so their absence is the plain op.
+_SERVING = (
+    "Tensor? block_table=None, Tensor? cache_batch_idx=None, Tensor? cache_leftpad=None, "
+    "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=True"
+)
 _lib.define(
     "attention_with_kv_cache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
-    f"Tensor cache_seqlens, bool causal, float scale, str backend, {_V}) -> (Tensor, Tensor)"
+    f"Tensor cache_seqlens, bool causal, float scale, str backend, {_V}, {_SERVING}) -> (Tensor, Tensor)"
 )
 _lib.impl("attention_with_kv_cache", dispatch.attention_with_kv_cache_forward, _ANY_DEVICE)
 

@@ -28,14 +28,15 @@ def _check_same(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
         raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {x.device}")
 
 
-def _check_q_and_kv(q: Tensor, k: Tensor, k_name: str) -> None:
-    """Shared checks of q (B, Tq, Hq, D) against a K-like tensor (B, T, Hkv, D)."""
+def _check_q_and_kv(q: Tensor, k: Tensor, k_name: str, check_batch: bool = True) -> None:
+    """Shared checks of q (B, Tq, Hq, D) against a K-like tensor (B, T, Hkv, D) (its batch dim
+    not checked with check_batch=False: paged or indexed caches, see `validate_serving`)."""
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q: expected dtype in (float16, bfloat16, float32), got {q.dtype}")
     D = q.shape[3]
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got D={D}")
-    if k.shape[0] != q.shape[0]:
+    if check_batch and k.shape[0] != q.shape[0]:
         raise ValueError(f"{k_name}: expected batch size {q.shape[0]} (q.shape[0]), got {k.shape[0]}")
     if k.shape[3] != D:
         raise ValueError(f"{k_name}: expected head dim {D} (q.shape[3]), got {k.shape[3]}")
@@ -103,15 +104,18 @@ def _kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale) -> boo
         return False
 
 
-def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, scale=None) -> None:
-    if _kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale):
+def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, scale=None, indexed: bool = False) -> None:
+    """The checks of the cache op's tensors; indexed=True (a block_table or cache_batch_idx is
+    given) leaves the caches' first two dims to `validate_serving`."""
+    if not indexed and _kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale):
         return
+    doc = "(num_blocks, page_size, Hkv, D) or (B_cache, S, Hkv, D)" if indexed else "(B, S, Hkv, D)"
     _check_tensor("q", q, "(B, Tq, Hq, D)")
-    _check_tensor("k_cache", k_cache, "(B, S, Hkv, D)")
-    _check_tensor("v_cache", v_cache, "(B, S, Hkv, D)")
+    _check_tensor("k_cache", k_cache, doc)
+    _check_tensor("v_cache", v_cache, doc)
     _check_same("k_cache", k_cache, "q", q)
     _check_same("v_cache", v_cache, "q", q)
-    _check_q_and_kv(q, k_cache, "k_cache")
+    _check_q_and_kv(q, k_cache, "k_cache", check_batch=not indexed)
     if v_cache.shape != k_cache.shape:
         raise ValueError(
             f"v_cache: expected shape {tuple(k_cache.shape)} (the shape of k_cache), got {tuple(v_cache.shape)}"
@@ -138,8 +142,9 @@ def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, sca
     _check_flags(causal, scale)
 
 
-def check_cache_capacity(lens: list, S: int, new: int) -> tuple[int, int]:
-    """DESIGN §4's capacity check on lengths read on the host: 0 <= L_b and L_b + new <= S.
+def check_cache_capacity(lens: list, S: int, new: int, what: str = "cache capacity") -> tuple[int, int]:
+    """DESIGN §4's capacity check on lengths read on the host: 0 <= L_b and L_b + new <= S
+    (S: the rows of a contiguous cache, or max_blocks * page_size through a block_table).
     Returns (min, max) of the lengths ((0, 0) for an empty batch).
 
     Called where the lengths are read (the CPU kernel, or the dispatch of a GPU backend given
@@ -152,10 +157,151 @@ def check_cache_capacity(lens: list, S: int, new: int) -> tuple[int, int]:
         raise ValueError(f"cache_seqlens: expected values >= 0, got {lo} for sequence {lens.index(lo)}")
     if hi + new > S:
         raise ValueError(
-            f"cache_seqlens: expected cache_seqlens[b] + Tq <= S = {S} (cache capacity), got "
+            f"cache_seqlens: expected cache_seqlens[b] + Tq <= S = {S} ({what}), got "
             f"cache_seqlens[{lens.index(hi)}] = {hi} with Tq = {new} new rows"
         )
     return lo, hi
+
+
+# ---- the serving caches (block_table, cache_batch_idx, cache_leftpad, rotary) -----------------
+
+
+def _index_tensor(name: str, x, shape: tuple | None, shape_doc: str, q: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected an int32 tensor {shape_doc}, got {type(x).__name__}")
+    if x.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype torch.int32, got {x.dtype}")
+    if shape is not None and tuple(x.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape} {shape_doc}, got {tuple(x.shape)}")
+    if x.device.type != "cpu" and x.device != q.device:
+        raise ValueError(f"{name}: expected device {q.device} (the device of q) or cpu, got {x.device}")
+
+
+def _host(*xs) -> bool:
+    """True when every given tensor can be read without a device sync or a traced branch."""
+    return not torch.compiler.is_compiling() and all(x is None or x.device.type == "cpu" for x in xs)
+
+
+def _first(vals: list, bad) -> int:
+    return next(i for i, x in enumerate(vals) if bad(x))
+
+
+def _check_rotary(q, k, rotary_cos, rotary_sin, rotary_interleaved) -> int:
+    """Checks of rotary_cos / rotary_sin (S_ro, rotary_dim / 2); returns S_ro (0 without rotary)."""
+    if rotary_cos is None and rotary_sin is None:
+        return 0
+    if (rotary_cos is None) != (rotary_sin is None):
+        given, missing = ("rotary_cos", "rotary_sin") if rotary_sin is None else ("rotary_sin", "rotary_cos")
+        raise ValueError(f"{missing}: expected a tensor because {given} is given (pass both or neither), got None")
+    if not isinstance(rotary_interleaved, bool):
+        raise TypeError(f"rotary_interleaved: expected a bool, got {type(rotary_interleaved).__name__}")
+    D = q.shape[3]
+    for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a tensor (S_ro, rotary_dim / 2), got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor (S_ro, rotary_dim / 2), got shape {tuple(x.shape)}")
+        if x.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q) or torch.float32, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (the device of q), got {x.device}")
+    if rotary_sin.shape != rotary_cos.shape:
+        raise ValueError(
+            f"rotary_sin: expected shape {tuple(rotary_cos.shape)} (the shape of rotary_cos), got {tuple(rotary_sin.shape)}"
+        )
+    if 2 * rotary_cos.shape[1] > D:
+        raise ValueError(
+            f"rotary_cos: expected rotary_dim = 2 * rotary_cos.shape[1] <= D = {D} (an even rotary_dim at most "
+            f"the head dim), got rotary_dim = {2 * rotary_cos.shape[1]}"
+        )
+    if k is None:
+        raise ValueError(
+            "k: expected new k/v because rotary_cos/rotary_sin are given (rotary is applied in the append, "
+            "as FlashAttention requires), got None"
+        )
+    return rotary_cos.shape[0]
+
+
+def validate_serving(q, k_cache, k, cache_seqlens, causal, window_size, block_table=None, cache_batch_idx=None,
+                     cache_leftpad=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=True) -> int:
+    """The checks of the serving-cache arguments (DESIGN §3, §4); returns the capacity per
+    sequence S (max_blocks * page_size when paged). Shapes, dtypes and devices always; values
+    (page indices, slots, left padding, rotary positions, capacity) when they are on the host
+    and the call is eager, never by a device sync."""
+    B, Tq = q.shape[0], q.shape[1]
+    n_caches = k_cache.shape[0]
+    if block_table is not None:
+        _index_tensor("block_table", block_table, None, "(B, max_blocks)", q)
+        if block_table.dim() != 2:
+            raise ValueError(f"block_table: expected a 2-D tensor (B, max_blocks), got shape {tuple(block_table.shape)}")
+        rows = block_table.shape[0]
+        if cache_batch_idx is None and rows != B:
+            raise ValueError(f"block_table: expected {B} rows (B = q.shape[0]), got shape {tuple(block_table.shape)}")
+        page = k_cache.shape[1]
+        if page == 0 or page % 16:
+            raise ValueError(
+                f"k_cache: expected a paged cache (num_blocks, page_size, Hkv, D) with page_size a positive multiple "
+                f"of 16, got page_size = {page} (shape {tuple(k_cache.shape)})"
+            )
+        if n_caches < 1:
+            raise ValueError(f"k_cache: expected at least one page (num_blocks >= 1), got shape {tuple(k_cache.shape)}")
+        S = block_table.shape[1] * page
+        what = f"block_table.shape[1] * page_size = {block_table.shape[1]} * {page}"
+    else:
+        rows, S, page = n_caches, k_cache.shape[1], 0
+        what = "cache capacity"
+        if cache_batch_idx is None and n_caches != B:
+            raise ValueError(f"k_cache: expected batch size {B} (q.shape[0]), got {n_caches}")
+    if cache_batch_idx is not None:
+        _index_tensor("cache_batch_idx", cache_batch_idx, (B,), "(one cache slot per sequence)", q)
+        if B > 0 and rows < 1:
+            where = "block_table rows" if block_table is not None else "cache slots (k_cache.shape[0])"
+            raise ValueError(f"cache_batch_idx: expected at least one of the {where} to index, got 0")
+    if cache_leftpad is not None:
+        _index_tensor("cache_leftpad", cache_leftpad, (B,), "(first valid row per sequence)", q)
+    S_ro = _check_rotary(q, k, rotary_cos, rotary_sin, rotary_interleaved)
+    if not _host(cache_seqlens, block_table, cache_batch_idx, cache_leftpad):
+        return S
+    new = Tq if k is not None else 0
+    lens = cache_seqlens.tolist()
+    check_cache_capacity(lens, S, new, what)
+    slots = list(range(B)) if cache_batch_idx is None else cache_batch_idx.tolist()
+    if slots and (min(slots) < 0 or max(slots) >= rows):
+        b = _first(slots, lambda x: not 0 <= x < rows)
+        where = "block_table.shape[0]" if block_table is not None else "k_cache.shape[0]"
+        raise ValueError(f"cache_batch_idx: expected values in [0, {rows}) ({where}), got {slots[b]} for sequence {b}")
+    if new and cache_batch_idx is not None and len(set(slots)) < len(slots):
+        dup = next(x for x in slots if slots.count(x) > 1)
+        raise ValueError(
+            f"cache_batch_idx: expected distinct slots when new k/v are appended (two sequences would write the "
+            f"same cache rows), got slot {dup} for sequences {[b for b, x in enumerate(slots) if x == dup]}"
+        )
+    pads = [0] * B if cache_leftpad is None else cache_leftpad.tolist()
+    for b, (p, L) in enumerate(zip(pads, lens)):
+        if not 0 <= p <= L:
+            raise ValueError(
+                f"cache_leftpad: expected 0 <= cache_leftpad[b] <= cache_seqlens[b], got cache_leftpad[{b}] = {p} "
+                f"with cache_seqlens[{b}] = {L}"
+            )
+    if block_table is not None:
+        table = block_table.tolist()
+        for b, (s, p, L) in enumerate(zip(slots, pads, lens)):
+            used = table[s][p // page: -(-(L + new) // page)]  # the pages holding rows [P_b, L_b + Tq)
+            if used and (min(used) < 0 or max(used) >= n_caches):
+                col = p // page + _first(used, lambda x: not 0 <= x < n_caches)
+                raise ValueError(
+                    f"block_table: expected page indices in [0, {n_caches}) (k_cache.shape[0]) for the pages sequence "
+                    f"{b} uses, got block_table[{s}, {col}] = {table[s][col]}"
+                )
+    if S_ro and lens:
+        per_token = causal or tuple(window_size) != (-1, -1)
+        need = max(L + max(new, Tq if per_token else 1) for L in lens)
+        if need > S_ro:
+            raise ValueError(
+                f"rotary_cos: expected at least {need} rows (positions up to max(cache_seqlens) + "
+                f"{max(new, Tq if per_token else 1)} - 1), got S_ro = {S_ro}"
+            )
+    return S
 
 
 # ---- the variants (window_size, softcap, alibi_slopes, dropout_p) and varlen --------------------
@@ -251,4 +397,4 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     return B
 
 
-__all__ = ["validate_variants", "validate_varlen", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]
+__all__ = ["validate_serving", "validate_variants", "validate_varlen", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]

@@ -59,11 +59,13 @@ def test_bad_inputs_raise_naming_the_argument(case):
 def test_triton_forced_with_a_variant_raises_and_auto_routes_around():
     if unavailable_reason("triton", "cpu") is not None:
         pytest.skip("Triton cannot run here")
-    with pytest.raises(NotImplementedError, match="softcap"):
-        pytorch_mqa.attention_with_kv_cache(qc, kc.clone(), vc.clone(), kn, vn, cache_seqlens=lens, softcap=1.0,
+    # The csrc decode kernel has window and softcap but not ALiBi (dispatch.KERNEL_VARIANTS).
+    slopes = torch.rand(qc.shape[2])
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        pytorch_mqa.attention_with_kv_cache(qc, kc.clone(), vc.clone(), kn, vn, cache_seqlens=lens, alibi_slopes=slopes,
                                             backend="cuda") if unavailable_reason("cuda", "cuda") is None else (
-            pytorch_mqa.ops.dispatch._require("cuda", "attention_with_kv_cache", {"softcap": 1.0, "window_size": (-1, -1),
-                                                                                  "alibi_slopes": None}))
+            pytorch_mqa.ops.dispatch._require("cuda", "attention_with_kv_cache", {"softcap": 0.0, "window_size": (-1, -1),
+                                                                                  "alibi_slopes": slopes}))
     with pytest.raises(NotImplementedError, match="attention_varlen"):
         _varlen(backend="cuda") if unavailable_reason("cuda", "cuda") is None else (
             pytorch_mqa.ops.dispatch.attention_varlen_forward(qv, kv_, vv, cu, cu, 2, 2, False, 0.3, "cuda"))
