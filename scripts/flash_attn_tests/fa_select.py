@@ -59,6 +59,18 @@ def features_of(name: str, params: dict) -> list:
     return f
 
 
+def suite_skips(name: str, params: dict) -> bool:
+    """True for the parametrizations the test itself skips at its start (not drawn)."""
+    if params.get("softcap", 0.0) > 0 and params.get("dropout_p", 0.0) > 0:
+        return True  # "Softcap and dropout not supported together"
+    if name == "test_flash_attn_kvcache":
+        new_kv = params["new_kv"]
+        paged = params["paged_kv_block_size"] is not None
+        return bool((params["seqlen_q"] > params["seqlen_k"] and new_kv) or (not new_kv and params["rotary_fraction"] > 0)
+                    or (params["has_batch_idx"] and paged) or (params["has_leftpad"] and paged))
+    return False
+
+
 def work_of(name: str, params: dict) -> float:
     """A relative cost: batch * heads * Tq * Tk * D * (forward + backward passes), plus the
     identity-V calls that build S_dmask under dropout."""
@@ -86,8 +98,8 @@ def _cfg():
 
 def pytest_collection_modifyitems(config, items):
     """Keep, per test function and per requested feature, `per_feature` parametrizations drawn
-    with a fixed seed (crc32 of test and feature names) among those using that feature and
-    costing at most max_work; plus every one costing at most small_work."""
+    with a fixed seed (crc32 of test and feature names) among those using that feature, costing
+    at most max_work and not skipped by the test itself; plus every one costing at most small_work."""
     cfg = _cfg()
     if cfg is None:
         return
@@ -105,7 +117,7 @@ def pytest_collection_modifyitems(config, items):
         if name not in tests or name not in TESTS or not (want & set(feats)) or (dtypes and dt not in dtypes):
             continue
         w = work_of(name, params)
-        if w > max_work:
+        if w > max_work or suite_skips(name, params):
             continue
         info[idx] = (feats, dt, w)
         for feat in want & set(feats):
