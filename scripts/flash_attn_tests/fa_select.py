@@ -1,5 +1,6 @@
-"""pytest plugin for run.py: selects FlashAttention's parametrizations by feature and cost, puts a
-time limit on each, and writes one JSON line per selected test (outcome, features, error ratios).
+"""For run.py: draws FlashAttention's parametrizations by feature and cost before pytest generates
+them (`sample_module`, called at the end of the prepared test file), and as a pytest plugin puts a
+time limit on each test and writes one JSON line per test (outcome, features, error ratios).
 
 Configured by the JSON file named in FA_SELECT_CONFIG (written by run.py).
 """
@@ -96,10 +97,32 @@ def _cfg():
         return json.load(f)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Keep, per test function and per requested feature, `per_feature` parametrizations drawn
-    with a fixed seed (crc32 of test and feature names) among those using that feature, costing
-    at most max_work and not skipped by the test itself; plus every one costing at most small_work."""
+def _grid(fn):
+    """The parametrizations of a test function, in pytest's order: (params dict, id) pairs."""
+    marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+    combos = [({}, [])]
+    for m in marks:  # bottom decorator first, as pytest applies them
+        names = [n.strip() for n in m.args[0].split(",")] if isinstance(m.args[0], str) else list(m.args[0])
+        values = list(m.args[1])
+        nxt = []
+        for params, ids in combos:
+            for i, val in enumerate(values):
+                vals = (val,) if len(names) == 1 else tuple(val)
+                part = []
+                for n, x in zip(names, vals):
+                    part.append(str(x) if isinstance(x, (int, float, str, bool, type(None))) else f"{n}{i}")
+                nxt.append(({**params, **dict(zip(names, vals))}, ids + part))
+        combos = nxt
+    return [(params, "-".join(ids)) for params, ids in combos]
+
+
+def sample_module(ns: dict) -> None:
+    """Replace the parametrize marks of each selected test function of the module namespace `ns` by
+    one mark holding only the drawn parametrizations (so pytest generates just those), and drop
+    the test functions that are not selected. Per test function and requested feature,
+    `per_feature` parametrizations are drawn with a fixed seed (crc32 of the test and feature
+    names) among those using the feature, costing at most max_work and not skipped by the test
+    itself; plus every one costing at most small_work."""
     cfg = _cfg()
     if cfg is None:
         return
@@ -107,35 +130,50 @@ def pytest_collection_modifyitems(config, items):
     tests = set(cfg.get("tests") or TESTS)
     per, small, max_work = cfg["per_feature"], cfg["small_work"], cfg["max_work"]
     dtypes = set(cfg.get("dtypes") or [])
-    pools = {}
-    info = {}
-    for idx, item in enumerate(items):
+    for name in list(ns):
+        if not name.startswith("test_") or not callable(ns[name]):
+            continue
+        if name not in tests or name not in TESTS:
+            del ns[name]
+            continue
+        fn = ns[name]
+        grid = _grid(fn)
+        pools, ok = {}, {}
+        for idx, (params, _) in enumerate(grid):
+            feats = features_of(name, params)
+            dt = str(params.get("dtype", "")).replace("torch.", "")
+            if not (want & set(feats)) or (dtypes and dt not in dtypes):
+                continue
+            w = work_of(name, params)
+            if w > max_work or suite_skips(name, params):
+                continue
+            ok[idx] = w
+            for feat in sorted(want & set(feats)):
+                pools.setdefault(feat, []).append(idx)
+        chosen = {idx for idx, w in ok.items() if w <= small}
+        for feat, pool in sorted(pools.items()):
+            rng = random.Random(zlib.crc32(f"{name}/{feat}".encode()))
+            chosen.update(rng.sample(pool, min(per, len(pool))))
+        if not chosen:
+            del ns[name]
+            continue
+        names = list(grid[0][0])
+        picked = [grid[i] for i in sorted(chosen)]
+        others = [m for m in getattr(fn, "pytestmark", []) if m.name != "parametrize"]
+        fn.pytestmark = others + [pytest.mark.parametrize(
+            names, [tuple(p[n] for n in names) for p, _ in picked], ids=[i for _, i in picked]).mark]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Record each item's features, dtype and cost (the drawing happened in sample_module)."""
+    if _cfg() is None:
+        return
+    for item in items:
         name = getattr(item, "originalname", None) or item.name.split("[")[0]
         params = dict(item.callspec.params) if hasattr(item, "callspec") else {}
-        feats = features_of(name, params)
         dt = str(params.get("dtype", "")).replace("torch.", "")
-        if name not in tests or name not in TESTS or not (want & set(feats)) or (dtypes and dt not in dtypes):
-            continue
-        w = work_of(name, params)
-        if w > max_work or suite_skips(name, params):
-            continue
-        info[idx] = (feats, dt, w)
-        for feat in want & set(feats):
-            pools.setdefault((name, feat), []).append(idx)
-    chosen = {idx for idx, (_, _, w) in info.items() if w <= small}
-    for (name, feat), pool in sorted(pools.items()):
-        rng = random.Random(zlib.crc32(f"{name}/{feat}".encode()))
-        chosen.update(rng.sample(pool, min(per, len(pool))))
-    keep, drop = [], []
-    for idx, item in enumerate(items):
-        if idx in chosen:
-            feats, dt, w = info[idx]
-            item.user_properties += [("fa_features", feats), ("fa_dtype", dt), ("fa_work", w)]
-            keep.append(item)
-        else:
-            drop.append(item)
-    items[:] = keep
-    config.hook.pytest_deselected(items=drop)
+        item.user_properties += [("fa_features", features_of(name, params)), ("fa_dtype", dt),
+                                 ("fa_work", work_of(name, params) if name in TESTS else 0.0)]
 
 
 class _Timeout(Exception):
