@@ -13,6 +13,7 @@ from pytorch_mqa.ops.backends import OP_BACKENDS, resolve_backend, unavailable_r
 from pytorch_mqa.ops.dispatch import unsupported
 from pytorch_mqa.ops.library import attention_op, attention_varlen_op, attention_with_kv_cache_op
 from pytorch_mqa.ops.validation import (
+    validate_varlen_pages,
     validate_attention,
     validate_kv_cache,
     validate_serving,
@@ -76,7 +77,7 @@ def attention(
 def attention_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
     scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
-    generator=None, return_lse: bool = False, backend: str = "auto",
+    generator=None, block_table=None, return_lse: bool = False, backend: str = "auto",
 ):
     """Attention over packed sequences (FlashAttention's varlen layout), differentiable in q, k, v.
 
@@ -86,7 +87,16 @@ def attention_varlen(
     sync), at least the longest sequence. Every option is applied per sequence as in `attention`
     (alibi_slopes (B, Hq) gives row b to sequence b). Returns out (total_q, Hq, D), plus lse
     (Hq, total_q) float32 if return_lse.
+
+    block_table (B, max_blocks) int32, as in `flash_attn_varlen_func`: k and v are page pools
+    (num_blocks, page_size, Hkv, D) and key row j of sequence b, j < cu_seqlens_k[b+1] -
+    cu_seqlens_k[b], is k[block_table[b, j // page_size], j % page_size]. The live rows are
+    gathered into the packed layout (a copy, differentiable in the pools; the total is read from
+    cu_seqlens_k, a device sync when it is on the GPU) and attended as above.
     """
+    if block_table is not None:
+        validate_varlen_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table)
+        k, v = _gather_pages(k, v, cu_seqlens_k, block_table)
     B = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
     left, right = validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, batch=B, heads=q.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -98,6 +108,18 @@ def attention_varlen(
         float(softcap), alibi_slopes, float(dropout_p), _dropout_seed(dropout_p, generator),
     )
     return (out, lse) if return_lse else out
+
+
+def _gather_pages(k, v, cu_seqlens_k, block_table):
+    """The packed (total_k, Hkv, D) rows of paged k, v: row t of sequence b (offset j = t -
+    cu_seqlens_k[b]) is pool row block_table[b, j // page_size] * page_size + j % page_size."""
+    page, dev = k.shape[1], k.device
+    cu = cu_seqlens_k.to(device=dev, dtype=torch.long)
+    t = torch.arange(int(cu[-1]), device=dev)
+    b = torch.searchsorted(cu, t, right=True) - 1
+    j = t - cu[b]
+    rows = block_table.to(device=dev, dtype=torch.long)[b, j // page] * page + j % page
+    return k.flatten(0, 1)[rows], v.flatten(0, 1)[rows]
 
 
 def attention_with_kv_cache(

@@ -403,4 +403,49 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     return B
 
 
-__all__ = ["validate_serving", "validate_variants", "validate_varlen", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]
+def validate_varlen_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> None:
+    """Checks of a paged `attention_varlen` call (k, v (num_blocks, page_size, Hkv, D) page pools,
+    block_table int32 (B, max_blocks)) before its pages are gathered: shapes, dtype, page size,
+    capacity, and, when block_table and cu_seqlens_k are on the host, the pages each sequence uses."""
+    for name, x in (("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor (num_blocks, page_size, Hkv, D), got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"{name}: expected a 4-D page pool (num_blocks, page_size, Hkv, D) with block_table, got shape {tuple(x.shape)}"
+            )
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected shape {tuple(k.shape)} (the shape of k), got {tuple(v.shape)}")
+    page = k.shape[1]
+    if page == 0 or page % 16:
+        raise ValueError(f"k: expected page_size (k.shape[1]) a positive multiple of 16, got {page}")
+    _index_tensor("block_table", block_table, None, "(B, max_blocks)", k)
+    if not isinstance(cu_seqlens_k, Tensor) or cu_seqlens_k.dim() != 1:
+        raise ValueError("cu_seqlens_k: expected an int32 tensor of shape (B + 1,)")
+    B = cu_seqlens_k.shape[0] - 1
+    if block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(
+            f"block_table: expected shape ({B}, max_blocks) (B = len(cu_seqlens_k) - 1), got {tuple(block_table.shape)}"
+        )
+    S = block_table.shape[1] * page
+    if isinstance(max_seqlen_k, int) and max_seqlen_k > S:
+        raise ValueError(
+            f"max_seqlen_k: expected at most block_table.shape[1] * page_size = {S} (the pages a sequence can hold), "
+            f"got {max_seqlen_k}"
+        )
+    if not _host(cu_seqlens_k, block_table) or B == 0:
+        return
+    lens = cu_seqlens_k.diff().tolist()
+    for b, n in enumerate(lens):
+        if not 0 <= n <= S:
+            raise ValueError(f"cu_seqlens_k: expected sequence lengths in [0, {S}] (the block table's capacity), "
+                             f"got {n} for sequence {b}")
+        used = block_table[b, : -(-n // page)]
+        bad = (used < 0) | (used >= k.shape[0])
+        if bool(bad.any()):
+            c = int(bad.nonzero()[0, 0])
+            raise ValueError(f"block_table: expected page indices in [0, {k.shape[0]}) (k.shape[0]) for the pages "
+                             f"sequence {b} uses, got block_table[{b}, {c}] = {int(used[c])}")
+
+
+__all__ = ["validate_varlen_pages", "validate_serving", "validate_variants", "validate_varlen", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]

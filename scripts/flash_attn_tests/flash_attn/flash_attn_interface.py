@@ -149,11 +149,14 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
             return_attn_probs, block_table=None):
-    if block_table is not None:
-        pytest.skip("unsupported by pytorch_mqa: flash_attn_varlen_func(block_table=...) (paged K/V in the varlen op)")
     seed = _new_seed() if dropout_p > 0 else None
     kw = dict(causal=bool(causal), scale=softmax_scale, window_size=_window(window_size), softcap=float(softcap),
               alibi_slopes=alibi_slopes, backend=_backend())
+    if block_table is not None:  # paged K/V (FlashAttention returns no attention probabilities here)
+        out, lse = _as_runtime_error(pytorch_mqa.attention_varlen, q, k, v, cu_q, cu_k, int(max_q), int(max_k),
+                                     dropout_p=float(dropout_p), generator=_gen(seed), block_table=block_table,
+                                     return_lse=True, **kw)
+        return (out, lse, None) if return_attn_probs else out
     out, lse = _as_runtime_error(pytorch_mqa.attention_varlen, q, k, v, cu_q, cu_k, int(max_q), int(max_k),
                                  dropout_p=float(dropout_p), generator=_gen(seed), return_lse=True, **kw)
     if not return_attn_probs:
