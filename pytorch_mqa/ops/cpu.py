@@ -321,7 +321,18 @@ def _ragged(q, kc, vc, key_lens, causal, scale):
     if bool(empty.any()):
         out = out.masked_fill(empty[:, :, None, None], 0.0)
         lse = lse.masked_fill(empty[:, None, :], float("-inf"))
-    return out.contiguous(), lse.contiguous()
+    out, lse = out.contiguous(), lse.contiguous()
+    bad = out.isnan().flatten(1).any(1)
+    if bool(bad.any()):
+        # The mask adds -inf to a score, it cannot skip a row: NaN or inf stored past a
+        # sequence's length (stale cache contents) reaches the masked call. Such sequences are
+        # recomputed on their own live rows (a NaN in the live rows comes back as NaN).
+        for b in bad.nonzero().flatten().tolist():
+            n = key_lens[b]
+            if n > 0:
+                o, l = _attend(_bhsd(q[b:b + 1]), kc[b:b + 1, :, :n], vc[b:b + 1, :, :n], causal, scale)
+                out[b], lse[b] = o.transpose(1, 2)[0], l[0]
+    return out, lse
 
 
 __all__ = ["attention_forward", "attention_backward", "attention_with_kv_cache", "append_new_rows"]

@@ -244,3 +244,26 @@ def test_decode_step_empty_cache_without_new_rows():
     out, lse = pytorch_mqa.attention_with_kv_cache(q, kc, vc, cache_seqlens=torch.zeros(2, dtype=torch.int32),
                                                   return_lse=True)
     assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
+
+
+@pytest.mark.parametrize("Tq,causal", [(1, True), (3, True), (3, False)])
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+def test_ragged_decode_ignores_nan_past_each_length(Tq, causal, Hkv):
+    """Stale NaN/inf past a sequence's length (a cache reused without clearing) never reaches
+    the result: the CPU path equals the oracle, which never reads those rows."""
+    B, S, Hq, D = 3, 40, 4, 16
+    g = torch.Generator().manual_seed(Tq * 10 + Hkv)
+    q = torch.randn(B, Tq, Hq, D, generator=g)
+    kc, vc = torch.randn(B, S, Hkv, D, generator=g), torch.randn(B, S, Hkv, D, generator=g)
+    k, v = torch.randn(B, Tq, Hkv, D, generator=g), torch.randn(B, Tq, Hkv, D, generator=g)
+    lens = torch.tensor([5, 0, 21], dtype=torch.int32)
+    for b, L in enumerate(lens.tolist()):
+        kc[b, L:] = float("nan")
+        vc[b, L + 1:] = float("inf")
+    kr, vr = kc.clone(), vc.clone()
+    out, lse = pytorch_mqa.attention_with_kv_cache(q, kc, vc, k, v, cache_seqlens=lens, causal=causal, return_lse=True)
+    want, want_lse = reference.attention_with_kv_cache(q, kr, vr, k, v, lens, causal=causal)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc, kr, equal_nan=True)
