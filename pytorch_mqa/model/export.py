@@ -96,11 +96,11 @@ def save_hf(model, directory: str) -> None:
     """A directory `transformers.GPT2LMHeadModel.from_pretrained` loads: config.json + model.safetensors."""
     from safetensors.torch import save_file
 
-    _require_learned_positions(model, HF_FORMAT)  # before anything is written
+    sd = hf_state_dict(model)  # its checks run before anything is written
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config(model), f, indent=2)
-    save_file(hf_state_dict(model), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
 
 
 def scratch_state_dict(model) -> dict[str, torch.Tensor]:
@@ -131,11 +131,11 @@ def scratch_state_dict(model) -> dict[str, torch.Tensor]:
 
 def save_scratch(model, path: str) -> None:
     """The from-scratch layout as one torch.save file (a directory gets `model.pth`)."""
-    _require_learned_positions(model, SCRATCH_FORMAT)  # before anything is written
+    sd = scratch_state_dict(model)  # its checks run before anything is written
     if os.path.isdir(path) or not os.path.splitext(path)[1]:
         os.makedirs(path, exist_ok=True)
         path = os.path.join(path, "model.pth")
-    torch.save(scratch_state_dict(model), path)
+    torch.save(sd, path)
 
 
 __all__ = ["save_hf", "save_scratch", "hf_state_dict", "hf_config", "scratch_state_dict", "HF_FORMAT",

@@ -243,42 +243,56 @@ def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, ca
                                     window_right=-1, softcap=0.0, alibi_slopes=None, block_table=None,
                                     cache_batch_idx=None, cache_leftpad=None, rotary_cos=None, rotary_sin=None,
                                     rotary_interleaved=True):
-    if (backend == "reference" and q.device.type == "cpu" and block_table is None and cache_batch_idx is None
-            and cache_leftpad is None and rotary_cos is None and alibi_slopes is None and softcap == 0
-            and window_left == -1 and window_right == -1 and (k is None or k.shape[1] == q.shape[1])):
+    """Every form of the cache op: plain, with window / softcap / ALiBi (var), and with paged
+    caches, cache slots, left padding, rotary or new k/v of another length than q (srv, DESIGN §3).
+    On CPU tensors "reference" runs the CPU kernels (which read the lengths once and check the
+    capacity themselves); elsewhere the capacity is checked here when the lengths are on the host,
+    then the Triton or csrc kernel runs where it has the requested features, else the oracle."""
+    other_len = k is not None and k.shape[1] != q.shape[1]
+    cpu_ref = backend == "reference" and q.device.type == "cpu"
+    if (cpu_ref and block_table is None and cache_batch_idx is None and cache_leftpad is None and rotary_cos is None
+            and alibi_slopes is None and softcap == 0 and window_left == -1 and window_right == -1 and not other_len):
         # The plain op on CPU (a decode step per layer): straight to the kernel.
         return cpu.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)
     var = dict(window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes)
     srv = _serving_active(dict(block_table=block_table, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                                rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved))
-    if srv or (k is not None and k.shape[1] != q.shape[1]):
-        return _kv_cache_serving(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var, srv)
-    if _active(var):
-        return _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var)
-    if backend == "reference" and q.device.type == "cpu":
-        return cpu.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)
+    if cpu_ref:
+        if srv or other_len:
+            return cpu_serving.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var, srv)
+        return cpu_variants.attention_with_kv_cache(
+            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var["window_size"], var["softcap"], var["alibi_slopes"]
+        )
+    new = 0 if k is None else k.shape[1]
+    if backend in ("triton", "cuda"):
+        _require(backend, "attention_with_kv_cache", dict(var, **srv))
+        if other_len:
+            raise NotImplementedError(
+                f"k: backend {backend!r} appends new k/v of Tq = {q.shape[1]} rows; expected that many rows, "
+                f"backend='reference' (or 'auto', which routes around it), got k with {new} rows"
+            )
     if cache_seqlens.device.type == "cpu":
         # Lengths on the host: check capacity here (one read) before anything is written.
-        check_cache_capacity(cache_seqlens.tolist(), k_cache.shape[1], q.shape[1] if k is not None else 0)
+        check_cache_capacity(cache_seqlens.tolist(), _cache_capacity(k_cache, srv.get("block_table")), new)
     cache_seqlens = cache_seqlens.to(q.device, non_blocking=True)
+    srv = {name: (x.to(q.device) if name in SERVING_KEYS[:3] else x) for name, x in srv.items()}
     if backend == "reference" or q.shape[0] == 0 or q.shape[1] == 0:
         # Tq == 0 appends nothing and attends nothing: the reference returns empty results.
         return reference.attention_with_kv_cache(
-            q, k_cache, v_cache, k, v, cache_seqlens, causal=causal, scale=scale
+            q, k_cache, v_cache, k, v, cache_seqlens, causal=causal, scale=scale, **var, **srv
         )
     if backend in USER_BACKENDS:
         fn = USER_BACKENDS[backend]["attention_with_kv_cache"]
         return _user_result(backend, "attention_with_kv_cache", fn(
-            q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=causal, scale=scale, return_lse=True))
+            q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=causal, scale=scale, return_lse=True,
+            **_active(var), **srv))
     if backend == "triton":
         return _triton_attention_with_kv_cache().attention_with_kv_cache(
-            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale
+            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, None,
+            var["window_size"], var["softcap"], var["alibi_slopes"], **srv,
         )
     if backend == "cuda":
-        build.load_extension()
-        return torch.ops.pytorch_mqa.attention_with_kv_cache_cuda(
-            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale
-        )
+        return _cuda_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var, srv)
     raise RuntimeError(f"backend: {backend!r} has no attention_with_kv_cache implementation")
 
 
@@ -289,69 +303,4 @@ def _cuda_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var,
     return torch.ops.pytorch_mqa.attention_with_kv_cache_cuda(
         q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, left, right, var["softcap"], var["alibi_slopes"],
         srv.get("block_table"), srv.get("cache_batch_idx"), srv.get("cache_leftpad"),
-    )
-
-
-def _kv_cache_variants(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var):
-    """The cache op with window, softcap or ALiBi: the CPU kernel of `cpu_variants` on CPU
-    tensors, the Triton or csrc decode kernel where it has them, or the oracle's masked math
-    (per-sequence offsets) after the capacity check."""
-    if backend in ("triton", "cuda"):
-        _require(backend, "attention_with_kv_cache", var)
-    if backend == "reference" and q.device.type == "cpu":  # checks the capacity where it reads the lengths
-        return cpu_variants.attention_with_kv_cache(
-            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var["window_size"], var["softcap"], var["alibi_slopes"]
-        )
-    if cache_seqlens.device.type == "cpu":
-        check_cache_capacity(cache_seqlens.tolist(), k_cache.shape[1], q.shape[1] if k is not None else 0)
-    cache_seqlens = cache_seqlens.to(q.device)
-    if backend in USER_BACKENDS:
-        fn = USER_BACKENDS[backend]["attention_with_kv_cache"]
-        return _user_result(backend, "attention_with_kv_cache", fn(
-            q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=causal, scale=scale, return_lse=True, **var))
-    if backend == "triton" and q.shape[0] > 0 and q.shape[1] > 0:
-        return _triton_attention_with_kv_cache().attention_with_kv_cache(
-            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, None,
-            var["window_size"], var["softcap"], var["alibi_slopes"],
-        )
-    if backend == "cuda" and q.shape[0] > 0 and q.shape[1] > 0:
-        return _cuda_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var, {})
-    return reference.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=causal, scale=scale, **var)
-
-
-def _kv_cache_serving(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, var, srv):
-    """The cache op with paged caches, cache slots, left padding, rotary, or new k/v of another
-    length than q (DESIGN §3): the CPU
-    path of `cpu_serving` on CPU tensors; on a device the Triton or csrc kernel where it has the
-    requested features (index tensors moved to q's device, int32), else the oracle, after the
-    capacity check when the lengths are on the host."""
-    feats = dict(var, **srv)
-    new = 0 if k is None else k.shape[1]
-    if backend in ("triton", "cuda"):
-        _require(backend, "attention_with_kv_cache", feats)
-        if k is not None and new != q.shape[1]:
-            raise NotImplementedError(
-                f"k: backend {backend!r} appends new k/v of Tq = {q.shape[1]} rows; expected that many rows, "
-                f"backend='reference' (or 'auto', which routes around it), got k with {new} rows"
-            )
-    if backend == "reference" and q.device.type == "cpu":
-        return cpu_serving.attention_with_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var, srv)
-    if cache_seqlens.device.type == "cpu":
-        check_cache_capacity(cache_seqlens.tolist(), _cache_capacity(k_cache, srv.get("block_table")), new)
-    cache_seqlens = cache_seqlens.to(q.device)
-    srv = {name: (x.to(q.device) if name in SERVING_KEYS[:3] else x) for name, x in srv.items()}
-    if backend in USER_BACKENDS:
-        fn = USER_BACKENDS[backend]["attention_with_kv_cache"]
-        return _user_result(backend, "attention_with_kv_cache", fn(
-            q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=causal, scale=scale, return_lse=True,
-            **_active(var), **srv))
-    if backend == "triton" and q.shape[0] > 0 and q.shape[1] > 0:
-        return _triton_attention_with_kv_cache().attention_with_kv_cache(
-            q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, None,
-            var["window_size"], var["softcap"], var["alibi_slopes"], **srv,
-        )
-    if backend == "cuda" and q.shape[0] > 0 and q.shape[1] > 0:
-        return _cuda_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, var, srv)
-    return reference.attention_with_kv_cache(
-        q, k_cache, v_cache, k, v, cache_seqlens, causal=causal, scale=scale, **var, **srv
     )
