@@ -54,7 +54,7 @@ setup(
         "pytorch_mqa.kernels": "kernels",
         "pytorch_mqa.csrc": "csrc",
     },
-    package_data={"pytorch_mqa.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    package_data={"pytorch_mqa.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h"]},
     include_package_data=True,
     install_requires=["torch>=2.6", "numpy", "tqdm", "tiktoken", "regex", "safetensors", "matplotlib"],
     extras_require={

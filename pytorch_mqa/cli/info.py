@@ -8,6 +8,7 @@ import platform
 
 import torch
 
+from pytorch_mqa.ops import cpu_ext
 from pytorch_mqa.ops.backends import backend_names, unavailable_reason
 from pytorch_mqa.testing.backends import load_backend_plugins
 from pytorch_mqa.version import __version__
@@ -40,7 +41,16 @@ def collect() -> dict:
         "devices": devices,
         "gpus": gpus,
         "backends": backends,
+        "cpu_kernels": _cpu_kernels(),
     }
+
+
+def _cpu_kernels() -> str:
+    """Whether the C++ CPU kernels (csrc/cpu/) load here: builds them the first time."""
+    if cpu_ext.unavailable_reason() is None:
+        cpu_ext.load()
+    reason = cpu_ext.unavailable_reason()
+    return "available" if reason is None else reason
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"cuda:{g['index']}  {g['name']}  sm_{g['capability'].replace('.', '')}  {g['memory_gib']} GiB  {g['sms']} SMs")
     else:
         print("GPU: none (CUDA not available)")
+    print(f"C++ CPU kernels (csrc/cpu/): {info['cpu_kernels']}")
     for dev, table in info["backends"].items():
         print(f"\nbackends for {dev} tensors:")
         for name, status in table.items():
