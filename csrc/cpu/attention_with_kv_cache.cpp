@@ -27,7 +27,9 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMaxRowsPerKv = 16;  // Tq * G above this goes to the general op (flash-based path)
-constexpr int64_t kInlineWork = 1 << 17;  // multiply-adds below which a call runs on one thread
+// Multiply-adds below which a call runs on the calling thread: on a loaded machine every parallel
+// region can wait milliseconds for a descheduled thread, so only calls of about a millisecond split.
+constexpr int64_t kInlineWork = 1 << 21;
 
 // Argument positions in the schema (pytorch_mqa/ops/library.py).
 enum Arg : int {

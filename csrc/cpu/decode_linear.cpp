@@ -2,7 +2,8 @@
 // step at batch 1), weight (out, in) as nn.Linear stores it. Eight output rows per inner loop share
 // each load of x; the (out) rows are split over threads only above a size where that pays. Inputs
 // that are not one contiguous float32 row (or a weight that is not contiguous float32) go to
-// at::linear. The schema is defined in Python (pytorch_mqa/ops/cpu_ext.py).
+// at::linear. No autograd: pytorch_mqa.ops.cpu_ext.decode_linear calls F.linear when a gradient is
+// wanted. The schema is defined in Python (pytorch_mqa/ops/cpu_ext.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -52,10 +53,9 @@ void rows(const float* w, const float* x, const float* bias, float* y, int64_t i
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const bool ok = x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
                   x.dim() >= 1 && x.numel() == weight.size(1) && x.is_contiguous() && weight.is_contiguous() &&
-                  !x.requires_grad() && !weight.requires_grad() &&
+                  x.device().is_cpu() && weight.device().is_cpu() &&
                   (!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                                         bias->size(0) == weight.size(0) && bias->is_contiguous() &&
-                                         !bias->requires_grad()));
+                                         bias->size(0) == weight.size(0) && bias->is_contiguous()));
   if (!ok) return at::linear(x, weight, bias);
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

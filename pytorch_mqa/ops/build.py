@@ -36,6 +36,7 @@ import torch
 from pytorch_mqa.ops.backends import unavailable_reason
 from pytorch_mqa.ops.build_flags import (
     CPU_CXX_FLAGS,
+    CPU_LD_FLAGS,
     CPU_SOURCE_SUFFIXES,
     CPU_SOURCES,
     CPU_SUBDIR,
@@ -135,14 +136,14 @@ def _prebuilt_library() -> str | None:
 
 
 def jit_load(prefix: str, files: list[Path], cflags: list[str], cuda_cflags: list[str] | None, targets: list[str],
-             what: str, verbose: bool = False, on_build=None) -> Path:
+             what: str, verbose: bool = False, on_build=None, ldflags: list[str] | None = None) -> Path:
     """Build (once per key, under the lock) and load the library of `files` with
     torch.utils.cpp_extension.load + ninja; returns its build directory. `targets` go into the
     cache key and the error message; `on_build(build_dir)` is called before a build that has no
     cached library to reuse (e.g. to say that it may take a while)."""
     from torch.utils import cpp_extension
 
-    key = cache_key(files, cflags + (cuda_cflags or []), targets)
+    key = cache_key(files, cflags + (cuda_cflags or []) + (ldflags or []), targets)
     build_dir = cache_root() / key
     build_dir.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}_{key}"
@@ -151,6 +152,8 @@ def jit_load(prefix: str, files: list[Path], cflags: list[str], cuda_cflags: lis
         if on_build is not None and not (build_dir / f"{name}.so").is_file():
             on_build(build_dir)
         extra = {} if cuda_cflags is None else {"extra_cuda_cflags": cuda_cflags}
+        if ldflags:
+            extra["extra_ldflags"] = ldflags
         try:
             cpp_extension.load(
                 name=name,
@@ -210,7 +213,8 @@ def load_cpu_extension(verbose: bool = False, on_build=None) -> None:
     if reason is not None:
         raise RuntimeError(f"the CPU kernels of pytorch_mqa cannot be built: {reason}")
     files = source_files(source_dir(CPU_SUBDIR, CPU_SOURCES), CPU_SOURCE_SUFFIXES)
-    jit_load("pytorch_mqa_cpu", files, CPU_CXX_FLAGS, None, _cpu_key_targets(), "CPU kernels", verbose, on_build)
+    jit_load("pytorch_mqa_cpu", files, CPU_CXX_FLAGS, None, _cpu_key_targets(), "CPU kernels", verbose, on_build,
+             CPU_LD_FLAGS)
 
 
 @functools.cache

@@ -12,4 +12,7 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
 CPU_SUBDIR = "cpu"  # csrc/cpu/
 CPU_SOURCES = ("attention_with_kv_cache.cpp", "decode_linear.cpp")
 CPU_SOURCE_SUFFIXES = (".cpp", ".h")
-CPU_CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+# -fopenmp: at::parallel_for is a header template over `#pragma omp parallel` (serial without it);
+# the library then uses the libgomp.so.1 torch has loaded already (same soname, one runtime).
+CPU_CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+CPU_LD_FLAGS = ["-fopenmp"]

@@ -266,6 +266,18 @@ def test_decode_linear_falls_back_to_linear():
     assert x.grad is not None
 
 
+def test_decode_linear_on_module_parameters():
+    # nn.Linear's parameters require grad: under no_grad / inference_mode the C++ kernel runs.
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(1, 24)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx(), torch.profiler.profile() as prof:
+            got = cpu_ext.decode_linear(x, lin.weight, lin.bias)
+        assert "aten::linear" not in {e.name for e in prof.events()}
+        torch.testing.assert_close(got, lin(x).detach(), rtol=1e-5, atol=1e-5)
+    assert cpu_ext.decode_linear(x, lin.weight, lin.bias).requires_grad  # grad mode: F.linear
+
+
 def test_decode_linear_compiles():
     torch._dynamo.reset()
     w, b = torch.randn(40, 24), torch.randn(40)
