@@ -139,9 +139,10 @@ def test_strided_query_and_caches(threads):
 
 
 def test_long_caches_split_over_threads(threads):
-    # Long rows are split into tasks (flash-decoding) and merged: uniform and ragged, GQA and MHA.
-    for Hkv, lens in ((2, [3000]), (8, [2100, 0, 900])):
-        _check(*_inputs(len(lens), 1, 8, Hkv, 64, 3100, lens, torch.float32, seed=Hkv))
+    # Calls of over 2**21 multiply-adds are split into tasks of rows (flash-decoding) and merged
+    # (on 2 threads): uniform and ragged, GQA and MHA; below that they run on the calling thread.
+    for Hkv, lens in ((2, [2500]), (8, [4200]), (8, [4200, 0, 1500])):
+        _check(*_inputs(len(lens), 1, 8, Hkv, 64, 4300, lens, torch.float32, seed=Hkv))
 
 
 def test_capacity_overflow_raises_and_writes_nothing():
