@@ -4,8 +4,11 @@
 // that are not one contiguous float32 row (or a weight that is not contiguous float32) go to
 // at::linear. No autograd: pytorch_mqa.ops.cpu_ext.decode_linear calls F.linear when a gradient is
 // wanted. The schema is defined in Python (pytorch_mqa/ops/cpu_ext.py).
-#include <ATen/ATen.h>
+// Narrow ATen headers instead of <ATen/ATen.h> / <torch/extension.h>: half the compile time.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
