@@ -139,10 +139,10 @@ def test_strided_query_and_caches(threads):
 
 
 def test_long_caches_split_over_threads(threads):
-    # Calls of over 2**21 multiply-adds are split into tasks of rows (flash-decoding) and merged
-    # (on 2 threads): uniform and ragged, GQA and MHA; below that they run on the calling thread.
-    for Hkv, lens in ((2, [2500]), (8, [4200]), (8, [4200, 0, 1500])):
-        _check(*_inputs(len(lens), 1, 8, Hkv, 64, 4300, lens, torch.float32, seed=Hkv))
+    # Calls of over 2**23 multiply-adds are split into tasks of rows (flash-decoding) and merged
+    # (on 2 threads): uniform and ragged; below that they run on the calling thread.
+    for Hkv, lens in ((2, [2500]), (8, [8300]), (8, [6000, 0, 3000])):
+        _check(*_inputs(len(lens), 1, 8, Hkv, 128, 8400, lens, torch.float32, seed=Hkv))
 
 
 def test_capacity_overflow_raises_and_writes_nothing():
@@ -239,7 +239,7 @@ def test_no_compiler_gives_the_python_path(tmp_path):
 # ---- decode_linear ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("out_f,in_f", [(1, 1), (7, 5), (13, 257), (256, 768), (3072, 768), (1031, 1029)])
+@pytest.mark.parametrize("out_f,in_f", [(1, 1), (7, 5), (13, 257), (256, 768), (3072, 768), (1031, 1029), (4100, 2049)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_decode_linear_matches_linear(out_f, in_f, with_bias, threads):
     g = torch.Generator().manual_seed(out_f + in_f)
