@@ -60,6 +60,30 @@ def _check_flags(causal, scale) -> None:
             raise ValueError(f"scale: expected a finite float, got {scale}")
 
 
+def attention_ok(q, k, v, causal, scale) -> bool:
+    """True only if every check of `validate_attention` passes, in few attribute reads (the
+    per-call fast path of `attention`). False sends the call through the detailed checks, which
+    raise with the message."""
+    try:
+        if (causal is not True and causal is not False) or not (
+            scale is None or (type(scale) in (float, int) and math.isfinite(scale))
+        ):
+            return False
+        qs, ks = q.shape, k.shape
+        if len(qs) != 4 or len(ks) != 4 or v.shape != ks:
+            return False
+        dt = q.dtype
+        if dt not in SUPPORTED_DTYPES or k.dtype != dt or v.dtype != dt:
+            return False
+        D = qs[3]
+        if ks[0] != qs[0] or ks[3] != D or not 1 <= D <= MAX_HEAD_DIM or ks[2] < 1 or qs[2] % ks[2]:
+            return False
+        dev = q.device
+        return k.device == dev and v.device == dev
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def validate_attention(q, k, v, causal=False, scale=None) -> None:
     _check_tensor("q", q, "(B, Tq, Hq, D)")
     _check_tensor("k", k, "(B, Tk, Hkv, D)")
@@ -313,6 +337,23 @@ def validate_serving(q, k_cache, k, cache_seqlens, causal, window_size, block_ta
 # ---- the variants (window_size, softcap, alibi_slopes, dropout_p) and varlen --------------------
 
 
+NO_WINDOW = (-1, -1)
+
+
+def no_variants(window_size, softcap, alibi_slopes, dropout_p) -> bool:
+    """True only if every variant argument is at its default (the plain op): what
+    `validate_variants` accepts and returns (-1, -1) for, in few checks. False sends the call
+    through `validate_variants`, which raises for a bad value."""
+    if alibi_slopes is not None or type(softcap) not in (float, int) or type(dropout_p) not in (float, int):
+        return False
+    if softcap != 0 or dropout_p != 0:
+        return False
+    if window_size is NO_WINDOW:
+        return True
+    return (type(window_size) in (tuple, list) and len(window_size) == 2
+            and type(window_size[0]) is int and type(window_size[1]) is int and window_size[0] == window_size[1] == -1)
+
+
 def validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, *, batch: int, heads: int, cache_op: bool = False):
     """Checks of the variant arguments of DESIGN §3; returns (left, right) as ints.
 
@@ -448,4 +489,4 @@ def validate_varlen_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> None
                              f"sequence {b} uses, got block_table[{b}, {c}] = {int(used[c])}")
 
 
-__all__ = ["validate_varlen_pages", "validate_serving", "validate_variants", "validate_varlen", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]
+__all__ = ["attention_ok", "no_variants", "NO_WINDOW", "validate_varlen_pages", "validate_serving", "validate_variants", "validate_varlen", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]
