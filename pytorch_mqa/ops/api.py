@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from pytorch_mqa.ops.backends import OP_BACKENDS, chosen_backend, resolve_backend, unavailable_reason
+from pytorch_mqa.ops.cpu import fused_differentiable
 from pytorch_mqa.ops.dispatch import unsupported
 from pytorch_mqa.ops.library import (
     AttentionFunction,
@@ -92,6 +93,10 @@ def attention(
     if variants is not None:
         var_args = (left, right, float(softcap), alibi_slopes, float(dropout_p), _dropout_seed(dropout_p, generator))
     if _needs_grad(q, k, v):
+        if not return_lse and variants is None and name == "reference" and q.device.type == "cpu":
+            out = fused_differentiable(q, k, v, causal, scale)  # None where the op's own backward differs
+            if out is not None:
+                return out
         out, lse = AttentionFunction.apply(q, k, v, causal, scale, name, *var_args)
     else:
         out, lse = attention_op(q, k, v, causal, scale, name, *var_args)
@@ -101,8 +106,10 @@ def attention(
 def _needs_grad(q, k, v) -> bool:
     """Whether an eager call must record the backward: then the public functions call the op
     through its autograd.Function (library.AttentionFunction), which is cheaper per call than the
-    op's registered autograd; under torch.compile they call the op itself, whose registered
-    autograd AOTAutograd traces."""
+    op's registered autograd, or, for `attention` on CPU in the plain case the fused kernel
+    computes exactly and without lse, PyTorch's fused op with its own C++ autograd formula
+    (`cpu.fused_differentiable`: the same kernels, no Python in the backward). Under
+    torch.compile they call the op itself, whose registered autograd AOTAutograd traces."""
     return (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
             and not torch.compiler.is_compiling())
 

@@ -112,6 +112,23 @@ def attention_forward(q, k, v, causal: bool, scale: float):
     return out.transpose(1, 2).contiguous(), lse
 
 
+def fused_differentiable(q, k, v, causal: bool, scale: float):
+    """`attention_forward`'s out from PyTorch's fused op itself, differentiable through PyTorch's
+    own autograd formula for it (a C++ backward node, the same backward kernel call that
+    `attention_backward` makes here), or None where this package's backward differs: causal with
+    Tq != Tk (bottom-right alignment), empty inputs, or a backward that `_kernel_backward` splits
+    over threads or sums in float32 (e > 1). The fused op's lse has no gradient formula, so this
+    serves only calls that do not return lse (the public function's eager path)."""
+    B, Tq, Hq, _ = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if (causal and Tq != Tk) or Tk == 0 or q.numel() == 0:
+        return None
+    if Hq != Hkv and (q.dtype != torch.float32 or _expansion(B, Hq, Hkv) > 1):
+        return None
+    out, _ = _flash(_bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale)
+    return out.transpose(1, 2)
+
+
 def _expansion(B, Hq, Hkv):
     """Into how many parts e to split the G query heads of each KV head so that the kernel has a
     task per thread: e is the smallest divisor of G with B * Hkv * e >= threads (1 if there are
@@ -359,4 +376,5 @@ def _ragged(q, kc, vc, key_lens, causal, scale):
 
 __all__ = [
     "attention_forward", "attention_backward", "attention_with_kv_cache", "append_new_rows", "lse_layout", "as_lse_layout",
+    "fused_differentiable",
 ]

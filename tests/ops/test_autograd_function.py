@@ -80,17 +80,49 @@ def test_function_path_equals_the_registered_autograd(shape, causal, which, back
 
 
 def test_the_public_function_records_the_function_and_the_op_its_own_autograd():
-    q, k, v = (x.requires_grad_(True) for x in attention_inputs((1, 4, 4, 2, 1, 8), torch.float32))
-    out = pytorch_mqa.attention(q, k, v)
+    q, k, v = (x.requires_grad_(True) for x in attention_inputs((1, 4, 6, 2, 1, 8), torch.float32))
+    out, _ = pytorch_mqa.attention(q, k, v, causal=True, return_lse=True)
     assert type(out.grad_fn).__name__ == "AttentionFunctionBackward"
     out_op, _ = OP(q, k, v, False, 0.25, "reference")
     assert "AttentionFunction" not in type(out_op.grad_fn).__name__
     with torch.no_grad():
         assert pytorch_mqa.attention(q, k, v).grad_fn is None
     with torch.profiler.profile() as prof:
-        pytorch_mqa.attention(q, k, v).sum().backward()
+        pytorch_mqa.attention(q, k, v, causal=True, return_lse=True)[0].sum().backward()
     names = {e.name for e in prof.events()}
     assert {"pytorch_mqa::attention", "pytorch_mqa::attention_backward_cpu"} <= names
+
+
+# Eager, on CPU, without lse and without variants, where the fused kernel's own semantics and
+# backward are this package's (non-causal or Tq == Tk; one backward task per thread, or MHA), the
+# public function runs PyTorch's fused op with its C++ autograd formula: the same kernel calls.
+FUSED = [((1, 6, 6, 4, 4, 16), True, torch.float32, 1), ((2, 5, 9, 4, 2, 8), False, torch.float32, 2),
+         ((1, 7, 7, 2, 2, 8), True, torch.bfloat16, 2), ((3, 4, 4, 8, 1, 16), True, torch.float32, 2)]
+NOT_FUSED = [((1, 3, 9, 4, 2, 8), True, torch.float32, 1),  # causal Tq != Tk: bottom-right alignment
+             ((1, 6, 6, 8, 1, 16), True, torch.float32, 2),  # MQA at B = 1 on 2 threads: K/V expanded
+             ((2, 6, 6, 4, 2, 8), False, torch.float16, 1),  # low precision with G > 1: dK/dV summed in fp32
+             ((1, 4, 0, 2, 1, 8), False, torch.float32, 1)]  # no keys
+
+
+@pytest.mark.parametrize("case", FUSED + NOT_FUSED, ids=str)
+def test_fused_autograd_path_equals_the_function_path(case):
+    shape, causal, dtype, threads = case
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v = attention_inputs(shape, dtype, seed=14, strided=shape[0] == 2)
+        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        out = pytorch_mqa.attention(*xs, causal=causal, scale=0.3)
+        fused = "AttentionFunction" not in type(out.grad_fn).__name__
+        assert fused == (case in FUSED) and out.shape == q.shape and out.dtype == dtype
+        dout = randn(out.shape, dtype, seeded(15))
+        got = (out,) + torch.autograd.grad(out, xs, dout, allow_unused=True, materialize_grads=True)
+        ys = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        want_out, _ = pytorch_mqa.attention(*ys, causal=causal, scale=0.3, return_lse=True)
+        want = (want_out,) + torch.autograd.grad(want_out, ys, dout, allow_unused=True, materialize_grads=True)
+        _same(got, want)
+    finally:
+        torch.set_num_threads(n)
 
 
 VARIANTS = [
