@@ -112,19 +112,23 @@ def attention_forward(q, k, v, causal: bool, scale: float):
     return out.transpose(1, 2).contiguous(), lse
 
 
-def fused_differentiable(q, k, v, causal: bool, scale: float):
-    """`attention_forward`'s out from PyTorch's fused op itself, differentiable through PyTorch's
-    own autograd formula for it (a C++ backward node, the same backward kernel call that
-    `attention_backward` makes here), or None where this package's backward differs: causal with
-    Tq != Tk (bottom-right alignment), empty inputs, or a backward that `_kernel_backward` splits
-    over threads or sums in float32 (e > 1). The fused op's lse has no gradient formula, so this
-    serves only calls that do not return lse (the public function's eager path)."""
+def fused_differentiable_ok(q, k, causal: bool) -> bool:
+    """Whether `fused_differentiable` serves these inputs: not where this package's backward
+    differs from the fused op's own, i.e. causal with Tq != Tk (bottom-right alignment), empty
+    inputs, or a backward that `_kernel_backward` splits over threads or sums in float32 (e > 1)."""
     B, Tq, Hq, _ = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     if (causal and Tq != Tk) or Tk == 0 or q.numel() == 0:
-        return None
-    if Hq != Hkv and (q.dtype != torch.float32 or _expansion(B, Hq, Hkv) > 1):
-        return None
+        return False
+    return Hq == Hkv or (q.dtype == torch.float32 and _expansion(B, Hq, Hkv) == 1)
+
+
+def fused_differentiable(q, k, v, causal: bool, scale: float):
+    """`attention_forward`'s out from PyTorch's fused op itself, differentiable through PyTorch's
+    own autograd formula for it (a C++ backward node, the same backward kernel call that
+    `attention_backward` makes here), where `fused_differentiable_ok`. The fused op's lse has no
+    gradient formula, so this serves only calls that do not return lse (the public function's
+    eager path)."""
     out, _ = _flash(_bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale)
     return out.transpose(1, 2)
 
@@ -376,5 +380,5 @@ def _ragged(q, kc, vc, key_lens, causal, scale):
 
 __all__ = [
     "attention_forward", "attention_backward", "attention_with_kv_cache", "append_new_rows", "lse_layout", "as_lse_layout",
-    "fused_differentiable",
+    "fused_differentiable", "fused_differentiable_ok",
 ]

@@ -112,7 +112,9 @@ def test_fused_autograd_path_equals_the_function_path(case):
     try:
         q, k, v = attention_inputs(shape, dtype, seed=14, strided=shape[0] == 2)
         xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-        out = pytorch_mqa.attention(*xs, causal=causal, scale=0.3)
+        with torch.profiler.profile() as prof:
+            out = pytorch_mqa.attention(*xs, causal=causal, scale=0.3)
+        assert [e.name for e in prof.events()].count("pytorch_mqa::attention") == 1  # fused or the op
         fused = "AttentionFunction" not in type(out.grad_fn).__name__
         assert fused == (case in FUSED) and out.shape == q.shape and out.dtype == dtype
         dout = randn(out.shape, dtype, seeded(15))
