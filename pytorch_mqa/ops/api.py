@@ -9,10 +9,21 @@ import math
 import torch
 from torch import Tensor
 
-from pytorch_mqa.ops.backends import OP_BACKENDS, resolve_backend, unavailable_reason
+from pytorch_mqa.ops.backends import OP_BACKENDS, chosen_backend, resolve_backend, unavailable_reason
+from pytorch_mqa.ops.cpu import fused_differentiable, fused_differentiable_ok
 from pytorch_mqa.ops.dispatch import unsupported
-from pytorch_mqa.ops.library import attention_op, attention_varlen_op, attention_with_kv_cache_op
+from pytorch_mqa.ops.library import (
+    AttentionFunction,
+    AttentionVarlenFunction,
+    attention_op,
+    attention_varlen_op,
+    attention_with_kv_cache_op,
+)
 from pytorch_mqa.ops.validation import (
+    NO_WINDOW,
+    attention_ok,
+    kv_cache_ok,
+    no_variants,
     validate_varlen_pages,
     validate_attention,
     validate_kv_cache,
@@ -23,14 +34,21 @@ from pytorch_mqa.ops.validation import (
 
 
 def _pick_backend(op: str, backend: str, device: torch.device, variants: dict | None = None) -> str:
-    name = resolve_backend(op, backend, device.type)
+    """The concrete backend of a call. `variants` (the active variants and serving arguments, or
+    None for the plain op) lets "auto" route around a backend that lacks one."""
+    if backend == "reference":
+        return "reference"  # every op, every device, every variant
+    device_type = device.type
+    if backend == "auto" and device_type == "cpu" and chosen_backend() == "auto":
+        return "reference"  # the CPU default (what resolve_backend answers), the common call
+    name = resolve_backend(op, backend, device_type)
     if name not in OP_BACKENDS[op]:
         raise ValueError(f"backend: expected one of {OP_BACKENDS[op]} for {op}, got {name!r}")
-    if backend == "auto" and device.type == "cuda" and unavailable_reason(name, "cuda") is not None:
+    if backend == "auto" and device_type == "cuda" and unavailable_reason(name, "cuda") is not None:
         name = "triton" if unavailable_reason("triton", "cuda") is None else "reference"
     if backend == "auto" and variants is not None and unsupported(name, variants, op):
         # auto routes around a backend that lacks a requested variant: Triton if it has them
-        has_triton = unavailable_reason("triton", device.type) is None and device.type == "cuda"
+        has_triton = unavailable_reason("triton", device_type) is None and device_type == "cuda"
         name = "triton" if has_triton and not unsupported("triton", variants, op) else "reference"
     return name
 
@@ -49,7 +67,7 @@ def _dropout_seed(dropout_p, generator):
 
 
 def attention(
-    q, k, v, *, causal: bool = False, scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0,
+    q, k, v, *, causal: bool = False, scale: float | None = None, window_size=NO_WINDOW, softcap: float = 0.0,
     alibi_slopes=None, dropout_p: float = 0.0, generator=None, return_lse: bool = False, backend: str = "auto",
 ):
     """Multi-query / grouped-query attention, differentiable in q, k, v.
@@ -63,20 +81,44 @@ def attention(
     drawn from `generator` (default: torch's global generator, so torch.manual_seed fixes it).
     Returns out (B, Tq, Hq, D), plus lse (B, Hq, Tq) float32 if return_lse.
     """
-    validate_attention(q, k, v, causal, scale)
-    left, right = validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, batch=q.shape[0], heads=q.shape[2])
+    if not attention_ok(q, k, v, causal, scale):
+        validate_attention(q, k, v, causal, scale)  # raises with the message
+    if no_variants(window_size, softcap, alibi_slopes, dropout_p):
+        variants, var_args = None, ()  # the plain op: its variant arguments at their defaults
+    else:
+        left, right = validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, batch=q.shape[0],
+                                        heads=q.shape[2])
+        variants = _variant_dict(window_size, softcap, alibi_slopes, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = _pick_backend("attention", backend, q.device, _variant_dict(window_size, softcap, alibi_slopes, dropout_p))
-    out, lse = attention_op(
-        q, k, v, causal, scale, name, left, right, float(softcap), alibi_slopes, float(dropout_p),
-        _dropout_seed(dropout_p, generator),
-    )
+    name = _pick_backend("attention", backend, q.device, variants)
+    if variants is not None:
+        var_args = (left, right, float(softcap), alibi_slopes, float(dropout_p), _dropout_seed(dropout_p, generator))
+    if _needs_grad(q, k, v):
+        if (not return_lse and variants is None and name == "reference" and q.device.type == "cpu"
+                and fused_differentiable_ok(q, k, causal)):
+            # The registered op does not run here; the profiler shows the call under its name.
+            with torch.profiler.record_function("pytorch_mqa::attention"):
+                return fused_differentiable(q, k, v, causal, scale)
+        out, lse = AttentionFunction.apply(q, k, v, causal, scale, name, *var_args)
+    else:
+        out, lse = attention_op(q, k, v, causal, scale, name, *var_args)
     return (out, lse) if return_lse else out
+
+
+def _needs_grad(q, k, v) -> bool:
+    """Whether an eager call must record the backward: then the public functions call the op
+    through its autograd.Function (library.AttentionFunction), which is cheaper per call than the
+    op's registered autograd, or, for `attention` on CPU in the plain case the fused kernel
+    computes exactly and without lse, PyTorch's fused op with its own C++ autograd formula
+    (`cpu.fused_differentiable`: the same kernels, no Python in the backward). Under
+    torch.compile they call the op itself, whose registered autograd AOTAutograd traces."""
+    return (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and not torch.compiler.is_compiling())
 
 
 def attention_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
-    scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
+    scale: float | None = None, window_size=NO_WINDOW, softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
     generator=None, block_table=None, return_lse: bool = False, backend: str = "auto",
 ):
     """Attention over packed sequences (FlashAttention's varlen layout), differentiable in q, k, v.
@@ -98,15 +140,19 @@ def attention_varlen(
         validate_varlen_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table)
         k, v = _gather_pages(k, v, cu_seqlens_k, block_table)
     B = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
-    left, right = validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, batch=B, heads=q.shape[1])
+    if no_variants(window_size, softcap, alibi_slopes, dropout_p):
+        variants, var_args = None, ()
+    else:
+        left, right = validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, batch=B, heads=q.shape[1])
+        variants = _variant_dict(window_size, softcap, alibi_slopes, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = _pick_backend("attention", backend, q.device, _variant_dict(window_size, softcap, alibi_slopes, dropout_p))
+    name = _pick_backend("attention", backend, q.device, variants)
     if backend == "auto" and name == "cuda":
         name = "triton" if unavailable_reason("triton", q.device.type) is None else "reference"
-    out, lse = attention_varlen_op(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, name, left, right,
-        float(softcap), alibi_slopes, float(dropout_p), _dropout_seed(dropout_p, generator),
-    )
+    if variants is not None:
+        var_args = (left, right, float(softcap), alibi_slopes, float(dropout_p), _dropout_seed(dropout_p, generator))
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, name, *var_args)
+    out, lse = AttentionVarlenFunction.apply(*args) if _needs_grad(q, k, v) else attention_varlen_op(*args)
     return (out, lse) if return_lse else out
 
 
@@ -132,7 +178,7 @@ def attention_with_kv_cache(
     cache_seqlens,
     causal: bool = True,
     scale: float | None = None,
-    window_size=(-1, -1),
+    window_size=NO_WINDOW,
     softcap: float = 0.0,
     alibi_slopes=None,
     dropout_p: float = 0.0,
@@ -165,11 +211,20 @@ def attention_with_kv_cache(
     - window_size, softcap and alibi_slopes as in `attention`, bottom-right aligned per sequence
       (Tk = cache_seqlens[b] + Tq, the padding counted, as in FlashAttention); dropout_p must be 0.
     """
-    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, Tensor)):
-        raise TypeError(
-            f"cache_seqlens: expected an int32 tensor of shape (B,) or an int, got {type(cache_seqlens).__name__}"
-        )
-    if isinstance(cache_seqlens, int):
+    if (block_table is None and cache_batch_idx is None and cache_leftpad is None and rotary_cos is None
+            and rotary_sin is None and alibi_slopes is None and window_size is NO_WINDOW and type(softcap) is float
+            and softcap == 0.0 and type(dropout_p) is float and dropout_p == 0.0 and isinstance(cache_seqlens, Tensor)
+            and kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)):
+        # The plain decode step of generation (every layer, every token), every check passed: the
+        # same call as the general path below makes for these arguments, in fewer steps.
+        scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+        name = _pick_backend("attention_with_kv_cache", backend, q.device)
+        return _cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name, (), return_lse)
+    if not isinstance(cache_seqlens, Tensor):
+        if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, int):
+            raise TypeError(
+                f"cache_seqlens: expected an int32 tensor of shape (B,) or an int, got {type(cache_seqlens).__name__}"
+            )
         if isinstance(q, Tensor) and q.dim() == 4:
             if cache_seqlens < 0:
                 raise ValueError(f"cache_seqlens: expected a value >= 0, got {cache_seqlens}")
@@ -178,9 +233,9 @@ def attention_with_kv_cache(
         block_table is None and cache_batch_idx is None and cache_leftpad is None and rotary_cos is None
         and rotary_sin is None
     )
-    indexed = block_table is not None or cache_batch_idx is not None
-    validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, indexed=indexed)
-    plain = alibi_slopes is None and softcap == 0 and dropout_p == 0 and window_size in ((-1, -1), [-1, -1])
+    validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale,
+                      indexed=serving and (block_table is not None or cache_batch_idx is not None))
+    plain = no_variants(window_size, softcap, alibi_slopes, dropout_p)
     left, right = -1, -1
     if not plain:
         left, right = validate_variants(
@@ -190,18 +245,26 @@ def attention_with_kv_cache(
         validate_serving(q, k_cache, k, cache_seqlens, causal, (left, right), block_table, cache_batch_idx,
                          cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    variants = None
-    if not (plain and not serving):
+    if plain and not serving:
+        # The decode step of generation (every layer, every token): the op's own arguments only.
+        name = _pick_backend("attention_with_kv_cache", backend, q.device)
+        var_args = ()
+    else:
         variants = _variant_dict(window_size, softcap, alibi_slopes, 0.0)
         variants.update(block_table=block_table, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                         rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
-    name = _pick_backend("attention_with_kv_cache", backend, q.device, variants)
-    if backend == "auto" and name in ("triton", "cuda") and k is not None and k.shape[1] != q.shape[1]:
+        name = _pick_backend("attention_with_kv_cache", backend, q.device, variants)
+        var_args = () if plain else (left, right, float(softcap), alibi_slopes)
+        if serving:
+            var_args = (left, right, float(softcap), alibi_slopes, block_table, cache_batch_idx, cache_leftpad,
+                        rotary_cos, rotary_sin, bool(rotary_interleaved))
+    if name in ("triton", "cuda") and backend == "auto" and k is not None and k.shape[1] != q.shape[1]:
         name = "reference"  # the kernels append Tq new rows; another count runs the reference
-    var_args = () if plain else (left, right, float(softcap), alibi_slopes)
-    if serving:
-        var_args = (left, right, float(softcap), alibi_slopes, block_table, cache_batch_idx, cache_leftpad,
-                    rotary_cos, rotary_sin, bool(rotary_interleaved))
+    return _cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name, var_args, return_lse)
+
+
+def _cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name, var_args, return_lse):
+    """The cache op on checked arguments, outside autograd (see below)."""
     if torch.is_grad_enabled() and (
         q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or (k is not None and (k.requires_grad or v.requires_grad))
     ):

@@ -151,7 +151,7 @@ def use_backend(name: str | None):
 
 
 @torch.compiler.assume_constant_result
-def _chosen_backend() -> str:
+def chosen_backend() -> str:
     """The `use_backend` choice, else PYTORCH_MQA_BACKEND, else "auto". A constant to
     torch.compile (it cannot trace a context variable): read once when a graph is traced."""
     return _DEFAULT_BACKEND.get() or os.environ.get(ENV_VAR, "auto") or "auto"
@@ -163,7 +163,7 @@ def resolve_backend(op: str, backend: str, device_type: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     if backend == "auto":
-        backend = _chosen_backend()
+        backend = chosen_backend()
         if backend == "auto":
             return AUTO_CUDA_BACKEND[op] if device_type == "cuda" else "reference"
     if backend not in BACKENDS and backend not in USER_BACKENDS:

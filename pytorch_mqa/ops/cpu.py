@@ -52,9 +52,29 @@ def _empty_result(q):
     return q.new_zeros((B, Tq, Hq, D)), q.new_full((B, Hq, Tq), float("-inf"), dtype=torch.float32)
 
 
+def lse_layout(B: int, Hq: int, Tq: int, like: torch.Tensor) -> torch.Tensor:
+    """An empty float32 lse (B, Hq, Tq) laid out as the fused kernel lays its own out: a view of a
+    (B, Tq, Hq) buffer. `attention`'s CPU kernels return this layout (no copy of the kernel's
+    lse), and the op's fake declares it (library.py)."""
+    return like.new_empty((B, Tq, Hq), dtype=torch.float32).transpose(1, 2)
+
+
+def as_lse_layout(lse: torch.Tensor) -> torch.Tensor:
+    """lse (B, Hq, Tq) in `lse_layout` (itself when it already is, else a copy)."""
+    B, Hq, Tq = lse.shape
+    if lse.stride() == (Tq * Hq, 1, Hq):
+        return lse
+    return lse_layout(B, Hq, Tq, lse).copy_(lse)
+
+
+def _empty_attention(q):
+    B, Tq, Hq, D = q.shape
+    return q.new_zeros((B, Tq, Hq, D)), lse_layout(B, Hq, Tq, q).fill_(float("-inf"))
+
+
 def _merge(o1, l1, o2, l2, dtype):
     """Combine two softmax-normalised partial results over disjoint key sets through their LSEs."""
-    lse = torch.logaddexp(l1, l2)
+    lse = torch.logaddexp(l1, l2, out=torch.empty_like(l1))  # l1's layout
     w1, w2 = torch.exp(l1 - lse).unsqueeze(-1), torch.exp(l2 - lse).unsqueeze(-1)
     return (o1.float() * w1 + o2.float() * w2).to(dtype), lse
 
@@ -62,8 +82,8 @@ def _merge(o1, l1, o2, l2, dtype):
 def _attend(q, k, v, causal, scale):
     """Attention on (B, H, T, D) views with bottom-right causal alignment.
 
-    Returns out (B, Hq, Tq, D) laid out as (B, Tq, Hq, D) in memory, and lse (B, Hq, Tq).
-    Requires Tk >= 1.
+    Returns out (B, Hq, Tq, D) laid out as (B, Tq, Hq, D) in memory, and lse (B, Hq, Tq) laid
+    out as (B, Tq, Hq) (`lse_layout`). Requires Tk >= 1.
     """
     Tq, Tk = q.shape[2], k.shape[2]
     if not causal or Tq == Tk:
@@ -74,7 +94,7 @@ def _attend(q, k, v, causal, scale):
         B, Hq, _, D = q.shape
         out = q.new_zeros((B, Tq, Hq, D)).transpose(1, 2)
         out[:, :, skip:] = o
-        lse = l.new_full((B, Hq, Tq), float("-inf"))
+        lse = lse_layout(B, Hq, Tq, l).fill_(float("-inf"))
         lse[:, :, skip:] = l
         return out, lse
     n = Tk - Tq  # keys [0, n) are visible to every query; [n, Tk) form a square causal block
@@ -84,11 +104,33 @@ def _attend(q, k, v, causal, scale):
 
 
 def attention_forward(q, k, v, causal: bool, scale: float):
-    """out (B, Tq, Hq, D) contiguous and lse (B, Hq, Tq) float32, as `reference.attention`."""
+    """out (B, Tq, Hq, D) contiguous and lse (B, Hq, Tq) float32 in `lse_layout`, as
+    `reference.attention`."""
     if q.numel() == 0 or k.shape[1] == 0:
-        return _empty_result(q)
+        return _empty_attention(q)
     out, lse = _attend(_bhsd(q), _bhsd(k), _bhsd(v), causal, scale)
-    return out.transpose(1, 2).contiguous(), lse.contiguous()
+    return out.transpose(1, 2).contiguous(), lse
+
+
+def fused_differentiable_ok(q, k, causal: bool) -> bool:
+    """Whether `fused_differentiable` serves these inputs: not where this package's backward
+    differs from the fused op's own, i.e. causal with Tq != Tk (bottom-right alignment), empty
+    inputs, or a backward that `_kernel_backward` splits over threads or sums in float32 (e > 1)."""
+    B, Tq, Hq, _ = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if (causal and Tq != Tk) or Tk == 0 or q.numel() == 0:
+        return False
+    return Hq == Hkv or (q.dtype == torch.float32 and _expansion(B, Hq, Hkv) == 1)
+
+
+def fused_differentiable(q, k, v, causal: bool, scale: float):
+    """`attention_forward`'s out from PyTorch's fused op itself, differentiable through PyTorch's
+    own autograd formula for it (a C++ backward node, the same backward kernel call that
+    `attention_backward` makes here), where `fused_differentiable_ok`. The fused op's lse has no
+    gradient formula, so this serves only calls that do not return lse (the public function's
+    eager path)."""
+    out, _ = _flash(_bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale)
+    return out.transpose(1, 2)
 
 
 def _expansion(B, Hq, Hkv):
@@ -158,7 +200,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, causal: bool, scale: float
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if dlse is not None and bool(dlse.any()):
         return _backward_with_lse_grad(dout, q, k, v, out, lse, dlse, causal, scale)
-    lse = lse.float()
+    if lse.dtype != torch.float32:
+        lse = lse.float()
     dq, dk, dv = _backward_bhsd(_bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse, causal, scale)
     return _bshd_out(dq), _bshd_out(dk), _bshd_out(dv)
 
@@ -335,4 +378,7 @@ def _ragged(q, kc, vc, key_lens, causal, scale):
     return out, lse
 
 
-__all__ = ["attention_forward", "attention_backward", "attention_with_kv_cache", "append_new_rows"]
+__all__ = [
+    "attention_forward", "attention_backward", "attention_with_kv_cache", "append_new_rows", "lse_layout", "as_lse_layout",
+    "fused_differentiable", "fused_differentiable_ok",
+]

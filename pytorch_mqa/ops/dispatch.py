@@ -114,12 +114,16 @@ def _require(backend: str, op: str, var: dict) -> None:
 
 
 def _cpu_forward(q, k, v, causal, scale, var):
+    """The CPU kernels of `attention`; lse in `cpu.lse_layout`, as the op's fake declares."""
     if cpu_variants.has_variant(var["window_size"], var["softcap"], var["alibi_slopes"], var["dropout_p"]):
-        return cpu_variants.attention_forward(q, k, v, causal, scale, *var.values())
+        out, lse = cpu_variants.attention_forward(q, k, v, causal, scale, *var.values())
+        return out, cpu.as_lse_layout(lse)
     return cpu.attention_forward(q, k, v, causal, scale)
 
 
 def attention_forward(q, k, v, causal, scale, backend, *variants, **kw):
+    if not variants and not kw and backend == "reference" and q.device.type == "cpu":
+        return cpu.attention_forward(q, k, v, causal, scale)  # the plain op on CPU: straight to the kernel
     var = _variants(*variants, **kw)
     if backend == "reference" and q.device.type == "cpu":
         return _cpu_forward(q, k, v, causal, scale, var)
@@ -157,6 +161,8 @@ def attention_backward(dout, q, k, v, lse, delta, causal, scale, backend, *varia
 
 
 def attention_backward_cpu(dout, q, k, v, out, lse, dlse, causal, scale, *variants, **kw):
+    if not variants and not kw:
+        return cpu.attention_backward(dout, q, k, v, out, lse, dlse, causal, scale)
     return _cpu_backward(dout, q, k, v, out, lse, dlse, causal, scale, _variants(*variants, **kw))
 
 

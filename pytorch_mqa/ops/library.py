@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from pytorch_mqa.ops import dispatch
+from pytorch_mqa.ops.cpu import lse_layout
 
 _lib = torch.library.Library("pytorch_mqa", "FRAGMENT")
 
@@ -56,6 +57,10 @@ _lib.impl("attention", dispatch.attention_forward, _ANY_DEVICE)
 
 @torch.library.register_fake("pytorch_mqa::attention", lib=_lib)
 def _(q, k, v, causal, scale, backend, *variants, **kw):
+    if backend == "reference" and q.device.type == "cpu":
+        # The CPU kernels return the fused kernel's own lse layout (a (B, Tq, Hq) buffer).
+        B, Tq, Hq, D = q.shape
+        return q.new_empty((B, Tq, Hq, D)), lse_layout(B, Hq, Tq, q)
     return _fake_out_lse(q)
 
 
@@ -99,7 +104,7 @@ def _attention_autograd(ctx, dout, dlse):
     none = (None,) * (ctx.n_inputs - 3)
     if ctx.backend == "reference" and q.device.type == "cpu":
         # The CPU kernel's backward takes O and dLSE itself (it skips the dLSE term when it is 0).
-        dq, dk, dv = torch.ops.pytorch_mqa.attention_backward_cpu(
+        dq, dk, dv = torch.ops.pytorch_mqa.attention_backward_cpu.default(
             dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale, *ctx.variants
         )
         return (dq, dk, dv) + none
@@ -107,7 +112,7 @@ def _attention_autograd(ctx, dout, dlse):
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)
     if dlse is not None:
         delta = delta - dlse
-    dq, dk, dv = torch.ops.pytorch_mqa.attention_backward(
+    dq, dk, dv = torch.ops.pytorch_mqa.attention_backward.default(
         dout, q, k, v, lse, delta.contiguous(), ctx.causal, ctx.scale, ctx.backend, *ctx.variants
     )
     return (dq, dk, dv) + none
@@ -115,6 +120,37 @@ def _attention_autograd(ctx, dout, dlse):
 
 torch.library.register_autograd(
     "pytorch_mqa::attention", _attention_autograd, setup_context=_attention_setup_context, lib=_lib
+)
+
+
+def _function(op, setup_context, backward, name: str):
+    """An autograd.Function over `op` with the op's own setup and backward (one body each).
+
+    Its forward runs with grad mode off, so the op takes the no-grad path of its registered
+    autograd; what this saves over that registered path is its per-call argument handling
+    (`register_autograd`'s wrapper fills in every defaulted argument of the schema before
+    `setup_context` sees them), tens of microseconds at small shapes. Gradients the loss does not
+    use arrive as None (not materialised as zeros), which the backward bodies accept: the CPU
+    backward then skips its dLSE test.
+    """
+
+    def forward(ctx, *inputs):
+        ctx.set_materialize_grads(False)
+        output = op(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward),
+        "__doc__": f"{op}'s forward and its registered backward, as an autograd.Function (see `_function`).",
+    })
+
+
+# What the public function calls in eager mode when a gradient is needed (all 12 arguments
+# positional, as the op takes them). Under torch.compile it calls the op, whose registered autograd
+# AOTAutograd traces.
+AttentionFunction = _function(
+    torch.ops.pytorch_mqa.attention.default, _attention_setup_context, _attention_autograd, "AttentionFunction"
 )
 
 # ---- attention_varlen ------------------------------------------------------------------------
@@ -154,7 +190,7 @@ def _varlen_autograd(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     max_q, max_k, causal, scale, backend = ctx.rest[:5]
-    dq, dk, dv = torch.ops.pytorch_mqa.attention_varlen_backward(
+    dq, dk, dv = torch.ops.pytorch_mqa.attention_varlen_backward.default(
         dout, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, dlse, causal, scale, backend, *ctx.rest[5:]
     )
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
@@ -162,6 +198,10 @@ def _varlen_autograd(ctx, dout, dlse):
 
 torch.library.register_autograd(
     "pytorch_mqa::attention_varlen", _varlen_autograd, setup_context=_varlen_setup_context, lib=_lib
+)
+
+AttentionVarlenFunction = _function(
+    torch.ops.pytorch_mqa.attention_varlen.default, _varlen_setup_context, _varlen_autograd, "AttentionVarlenFunction"
 )
 
 # ---- attention_with_kv_cache -----------------------------------------------------------------
@@ -220,4 +260,6 @@ attention_op = torch.ops.pytorch_mqa.attention.default
 attention_with_kv_cache_op = torch.ops.pytorch_mqa.attention_with_kv_cache.default
 attention_varlen_op = torch.ops.pytorch_mqa.attention_varlen.default
 
-__all__ = ["attention_op", "attention_with_kv_cache_op", "attention_varlen_op"]
+__all__ = [
+    "attention_op", "attention_with_kv_cache_op", "attention_varlen_op", "AttentionFunction", "AttentionVarlenFunction",
+]

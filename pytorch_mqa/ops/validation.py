@@ -60,6 +60,32 @@ def _check_flags(causal, scale) -> None:
             raise ValueError(f"scale: expected a finite float, got {scale}")
 
 
+def attention_ok(q, k, v, causal, scale) -> bool:
+    """True only if every check of `validate_attention` passes, in few attribute reads (the
+    per-call fast path of `attention`). False sends the call through the detailed checks, which
+    raise with the message."""
+    try:
+        if (causal is not True and causal is not False) or not (
+            scale is None or (type(scale) in (float, int) and math.isfinite(scale))
+        ):
+            return False
+        qs, ks = q.shape, k.shape
+        if len(qs) != 4 or len(ks) != 4 or v.shape != ks:
+            return False
+        dt = q.dtype
+        if dt not in SUPPORTED_DTYPES or k.dtype != dt or v.dtype != dt:
+            return False
+        D = qs[3]
+        if ks[0] != qs[0] or ks[3] != D or not 1 <= D <= MAX_HEAD_DIM or ks[2] < 1 or qs[2] % ks[2]:
+            return False
+        if q.is_cpu:
+            return k.is_cpu and v.is_cpu
+        dev = q.device
+        return k.device == dev and v.device == dev
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def validate_attention(q, k, v, causal=False, scale=None) -> None:
     _check_tensor("q", q, "(B, Tq, Hq, D)")
     _check_tensor("k", k, "(B, Tk, Hkv, D)")
@@ -72,9 +98,10 @@ def validate_attention(q, k, v, causal=False, scale=None) -> None:
     _check_flags(causal, scale)
 
 
-def _kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale) -> bool:
+def kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale) -> bool:
     """True only if every check of `validate_kv_cache` passes, in few attribute reads (a decode
-    step calls this per layer). False sends the call through the detailed checks, which raise."""
+    step calls this per layer; `is_cpu` where it can, which builds no device object). False sends
+    the call through the detailed checks, which raise."""
     try:
         if (causal is not True and causal is not False) or not (
             scale is None or (type(scale) in (float, int) and math.isfinite(scale))
@@ -83,23 +110,25 @@ def _kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale) -> boo
         qs, ks = q.shape, k_cache.shape
         if len(qs) != 4 or len(ks) != 4 or v_cache.shape != ks:
             return False
-        dt, dev = q.dtype, q.device
+        dt = q.dtype
         if dt not in SUPPORTED_DTYPES or k_cache.dtype != dt or v_cache.dtype != dt:
             return False
         B, Tq, Hq, D = qs
         if ks[0] != B or ks[3] != D or not 1 <= D <= MAX_HEAD_DIM or ks[2] < 1 or Hq % ks[2]:
             return False
-        if k_cache.device != dev or v_cache.device != dev:
-            return False
-        if k is not None or v is not None:
-            want = (B, Tq, ks[2], D)
-            for x in (k, v):
-                if x.shape != want or x.dtype != dt or x.device != dev:
-                    return False
+        new = k is not None or v is not None
+        if new:
+            ns = k.shape
+            if v.shape != ns or ns[0] != B or ns[1] != Tq or ns[2] != ks[2] or ns[3] != D or k.dtype != dt or v.dtype != dt:
+                return False
         if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
             return False
-        ld = cache_seqlens.device
-        return ld.type == "cpu" or ld == dev
+        if q.is_cpu:
+            return k_cache.is_cpu and v_cache.is_cpu and cache_seqlens.is_cpu and (not new or (k.is_cpu and v.is_cpu))
+        dev = q.device
+        if k_cache.device != dev or v_cache.device != dev or (new and (k.device != dev or v.device != dev)):
+            return False
+        return cache_seqlens.is_cpu or cache_seqlens.device == dev
     except (AttributeError, TypeError, ValueError):
         return False
 
@@ -107,7 +136,7 @@ def _kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale) -> boo
 def validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, scale=None, indexed: bool = False) -> None:
     """The checks of the cache op's tensors; indexed=True (a block_table or cache_batch_idx is
     given) leaves the caches' first two dims to `validate_serving`."""
-    if not indexed and _kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale):
+    if not indexed and kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale):
         return
     doc = "(num_blocks, page_size, Hkv, D) or (B_cache, S, Hkv, D)" if indexed else "(B, S, Hkv, D)"
     _check_tensor("q", q, "(B, Tq, Hq, D)")
@@ -313,6 +342,23 @@ def validate_serving(q, k_cache, k, cache_seqlens, causal, window_size, block_ta
 # ---- the variants (window_size, softcap, alibi_slopes, dropout_p) and varlen --------------------
 
 
+NO_WINDOW = (-1, -1)
+
+
+def no_variants(window_size, softcap, alibi_slopes, dropout_p) -> bool:
+    """True only if every variant argument is at its default (the plain op): what
+    `validate_variants` accepts and returns (-1, -1) for, in few checks. False sends the call
+    through `validate_variants`, which raises for a bad value."""
+    if alibi_slopes is not None or type(softcap) not in (float, int) or type(dropout_p) not in (float, int):
+        return False
+    if softcap != 0 or dropout_p != 0:
+        return False
+    if window_size is NO_WINDOW:
+        return True
+    return (type(window_size) in (tuple, list) and len(window_size) == 2
+            and type(window_size[0]) is int and type(window_size[1]) is int and window_size[0] == window_size[1] == -1)
+
+
 def validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, *, batch: int, heads: int, cache_op: bool = False):
     """Checks of the variant arguments of DESIGN §3; returns (left, right) as ints.
 
@@ -448,4 +494,4 @@ def validate_varlen_pages(k, v, cu_seqlens_k, max_seqlen_k, block_table) -> None
                              f"sequence {b} uses, got block_table[{b}, {c}] = {int(used[c])}")
 
 
-__all__ = ["validate_varlen_pages", "validate_serving", "validate_variants", "validate_varlen", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]
+__all__ = ["attention_ok", "kv_cache_ok", "no_variants", "NO_WINDOW", "validate_varlen_pages", "validate_serving", "validate_variants", "validate_varlen", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "validate_attention", "validate_kv_cache", "check_cache_capacity"]
