@@ -59,6 +59,31 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def column_major_(weights) -> int:
+    """Store each 2-D tensor of `weights` (parameters, changed in place) column-major: shape
+    (out, in) kept, memory laid out as its transpose (in, out) row-major, Hugging Face GPT-2's
+    Conv1D layout. Returns how many were changed (those already column-major are left alone).
+
+    Why: an eager decode step's products are one-row `F.linear(x, W)` calls, i.e. `x @ W.t()`.
+    With W row-major (nn.Linear's default) BLAS runs its one-row sgemm over a transposed B, which
+    streams the weight at a third of the machine's read rate on the 2-core CPU measured; with W
+    column-major, `W.t()` is a contiguous (in, out) matrix and the same call is BLAS's plain
+    row-times-matrix product, about 1.5x faster (BENCHMARKS.md, generation). Many-row products
+    (training, prefill) run at the same rate either way. The parameter itself holds the layout:
+    no second copy of any weight, and a weight changed in place (an optimizer step,
+    load_state_dict) is what the next step reads. `.to(device, dtype)` keeps the layout.
+    """
+    changed = 0
+    with torch.no_grad():
+        for w in weights:
+            if w.dim() != 2 or w.stride() == (1, w.shape[0]):
+                continue
+            new = torch.empty_strided(w.shape, (1, w.shape[0]), dtype=w.dtype, device=w.device)
+            w.data = new.copy_(w)  # the same Parameter object: optimizers and ties keep pointing at it
+            changed += 1
+    return changed
+
+
 def _decode_step(model, tokens: Tensor, k_caches, v_caches, cache_seqlens: Tensor, backend: str,
                  block_table: Tensor | None = None) -> Tensor:
     """tokens (B,) -> next-token logits (B, V); appends each layer's K/V at cache_seqlens (through
@@ -161,4 +186,4 @@ class DecodeStep:
         return logits
 
 
-__all__ = ["DecodeStep", "compiled_decode_step", "linear"]
+__all__ = ["DecodeStep", "column_major_", "compiled_decode_step", "linear"]

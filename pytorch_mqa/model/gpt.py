@@ -23,7 +23,7 @@ from pytorch_mqa import reference
 from pytorch_mqa.model import checkpoints, export
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.model.config import GPTConfig
-from pytorch_mqa.model.decode import linear
+from pytorch_mqa.model.decode import column_major_, linear
 from pytorch_mqa.model.loss import next_token_loss
 from pytorch_mqa.model.rope import rope_tables
 from pytorch_mqa.ops import attention, attention_varlen, attention_with_kv_cache
@@ -35,6 +35,11 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+def _decode_layout_after_load(model, incompatible_keys) -> None:
+    """load_state_dict's post hook (a module-level function, so a pickled GPT keeps it)."""
+    model.use_decode_layout()
 
 
 class CausalSelfAttention(nn.Module):
@@ -144,6 +149,17 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.use_decode_layout()
+        self.register_load_state_dict_post_hook(_decode_layout_after_load)
+
+    def use_decode_layout(self) -> int:
+        """Lay out the weight of every product (each Linear, so also the tied token embedding)
+        column-major, the layout a one-row product reads fastest (model/decode.py's
+        `column_major_`); shapes, values and state dicts are unchanged. Runs when the model is
+        built and after every `load_state_dict` (which with assign=True puts the loaded tensors
+        in place); call it again after assigning a new weight tensor yourself. Returns how many
+        weights were re-laid out."""
+        return column_major_(m.weight for m in self.modules() if isinstance(m, nn.Linear))
 
     def init_rope(self) -> None:
         """(Re)compute the rotary tables `rope_cos`, `rope_sin` (block_size, head_dim // 2) on the
