@@ -52,7 +52,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and weight.dim() == 2
         and x.numel() == weight.shape[1]
     ):
-        y = (weight * x.reshape(1, -1)).sum(-1)
+        # Row-major for the fused reduction: inductor reduces each output over its input row,
+        # and a column-major weight (the eager layout, see column_major_) would make that walk
+        # down columns, one cache line per element. Under freezing this copy is constant-folded
+        # at compile time: the graph holds a row-major copy of the weights, not a copy per call.
+        w = weight if weight.is_contiguous() else weight.contiguous()
+        y = (w * x.reshape(1, -1)).sum(-1)
         if bias is not None:
             y = y + bias
         return y.view(x.shape[:-1] + (weight.shape[0],))
@@ -76,7 +81,8 @@ def column_major_(weights) -> int:
     changed = 0
     with torch.no_grad():
         for w in weights:
-            if w.dim() != 2 or w.stride() == (1, w.shape[0]):
+            # plain tensors only: a sharded parameter (FSDP2's DTensor) keeps the layout FSDP gave it
+            if type(w.data) is not torch.Tensor or w.dim() != 2 or w.stride() == (1, w.shape[0]):
                 continue
             new = torch.empty_strided(w.shape, (1, w.shape[0]), dtype=w.dtype, device=w.device)
             w.data = new.copy_(w)  # the same Parameter object: optimizers and ties keep pointing at it
