@@ -1,4 +1,5 @@
-"""Build and load the CUDA kernels of csrc/ (the `cuda` backend) on first use.
+"""Build and load the C++ kernels of csrc/ on first use: the CUDA kernels (the `cuda` backend)
+and the CPU kernels of csrc/cpu/ (`load_cpu_extension`, used by pytorch_mqa.ops.cpu_ext).
 
 `load_extension()` registers the CUDA kernel of `torch.ops.pytorch_mqa.attention_with_kv_cache_cuda`
 (its schema is defined in ops/library.py). It uses, in order:
@@ -11,6 +12,9 @@
 
 Target architectures: `TORCH_CUDA_ARCH_LIST` if set, else the current device's (sm_90 -> 9.0a, so
 Hopper-only instructions are available). Importing pytorch_mqa never compiles anything.
+
+The CPU library is always JIT-built (with -march=native, so its cache key also hashes the host's
+CPU model and flags) by the same body, `jit_load`: one cache directory, source hashing and lock.
 """
 
 from __future__ import annotations
@@ -21,34 +25,47 @@ import functools
 import hashlib
 import importlib.util
 import os
+import platform
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from pytorch_mqa.ops.backends import unavailable_reason
-from pytorch_mqa.ops.build_flags import CXX_FLAGS, NVCC_FLAGS, SOURCE_SUFFIXES, SOURCES
+from pytorch_mqa.ops.build_flags import (
+    CPU_CXX_FLAGS,
+    CPU_SOURCE_SUFFIXES,
+    CPU_SOURCES,
+    CPU_SUBDIR,
+    CXX_FLAGS,
+    NVCC_FLAGS,
+    SOURCE_SUFFIXES,
+    SOURCES,
+)
 
 CACHE_ENV_VAR = "PYTORCH_MQA_CACHE_DIR"
 PREBUILT_MODULE = "pytorch_mqa._C"
 
 
-def source_dir() -> Path:
-    """csrc/ as installed (package data pytorch_mqa.csrc), else the source tree's csrc/."""
+def source_dir(sub: str = "", sources: tuple = SOURCES) -> Path:
+    """csrc/ (or its subdirectory `sub`) as installed (package data pytorch_mqa.csrc), else the
+    source tree's."""
     spec = importlib.util.find_spec("pytorch_mqa.csrc")
     candidates = list(spec.submodule_search_locations or []) if spec is not None else []
     candidates.append(str(Path(__file__).resolve().parents[2] / "csrc"))
+    candidates = [str(Path(c) / sub) for c in candidates]
     for cand in candidates:
-        if all((Path(cand) / name).is_file() for name in SOURCES):
+        if all((Path(cand) / name).is_file() for name in sources):
             return Path(cand)
-    raise RuntimeError(f"CUDA sources {SOURCES} not found; looked in {candidates}")
+    raise RuntimeError(f"C++ sources {sources} not found; looked in {candidates}")
 
 
-def source_files(directory: Path | None = None) -> list[Path]:
+def source_files(directory: Path | None = None, suffixes: tuple = SOURCE_SUFFIXES) -> list[Path]:
     """Every file that goes into the build (sources and headers), sorted by name."""
     directory = source_dir() if directory is None else Path(directory)
-    return sorted(p for p in directory.iterdir() if p.suffix in SOURCE_SUFFIXES)
+    return sorted(p for p in directory.iterdir() if p.suffix in suffixes)
 
 
 def arch_list() -> list[str]:
@@ -117,34 +134,83 @@ def _prebuilt_library() -> str | None:
     return spec.origin if spec is not None and spec.origin else None
 
 
-def _jit_build(verbose: bool = False) -> None:
+def jit_load(prefix: str, files: list[Path], cflags: list[str], cuda_cflags: list[str] | None, targets: list[str],
+             what: str, verbose: bool = False, on_build=None) -> Path:
+    """Build (once per key, under the lock) and load the library of `files` with
+    torch.utils.cpp_extension.load + ninja; returns its build directory. `targets` go into the
+    cache key and the error message; `on_build(build_dir)` is called before a build that has no
+    cached library to reuse (e.g. to say that it may take a while)."""
     from torch.utils import cpp_extension
 
-    files = source_files()
-    archs = arch_list()
-    nvcc_flags = NVCC_FLAGS + gencode_flags(archs)
-    key = cache_key(files, CXX_FLAGS + nvcc_flags, archs)
+    key = cache_key(files, cflags + (cuda_cflags or []), targets)
     build_dir = cache_root() / key
     build_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{prefix}_{key}"
     sources = [str(p) for p in files if p.suffix in (".cu", ".cpp")]
     with build_lock(cache_root() / f"{key}.lock"):
+        if on_build is not None and not (build_dir / f"{name}.so").is_file():
+            on_build(build_dir)
+        extra = {} if cuda_cflags is None else {"extra_cuda_cflags": cuda_cflags}
         try:
             cpp_extension.load(
-                name=f"pytorch_mqa_csrc_{key}",
+                name=name,
                 sources=sources,
-                extra_cflags=CXX_FLAGS,
-                extra_cuda_cflags=nvcc_flags,  # carries -gencode, so torch adds no arch flags of its own
+                extra_cflags=cflags,
                 extra_include_paths=[str(files[0].parent)],
                 build_directory=str(build_dir),
                 is_python_module=False,
                 verbose=verbose,
+                **extra,
             )
         except Exception as err:
-            # torch puts ninja's output (nvcc's own errors) in the message: pass it on whole.
-            raise RuntimeError(
-                f"building the CUDA kernels of pytorch_mqa failed (build directory {build_dir}, "
-                f"targets {archs}; set TORCH_CUDA_ARCH_LIST to change them):\n{err}"
-            ) from err
+            # torch puts ninja's output (the compiler's own errors) in the message: pass it on whole.
+            raise RuntimeError(f"building the {what} of pytorch_mqa failed (build directory {build_dir}, "
+                               f"targets {targets}):\n{err}") from err
+    return build_dir
+
+
+def _jit_build(verbose: bool = False) -> None:
+    archs = arch_list()
+    nvcc_flags = NVCC_FLAGS + gencode_flags(archs)  # carries -gencode, so torch adds no arch flags of its own
+    jit_load("pytorch_mqa_csrc", source_files(), CXX_FLAGS, nvcc_flags, archs,
+             "CUDA kernels (set TORCH_CUDA_ARCH_LIST to change the targets)", verbose)
+
+
+def host_cpu() -> str:
+    """The host's CPU model and feature flags (what -march=native compiles for), for the cache key."""
+    text = ""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return f"{platform.machine()} {fields.get('model name', platform.processor())} {fields.get('flags', '')}"
+
+
+def cpu_unavailable_reason() -> str | None:
+    """Why the CPU library cannot be built here (no C++ compiler or no ninja), or None."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler: {compiler!r} not found on PATH (set CXX to a compiler)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _cpu_key_targets() -> list[str]:
+    return ["cpu", hashlib.sha256(host_cpu().encode()).hexdigest()[:16]]
+
+
+@functools.cache
+def load_cpu_extension(verbose: bool = False, on_build=None) -> None:
+    """Register the csrc/cpu/ kernels with torch (once per process); build them if needed.
+    Raises RuntimeError saying why when they cannot be built."""
+    reason = cpu_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the CPU kernels of pytorch_mqa cannot be built: {reason}")
+    files = source_files(source_dir(CPU_SUBDIR, CPU_SOURCES), CPU_SOURCE_SUFFIXES)
+    jit_load("pytorch_mqa_cpu", files, CPU_CXX_FLAGS, None, _cpu_key_targets(), "CPU kernels", verbose, on_build)
 
 
 @functools.cache

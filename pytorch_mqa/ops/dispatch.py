@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from pytorch_mqa import reference
-from pytorch_mqa.ops import build, cpu, cpu_serving, cpu_variants
+from pytorch_mqa.ops import build, cpu, cpu_ext, cpu_serving, cpu_variants
 from pytorch_mqa.ops.backends import USER_BACKENDS
 from pytorch_mqa.ops.validation import check_cache_capacity
 
@@ -239,7 +239,15 @@ def _cache_capacity(k_cache, block_table) -> int:
     return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
 
 
-def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, window_left=-1,
+def attention_with_kv_cache_forward(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *rest, **kw):
+    """The Python kernel of the cache op (every device; on CPU only until the C++ CPU kernel of
+    csrc/cpu/ is registered, which the first CPU call triggers here: see ops/cpu_ext.py)."""
+    if backend == "reference":
+        cpu_ext.ensure_loaded_for(q.device)
+    return attention_with_kv_cache_general(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *rest, **kw)
+
+
+def attention_with_kv_cache_general(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, window_left=-1,
                                     window_right=-1, softcap=0.0, alibi_slopes=None, block_table=None,
                                     cache_batch_idx=None, cache_leftpad=None, rotary_cos=None, rotary_sin=None,
                                     rotary_interleaved=True):

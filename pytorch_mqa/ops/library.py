@@ -12,6 +12,8 @@
     torch.ops.pytorch_mqa.attention_with_kv_cache(q, k_cache!, v_cache!, k?, v?, cache_seqlens,
         causal, scale, backend, *V, block_table?, cache_batch_idx?, cache_leftpad?, rotary_cos?,
         rotary_sin?, rotary_interleaved=True) -> (out, lse)
+    torch.ops.pytorch_mqa.attention_with_kv_cache_general(...)  the same schema: the Python
+        dispatch, where the C++ CPU kernel of the op passes on what it does not cover
     torch.ops.pytorch_mqa.attention_with_kv_cache_cuda(...)   the csrc/ kernel (CUDA only)
 
 with the variants V = window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None and DR =
@@ -178,6 +180,22 @@ _lib.impl("attention_with_kv_cache", dispatch.attention_with_kv_cache_forward, _
 
 
 @torch.library.register_fake("pytorch_mqa::attention_with_kv_cache", lib=_lib)
+def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *variants, **kw):
+    return _fake_out_lse(q)
+
+
+# The same schema under a second name: what the C++ CPU kernel of the op (csrc/cpu/, registered
+# for the CPU key when pytorch_mqa.ops.cpu_ext loads it) passes every call on to that it does not
+# cover itself (another backend, variants, serving arguments, long query blocks). Its kernel is
+# the op's Python dispatch, so such calls run exactly as without the C++ kernel.
+_lib.define(
+    "attention_with_kv_cache_general(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+    f"Tensor cache_seqlens, bool causal, float scale, str backend, {_V}, {_SERVING}) -> (Tensor, Tensor)"
+)
+_lib.impl("attention_with_kv_cache_general", dispatch.attention_with_kv_cache_general, _ANY_DEVICE)
+
+
+@torch.library.register_fake("pytorch_mqa::attention_with_kv_cache_general", lib=_lib)
 def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *variants, **kw):
     return _fake_out_lse(q)
 

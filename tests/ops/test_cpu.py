@@ -124,14 +124,16 @@ def _copies(fn):
 @pytest.mark.parametrize("lengths", [[300, 300, 300], [0, 170, 299]], ids=["uniform", "ragged"])
 @pytest.mark.parametrize("Tq", [1, 3])
 def test_decode_reads_the_cache_in_place(lengths, Tq):
-    # No copy of the attended K/V (only the new rows are written) and one kernel call for the
-    # whole batch (two for the causal split when Tq > 1 and lengths are equal), never one per sequence.
+    # The Python CPU path (the op's general form; the C++ kernel has its own tests): no copy of
+    # the attended K/V (only the new rows are written) and one kernel call for the whole batch
+    # (two for the causal split when Tq > 1 and lengths are equal), never one per sequence.
     B, S, Hq, Hkv, D = 3, 320, 8, 2, 16
     q = torch.randn(B, Tq, Hq, D)
     kc, vc = torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
     k, v = torch.randn(B, Tq, Hkv, D), torch.randn(B, Tq, Hkv, D)
     lens = torch.tensor(lengths, dtype=torch.int32)
-    biggest, calls = _copies(lambda: pytorch_mqa.attention_with_kv_cache(q, kc, vc, k, v, cache_seqlens=lens))
+    general = torch.ops.pytorch_mqa.attention_with_kv_cache_general
+    biggest, calls = _copies(lambda: general(q, kc, vc, k, v, lens, True, D**-0.5, "reference"))
     assert biggest <= B * Tq * Hq * D < kc[:, :170].numel()
     assert calls == (2 if Tq > 1 and len(set(lengths)) == 1 else 1)
 

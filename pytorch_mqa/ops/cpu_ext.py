@@ -1,0 +1,126 @@
+"""The C++ CPU kernels (csrc/cpu/), built on first CPU use and optional.
+
+- `attention_with_kv_cache.cpp` registers itself as the CPU kernel of
+  `torch.ops.pytorch_mqa.attention_with_kv_cache`: once loaded, a plain CPU call (backend
+  "reference", no variant or serving argument, Tq * G <= 16) runs in C++ without entering Python;
+  every other call is passed on, unchanged, to `pytorch_mqa::attention_with_kv_cache_general`
+  (the same schema, the Python dispatch). Before the library is loaded, or where it cannot be
+  built, the op's Python kernel runs that same dispatch.
+- `decode_linear.cpp`: `torch.ops.pytorch_mqa.decode_linear(x, weight, bias)`, one-row float32
+  matrix-vector products for decoding (below), defined here with a fake impl and an F.linear
+  kernel for when the library is absent.
+
+`load()` builds (JIT, ninja, cached by pytorch_mqa.ops.build) and loads the library once per
+process; the first build prints one line on stderr. It never raises: where there is no compiler
+or the build fails, `unavailable_reason()` says why (also shown by `pytorch-mqa info`), one line
+on stderr says so once, and the Python CPU path is used. `PYTORCH_MQA_CPU_KERNELS=0` (read, never
+written) turns the library off. Importing the package builds nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from pytorch_mqa.ops import build
+
+ENV_VAR = "PYTORCH_MQA_CPU_KERNELS"
+
+_STATE = {"tried": False, "loaded": False, "reason": None}
+
+
+def _say(line: str) -> None:
+    print(f"pytorch_mqa: {line}", file=sys.stderr, flush=True)
+
+
+def disabled_by_env() -> bool:
+    return os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def load() -> bool:
+    """Build (first time) and load the CPU kernels; True when they are registered."""
+    if _STATE["tried"]:
+        return _STATE["loaded"]
+    _STATE["tried"] = True
+    if disabled_by_env():
+        _STATE["reason"] = f"disabled by {ENV_VAR}={os.environ.get(ENV_VAR)}"
+        return False
+    try:
+        build.load_cpu_extension(on_build=lambda d: _say(f"building the C++ CPU kernels once (cached in {d}) ..."))
+    except Exception as err:  # no compiler, a failed build: the Python CPU path stays
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _STATE["reason"] = str(err)
+        _say(f"C++ CPU kernels unavailable, using the Python CPU path: {first}")
+        return False
+    _STATE["loaded"] = True
+    return True
+
+
+def loaded() -> bool:
+    """Whether the C++ CPU kernels are registered in this process (no build attempted)."""
+    return _STATE["loaded"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the C++ CPU kernels are not in use, or None when they are (or were not tried yet and
+    can be built: then None only after `load()`)."""
+    if _STATE["loaded"]:
+        return None
+    if _STATE["tried"]:
+        return _STATE["reason"]
+    if disabled_by_env():
+        return f"disabled by {ENV_VAR}={os.environ.get(ENV_VAR)}"
+    return build.cpu_unavailable_reason()
+
+
+def ensure_loaded_for(device: torch.device) -> None:
+    """The lazy trigger: the first eager CPU call of the cache op loads the library."""
+    if not _STATE["tried"] and device.type == "cpu" and not torch.compiler.is_compiling():
+        load()
+
+
+# ---- decode_linear ---------------------------------------------------------------------------
+
+_lib = torch.library.Library("pytorch_mqa", "FRAGMENT")
+_lib.define("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+
+
+def _linear_kernel(x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
+_lib.impl("decode_linear", _linear_kernel, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("pytorch_mqa::decode_linear", lib=_lib)
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_decode_linear_op = torch.ops.pytorch_mqa.decode_linear.default
+
+
+def decode_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for one row (x.numel() == weight.shape[1], the decode step at
+    batch 1) on the C++ matrix-vector kernel: float32, CPU, contiguous x and weight (out, in) as
+    nn.Linear stores it, no autograd. Anything else, or without the library, is F.linear.
+    Call `load()` once before torch.compile; inside a compiled graph the op appears as
+    `pytorch_mqa::decode_linear`."""
+    if (
+        _STATE["loaded"]
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and x.numel() == weight.shape[1]
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad)))
+    ):
+        return _decode_linear_op(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+__all__ = ["ENV_VAR", "load", "loaded", "unavailable_reason", "ensure_loaded_for", "decode_linear"]
