@@ -37,6 +37,12 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def _dropout(module: nn.Dropout, x):
+    """`module(x)`, skipped where it is the identity (evaluation, or p = 0): a decode step then
+    pays no module call for its nine dropouts."""
+    return module(x) if module.training and module.p > 0 else x
+
+
 def _decode_layout_after_load(model, incompatible_keys) -> None:
     """load_state_dict's post hook (a module-level function, so a pickled GPT keeps it)."""
     model.use_decode_layout()
@@ -95,7 +101,7 @@ class CausalSelfAttention(nn.Module):
             y = attention_with_kv_cache(
                 q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=True, backend=backend, **extra
             )
-        return self.resid_dropout(self.c_proj(y.reshape(B, T, -1)))
+        return _dropout(self.resid_dropout, self.c_proj(y.reshape(B, T, -1)))
 
 
 class MLP(nn.Module):
@@ -107,7 +113,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return _dropout(self.dropout, self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -285,10 +291,10 @@ class GPT(nn.Module):
             pos = cache_seqlens[:, None] + torch.arange(T, device=idx.device, dtype=cache_seqlens.dtype)
         rope = None
         if self.rope:
-            x = tr.drop(tr.wte(idx))
+            x = _dropout(tr.drop, tr.wte(idx))
             rope = (self.rope_cos, self.rope_sin, None if cache_seqlens is not None else pos.expand(B, T))
         else:
-            x = tr.drop(tr.wte(idx) + tr.wpe(pos))
+            x = _dropout(tr.drop, tr.wte(idx) + tr.wpe(pos))
         if k_caches is None:
             for block in tr.h:
                 x = block(x, backend=backend, rope=rope, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
