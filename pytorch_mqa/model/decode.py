@@ -97,11 +97,25 @@ def _decode_step(model, tokens: Tensor, k_caches, v_caches, cache_seqlens: Tenso
     return model.logits(tokens[:, None], k_caches, v_caches, cache_seqlens, backend, block_table)[:, -1]
 
 
+def _guard_filter(entries) -> list[bool]:
+    """Which of dynamo's guards the compiled step checks on every call (torch.compile's
+    `guard_filter_fn`): all but those on the model's module structure (about 700 for a 4-layer
+    GPT: hook dicts, types, attribute values), except the identity of each parameter and module
+    (ID_MATCH), which is what ties a frozen graph to its model. So another model, or a weight
+    replaced by a new tensor, still gets its own graph, and the cache, lengths and tokens keep
+    their shape and dtype guards; what is no longer seen is a change to a module's attributes or
+    a hook added after the first compiled call (torch.compiler.reset() forgets the graphs).
+    Measured: dynamo's per-call lookup 440 -> 150 us on the 2-core CPU at load 4
+    (BENCHMARKS.md, generation)."""
+    return [e.guard_type == "ID_MATCH" or not e.orig_guard.source.is_unspecialized_nn_module() for e in entries]
+
+
 @functools.cache
 def compiled_decode_step():
     """`_decode_step` under torch.compile: one graph for every step (static shapes), compiled on
-    a model's first call (see _inductor_options); dynamo keeps one graph per model and cache shape."""
-    return torch.compile(_decode_step, fullgraph=True, dynamic=False)
+    a model's first call (see _inductor_options); dynamo keeps one graph per model and cache shape
+    (see _guard_filter for what its guards check)."""
+    return torch.compile(_decode_step, fullgraph=True, dynamic=False, options={"guard_filter_fn": _guard_filter})
 
 
 # Inductor parallelises a kernel's loop over 2+ threads only if each thread gets at least this many

@@ -107,3 +107,20 @@ def test_training_on_column_major_weights_matches_row_major():
         if _column_major(a):
             assert a.grad.stride() == a.stride()  # gradients follow the layout: no copy per step
     assert all(_column_major(w) for w in _product_weights(model))
+
+
+def test_compiled_step_keeps_one_graph_per_model_and_per_weight_tensor():
+    """The compiled step's guards skip module structure but keep parameter identity: two models of
+    one shape each get their own frozen graph, and so does a weight assigned as a new tensor."""
+    prompt = [[3, 1, 4, 1, 5]]
+    a, b = tiny_gpt(seed=0), tiny_gpt(seed=5)
+    ea, eb = generate(a, prompt, 10, temperature=0), generate(b, prompt, 10, temperature=0)
+    assert ea != eb
+    assert generate(a, prompt, 10, temperature=0, compile=True) == ea
+    assert generate(b, prompt, 10, temperature=0, compile=True) == eb
+    assert generate(a, prompt, 10, temperature=0, compile=True) == ea
+    c = tiny_gpt(seed=9)
+    a.lm_head.weight = a.transformer.wte.weight = nn.Parameter(c.transformer.wte.weight.detach().clone())
+    a.use_decode_layout()
+    want = generate(a, prompt, 10, temperature=0)
+    assert want != ea and generate(a, prompt, 10, temperature=0, compile=True) == want
