@@ -387,6 +387,7 @@ def load_pretrained(cls, path, *, n_kv_head=None, n_head=None, dtype=None, devic
         raise ValueError(f"checkpoint: missing {missing}, unexpected {unexpected}")
     if fields.get("tie_embeddings", True):
         model.lm_head.weight = model.transformer.wte.weight
+        model.use_decode_layout()  # the loaded embedding is the tied head's weight now
     if model.config.pos_embedding == "rope":  # its rotary tables are not stored: compute them (built on meta)
         model.init_rope()
     return model.to(device=device or "cpu", dtype=dtype).eval()

@@ -52,11 +52,42 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and weight.dim() == 2
         and x.numel() == weight.shape[1]
     ):
-        y = (weight * x.reshape(1, -1)).sum(-1)
+        # Row-major for the fused reduction: inductor reduces each output over its input row,
+        # and a column-major weight (the eager layout, see column_major_) would make that walk
+        # down columns, one cache line per element. Under freezing this copy is constant-folded
+        # at compile time: the graph holds a row-major copy of the weights, not a copy per call.
+        w = weight if weight.is_contiguous() else weight.contiguous()
+        y = (w * x.reshape(1, -1)).sum(-1)
         if bias is not None:
             y = y + bias
         return y.view(x.shape[:-1] + (weight.shape[0],))
     return F.linear(x, weight, bias)
+
+
+def column_major_(weights) -> int:
+    """Store each 2-D tensor of `weights` (parameters, changed in place) column-major: shape
+    (out, in) kept, memory laid out as its transpose (in, out) row-major, Hugging Face GPT-2's
+    Conv1D layout. Returns how many were changed (those already column-major are left alone).
+
+    Why: an eager decode step's products are one-row `F.linear(x, W)` calls, i.e. `x @ W.t()`.
+    With W row-major (nn.Linear's default) BLAS runs its one-row sgemm over a transposed B, which
+    streams the weight at a third of the machine's read rate on the 2-core CPU measured; with W
+    column-major, `W.t()` is a contiguous (in, out) matrix and the same call is BLAS's plain
+    row-times-matrix product, about 1.5x faster (BENCHMARKS.md, generation). Many-row products
+    (training, prefill) run at the same rate either way. The parameter itself holds the layout:
+    no second copy of any weight, and a weight changed in place (an optimizer step,
+    load_state_dict) is what the next step reads. `.to(device, dtype)` keeps the layout.
+    """
+    changed = 0
+    with torch.no_grad():
+        for w in weights:
+            # plain tensors only: a sharded parameter (FSDP2's DTensor) keeps the layout FSDP gave it
+            if type(w.data) is not torch.Tensor or w.dim() != 2 or w.stride() == (1, w.shape[0]):
+                continue
+            new = torch.empty_strided(w.shape, (1, w.shape[0]), dtype=w.dtype, device=w.device)
+            w.data = new.copy_(w)  # the same Parameter object: optimizers and ties keep pointing at it
+            changed += 1
+    return changed
 
 
 def _decode_step(model, tokens: Tensor, k_caches, v_caches, cache_seqlens: Tensor, backend: str,
@@ -66,11 +97,25 @@ def _decode_step(model, tokens: Tensor, k_caches, v_caches, cache_seqlens: Tenso
     return model.logits(tokens[:, None], k_caches, v_caches, cache_seqlens, backend, block_table)[:, -1]
 
 
+def _guard_filter(entries) -> list[bool]:
+    """Which of dynamo's guards the compiled step checks on every call (torch.compile's
+    `guard_filter_fn`): all but those on the model's module structure (about 700 for a 4-layer
+    GPT: hook dicts, types, attribute values), except the identity of each parameter and module
+    (ID_MATCH), which is what ties a frozen graph to its model. So another model, or a weight
+    replaced by a new tensor, still gets its own graph, and the cache, lengths and tokens keep
+    their shape and dtype guards; what is no longer seen is a change to a module's attributes or
+    a hook added after the first compiled call (torch.compiler.reset() forgets the graphs).
+    Measured: dynamo's per-call lookup 440 -> 150 us on the 2-core CPU at load 4
+    (BENCHMARKS.md, generation)."""
+    return [e.guard_type == "ID_MATCH" or not e.orig_guard.source.is_unspecialized_nn_module() for e in entries]
+
+
 @functools.cache
 def compiled_decode_step():
     """`_decode_step` under torch.compile: one graph for every step (static shapes), compiled on
-    a model's first call (see _inductor_options); dynamo keeps one graph per model and cache shape."""
-    return torch.compile(_decode_step, fullgraph=True, dynamic=False)
+    a model's first call (see _inductor_options); dynamo keeps one graph per model and cache shape
+    (see _guard_filter for what its guards check)."""
+    return torch.compile(_decode_step, fullgraph=True, dynamic=False, options={"guard_filter_fn": _guard_filter})
 
 
 # Inductor parallelises a kernel's loop over 2+ threads only if each thread gets at least this many
@@ -161,4 +206,4 @@ class DecodeStep:
         return logits
 
 
-__all__ = ["DecodeStep", "compiled_decode_step", "linear"]
+__all__ = ["DecodeStep", "column_major_", "compiled_decode_step", "linear"]

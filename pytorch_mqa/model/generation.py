@@ -186,8 +186,12 @@ class _Stepper:
         for b, p in enumerate(prompts):
             self.ids[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
         self.lens = [len(p) for p in prompts]  # host-side lengths: no sync to read them
-        self._rows = torch.arange(B, device=device)
-        self._pos = torch.tensor(self.lens, device=device)  # where each row's next id goes
+        # Where each row's next id goes: one column while the prompts have one length (a slice
+        # store per step), else a per-row position tensor (an indexed store and an add per step).
+        self._col = self.lens[0] if len(set(self.lens)) == 1 else None
+        if self._col is None:
+            self._rows = torch.arange(B, device=device)
+            self._pos = torch.tensor(self.lens, device=device)
         self.step = None
         if self.use_cache:
             # Positions ever used: the longest prompt + max_new_tokens - 1, at most the context.
@@ -224,8 +228,12 @@ class _Stepper:
         return self._recompute()
 
     def decode(self, tokens: Tensor) -> Tensor:
-        self.ids[self._rows, self._pos] = tokens
-        self._pos += 1
+        if self._col is not None:
+            self.ids[:, self._col] = tokens
+            self._col += 1
+        else:
+            self.ids[self._rows, self._pos] = tokens
+            self._pos += 1
         self.lens = [n + 1 for n in self.lens]
         if not self.use_cache:
             return self._recompute()

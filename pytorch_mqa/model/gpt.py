@@ -23,7 +23,7 @@ from pytorch_mqa import reference
 from pytorch_mqa.model import checkpoints, export
 from pytorch_mqa.model.cache import KVCache
 from pytorch_mqa.model.config import GPTConfig
-from pytorch_mqa.model.decode import linear
+from pytorch_mqa.model.decode import column_major_, linear
 from pytorch_mqa.model.loss import next_token_loss
 from pytorch_mqa.model.rope import rope_tables
 from pytorch_mqa.ops import attention, attention_varlen, attention_with_kv_cache
@@ -35,6 +35,17 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+def _dropout(module: nn.Dropout, x):
+    """`module(x)`, skipped where it is the identity (evaluation, or p = 0): a decode step then
+    pays no module call for its nine dropouts."""
+    return module(x) if module.training and module.p > 0 else x
+
+
+def _decode_layout_after_load(model, incompatible_keys) -> None:
+    """load_state_dict's post hook (a module-level function, so a pickled GPT keeps it)."""
+    model.use_decode_layout()
 
 
 class CausalSelfAttention(nn.Module):
@@ -90,7 +101,7 @@ class CausalSelfAttention(nn.Module):
             y = attention_with_kv_cache(
                 q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=True, backend=backend, **extra
             )
-        return self.resid_dropout(self.c_proj(y.reshape(B, T, -1)))
+        return _dropout(self.resid_dropout, self.c_proj(y.reshape(B, T, -1)))
 
 
 class MLP(nn.Module):
@@ -102,7 +113,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return _dropout(self.dropout, self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -144,6 +155,17 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.use_decode_layout()
+        self.register_load_state_dict_post_hook(_decode_layout_after_load)
+
+    def use_decode_layout(self) -> int:
+        """Lay out the weight of every product (each Linear, so also the tied token embedding)
+        column-major, the layout a one-row product reads fastest (model/decode.py's
+        `column_major_`); shapes, values and state dicts are unchanged. Runs when the model is
+        built and after every `load_state_dict` (which with assign=True puts the loaded tensors
+        in place); call it again after assigning a new weight tensor yourself. Returns how many
+        weights were re-laid out."""
+        return column_major_(m.weight for m in self.modules() if isinstance(m, nn.Linear))
 
     def init_rope(self) -> None:
         """(Re)compute the rotary tables `rope_cos`, `rope_sin` (block_size, head_dim // 2) on the
@@ -269,10 +291,10 @@ class GPT(nn.Module):
             pos = cache_seqlens[:, None] + torch.arange(T, device=idx.device, dtype=cache_seqlens.dtype)
         rope = None
         if self.rope:
-            x = tr.drop(tr.wte(idx))
+            x = _dropout(tr.drop, tr.wte(idx))
             rope = (self.rope_cos, self.rope_sin, None if cache_seqlens is not None else pos.expand(B, T))
         else:
-            x = tr.drop(tr.wte(idx) + tr.wpe(pos))
+            x = _dropout(tr.drop, tr.wte(idx) + tr.wpe(pos))
         if k_caches is None:
             for block in tr.h:
                 x = block(x, backend=backend, rope=rope, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

@@ -181,6 +181,10 @@ def shard_model(model: torch.nn.Module, rank: Rank, device: str) -> torch.nn.Mod
     if not rank.enabled:
         raise ValueError(f"fsdp: expected a process group of 2 or more processes (torchrun), got {rank.world_size}")
     mesh = init_device_mesh(torch.device(device).type, (rank.world_size,))  # the device asked for, not the default
+    with torch.no_grad():  # FSDP2 shards contiguous parameters only; GPT keeps its product weights column-major
+        for p in model.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
