@@ -33,7 +33,8 @@ constexpr int64_t kMaxRowsPerKv = 16;  // Tq * G above this goes to the general 
 // Multiply-adds below which a call runs on the calling thread (a few ms of work): on a loaded
 // machine every parallel region can wait milliseconds for a descheduled thread (measured on 2
 // shared cores: MHA B=1 L=4096 took 1.9 ms on one thread, 6-10 ms split over two).
-constexpr int64_t kInlineWork = 1 << 23;
+constexpr int64_t kInlineWork = 1 << 20;
+constexpr int64_t kRowGroup = 8;  // cache rows whose heads are read together (see attend_rows)
 
 // Argument positions in the schema (pytorch_mqa/ops/library.py).
 enum Arg : int {
@@ -93,10 +94,15 @@ void attend_rows(const Problem& pb, const Cache<T>& kc, const Cache<T>& vc, cons
   for (int64_t jb = j0; jb < j1; jb += kBlock) {
     const int64_t nb = std::min(kBlock, j1 - jb);
     // Scores of every query row against the block's keys (each cache row read once, in order).
+    // In memory order: kRowGroup rows at a time, all heads of each row, so the block's rows are
+    // read as a few contiguous streams instead of one strided stream per head.
     gather(kc, jb, nb);
-    for (int64_t h = 0; h < pb.Hkv; ++h)
-      scores<DC, RP>(rows.data() + h * kBlock, nb, qf + h * pb.R * D, qt + (RP ? h * D * RP : 0), pb.R, D,
-                     s.data() + h * pb.R * kBlock);
+    for (int64_t jg = 0; jg < nb; jg += kRowGroup) {
+      const int64_t ng = std::min(kRowGroup, nb - jg);
+      for (int64_t h = 0; h < pb.Hkv; ++h)
+        scores<DC, RP>(rows.data() + h * kBlock + jg, ng, qf + h * pb.R * D, qt + (RP ? h * D * RP : 0), pb.R, D,
+                       s.data() + h * pb.R * kBlock + jg);
+    }
     if (pb.causal && pb.Tq > 1) {
       // Row t sees keys j < n_keys - Tq + t + 1 (bottom-right); mask the rest of the block.
       for (int64_t h = 0; h < pb.Hkv; ++h)
@@ -139,8 +145,12 @@ void attend_rows(const Problem& pb, const Cache<T>& kc, const Cache<T>& vc, cons
     }
     // acc += P V (each cache row of V read once, in order).
     gather(vc, jb, nb);
-    for (int64_t h = 0; h < pb.Hkv; ++h)
-      accumulate<DC>(rows.data() + h * kBlock, nb, s.data() + h * pb.R * kBlock, pb.R, D, acc + h * pb.R * D);
+    for (int64_t jg = 0; jg < nb; jg += kRowGroup) {
+      const int64_t ng = std::min(kRowGroup, nb - jg);
+      for (int64_t h = 0; h < pb.Hkv; ++h)
+        accumulate<DC>(rows.data() + h * kBlock + jg, ng, s.data() + h * pb.R * kBlock + jg, pb.R, D,
+                       acc + h * pb.R * D);
+    }
   }
 }
 

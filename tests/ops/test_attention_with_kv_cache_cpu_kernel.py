@@ -139,7 +139,7 @@ def test_strided_query_and_caches(threads):
 
 
 def test_long_caches_split_over_threads(threads):
-    # Calls of over 2**23 multiply-adds are split into tasks of rows (flash-decoding) and merged
+    # Calls of over 2**20 multiply-adds are split into tasks of rows (flash-decoding) and merged
     # (on 2 threads): uniform and ragged; below that they run on the calling thread.
     for Hkv, lens in ((2, [2500]), (8, [8300]), (8, [6000, 0, 3000])):
         _check(*_inputs(len(lens), 1, 8, Hkv, 128, 8400, lens, torch.float32, seed=Hkv))
