@@ -122,8 +122,10 @@ def compiled_decode_step():
 # elements of work. A decode step's kernels are small (a 768 x 256 product is 0.2 M elements, a few
 # microseconds of streaming): split over threads, each pays an OpenMP barrier, and on a shared,
 # oversubscribed machine every barrier waits for a descheduled thread (BENCHMARKS.md, generation).
-# 1 M elements (4 MB of float32 weights per thread) keeps GPT-2 small's big products parallel.
-MIN_ELEMENTS_PER_THREAD = 1 << 20
+# 128 K elements (512 KB of float32 weights per thread): with the attention calls in C++ (no
+# parallel region of their own) the bench model's products gain from two threads' bandwidth at
+# load ~1.3 (compiled / HF 2.90x against 2.51x with 1 M per thread, 2.80x with 256 K, one run).
+MIN_ELEMENTS_PER_THREAD = 1 << 17
 
 
 def _inductor_options():
