@@ -1,14 +1,11 @@
-"""The C++ CPU kernels (csrc/cpu/), built on first CPU use and optional.
+"""The C++ CPU kernel (csrc/cpu/), built on first CPU use and optional.
 
-- `attention_with_kv_cache.cpp` registers itself as the CPU kernel of
-  `torch.ops.pytorch_mqa.attention_with_kv_cache`: once loaded, a plain CPU call (backend
-  "reference", no variant or serving argument, Tq * G <= 16) runs in C++ without entering Python;
-  every other call is passed on, unchanged, to `pytorch_mqa::attention_with_kv_cache_general`
-  (the same schema, the Python dispatch). Before the library is loaded, or where it cannot be
-  built, the op's Python kernel runs that same dispatch.
-- `decode_linear.cpp`: `torch.ops.pytorch_mqa.decode_linear(x, weight, bias)`, one-row float32
-  matrix-vector products for decoding (below), defined here with a fake impl and an F.linear
-  kernel for when the library is absent.
+`attention_with_kv_cache.cpp` registers itself as the CPU kernel of
+`torch.ops.pytorch_mqa.attention_with_kv_cache`: once loaded, a plain CPU call (backend
+"reference", no variant or serving argument, Tq * G <= 16) runs in C++ without entering Python;
+every other call is passed on, unchanged, to `pytorch_mqa::attention_with_kv_cache_general` (the
+same schema, the Python dispatch). Before the library is loaded, or where it cannot be built, the
+op's Python kernel runs that same dispatch.
 
 `load()` builds (JIT, ninja, cached by pytorch_mqa.ops.build) and loads the library once per
 process; the first build prints one line on stderr. It never raises: where there is no compiler
@@ -23,7 +20,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from pytorch_mqa.ops import build
 
@@ -82,40 +78,4 @@ def ensure_loaded_for(device: torch.device) -> None:
         load()
 
 
-# ---- decode_linear ---------------------------------------------------------------------------
-
-_lib = torch.library.Library("pytorch_mqa", "FRAGMENT")
-_lib.define("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-
-
-def _linear_kernel(x, weight, bias):
-    return F.linear(x, weight, bias)
-
-
-_lib.impl("decode_linear", _linear_kernel, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("pytorch_mqa::decode_linear", lib=_lib)
-def _(x, weight, bias):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-_decode_linear_op = torch.ops.pytorch_mqa.decode_linear.default
-
-
-def decode_linear(x, weight, bias=None):
-    """F.linear(x, weight, bias) for one row (x.numel() == weight.shape[1], the decode step at
-    batch 1) on the C++ matrix-vector kernel: float32, CPU, contiguous x and weight (out, in) as
-    nn.Linear stores it, no gradient wanted (grad mode off, or nothing requires grad). Anything
-    else, or without the library, is F.linear.
-    Call `load()` once before torch.compile; inside a compiled graph the op appears as
-    `pytorch_mqa::decode_linear`."""
-    # Few checks here (each costs a fraction of a microsecond, the small products ~5 us): the C++
-    # kernel itself hands anything that is not one contiguous float32 CPU row to at::linear.
-    if _STATE["loaded"] and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                              or (bias is not None and bias.requires_grad))):
-        return _decode_linear_op(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-__all__ = ["ENV_VAR", "load", "loaded", "unavailable_reason", "ensure_loaded_for", "decode_linear"]
+__all__ = ["ENV_VAR", "load", "loaded", "unavailable_reason", "ensure_loaded_for"]

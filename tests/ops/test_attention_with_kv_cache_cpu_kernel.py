@@ -1,7 +1,6 @@
 """The C++ CPU kernel of attention_with_kv_cache (csrc/cpu/, pytorch_mqa.ops.cpu_ext) against the
 oracle with DESIGN §5's rule, the path it takes (no Python, no fused SDPA call), what it leaves
-untouched, and the Python path when it is off or cannot be built. Also decode_linear against
-F.linear. Skipped only where this machine has no C++ compiler (or ninja) to build it with."""
+untouched, and the Python path when it is off or cannot be built. Skipped only where this machine has no C++ compiler (or ninja) to build it with."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import assert_close
 
 import pytorch_mqa
@@ -234,54 +232,3 @@ def test_no_compiler_gives_the_python_path(tmp_path):
     assert "flash" in out.split() and "no C++ compiler" in out
     assert out.count("C++ CPU kernels unavailable") == 1  # said once, on stderr
     assert not (tmp_path / "cache").exists()
-
-
-# ---- decode_linear ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("out_f,in_f", [(1, 1), (7, 5), (13, 257), (256, 768), (3072, 768), (1031, 1029), (4100, 2049)])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_decode_linear_matches_linear(out_f, in_f, with_bias, threads):
-    g = torch.Generator().manual_seed(out_f + in_f)
-    w = torch.randn(out_f, in_f, generator=g)
-    b = torch.randn(out_f, generator=g) if with_bias else None
-    for shape in ((in_f,), (1, in_f), (1, 1, in_f)):
-        x = torch.randn(shape, generator=g)
-        with torch.profiler.profile() as prof:
-            got = cpu_ext.decode_linear(x, w, b)
-        want = F.linear(x, w, b)
-        assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * in_f**0.5)
-        names = {e.name for e in prof.events()}
-        assert "pytorch_mqa::decode_linear" in names and "aten::linear" not in names
-
-
-def test_decode_linear_falls_back_to_linear():
-    w, b = torch.randn(6, 4), torch.randn(6)
-    for x, ww in ((torch.randn(2, 4), w), (torch.randn(4, dtype=torch.float64), w.double()),
-                  (torch.randn(1, 4), w.t().contiguous().t())):
-        torch.testing.assert_close(cpu_ext.decode_linear(x, ww, b if ww.dtype == b.dtype else None),
-                                   F.linear(x, ww, b if ww.dtype == b.dtype else None))
-    x = torch.randn(1, 4, requires_grad=True)
-    cpu_ext.decode_linear(x, w, b).sum().backward()  # with autograd: F.linear
-    assert x.grad is not None
-
-
-def test_decode_linear_on_module_parameters():
-    # nn.Linear's parameters require grad: under no_grad / inference_mode the C++ kernel runs.
-    lin = torch.nn.Linear(24, 40)
-    x = torch.randn(1, 24)
-    for ctx in (torch.no_grad, torch.inference_mode):
-        with ctx(), torch.profiler.profile() as prof:
-            got = cpu_ext.decode_linear(x, lin.weight, lin.bias)
-        assert "aten::linear" not in {e.name for e in prof.events()}
-        torch.testing.assert_close(got, lin(x).detach(), rtol=1e-5, atol=1e-5)
-    assert cpu_ext.decode_linear(x, lin.weight, lin.bias).requires_grad  # grad mode: F.linear
-
-
-def test_decode_linear_compiles():
-    torch._dynamo.reset()
-    w, b = torch.randn(40, 24), torch.randn(40)
-    x = torch.randn(1, 1, 24)
-    fn = torch.compile(lambda x: torch.relu(cpu_ext.decode_linear(x, w, b)), fullgraph=True)
-    torch.testing.assert_close(fn(x), torch.relu(F.linear(x, w, b)), rtol=1e-5, atol=1e-5)
