@@ -212,32 +212,25 @@ _SERVING = (
     "Tensor? block_table=None, Tensor? cache_batch_idx=None, Tensor? cache_leftpad=None, "
     "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=True"
 )
-_lib.define(
-    "attention_with_kv_cache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
-    f"Tensor cache_seqlens, bool causal, float scale, str backend, {_V}, {_SERVING}) -> (Tensor, Tensor)"
+_KV_CACHE_SCHEMA = (
+    "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens, bool causal, "
+    f"float scale, str backend, {_V}, {_SERVING}) -> (Tensor, Tensor)"
 )
-_lib.impl("attention_with_kv_cache", dispatch.attention_with_kv_cache_forward, _ANY_DEVICE)
 
 
-@torch.library.register_fake("pytorch_mqa::attention_with_kv_cache", lib=_lib)
-def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *variants, **kw):
+def _fake_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *variants, **kw):
     return _fake_out_lse(q)
 
 
-# The same schema under a second name: what the C++ CPU kernel of the op (csrc/cpu/, registered
-# for the CPU key when pytorch_mqa.ops.cpu_ext loads it) passes every call on to that it does not
-# cover itself (another backend, variants, serving arguments, long query blocks). Its kernel is
-# the op's Python dispatch, so such calls run exactly as without the C++ kernel.
-_lib.define(
-    "attention_with_kv_cache_general(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
-    f"Tensor cache_seqlens, bool causal, float scale, str backend, {_V}, {_SERVING}) -> (Tensor, Tensor)"
-)
-_lib.impl("attention_with_kv_cache_general", dispatch.attention_with_kv_cache_general, _ANY_DEVICE)
-
-
-@torch.library.register_fake("pytorch_mqa::attention_with_kv_cache_general", lib=_lib)
-def _(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, backend, *variants, **kw):
-    return _fake_out_lse(q)
+# The op, and the same schema under a second name, `_general`: what the C++ CPU kernel of the op
+# (csrc/cpu/, registered for the CPU key when pytorch_mqa.ops.cpu_ext loads it) passes every call
+# on to that it does not cover itself (another backend, variants, serving arguments, long query
+# blocks). Its kernel is the op's Python dispatch, so such calls run exactly as without the C++ kernel.
+for _name, _kernel in (("attention_with_kv_cache", dispatch.attention_with_kv_cache_forward),
+                       ("attention_with_kv_cache_general", dispatch.attention_with_kv_cache_general)):
+    _lib.define(_name + _KV_CACHE_SCHEMA)
+    _lib.impl(_name, _kernel, _ANY_DEVICE)
+    torch.library.register_fake(f"pytorch_mqa::{_name}", _fake_kv_cache, lib=_lib)
 
 
 # The csrc/ kernel's op. Its schema is defined here, once, at import (no compile); the CUDA kernel

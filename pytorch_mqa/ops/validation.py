@@ -60,23 +60,29 @@ def _check_flags(causal, scale) -> None:
             raise ValueError(f"scale: expected a finite float, got {scale}")
 
 
+def _flags_and_shapes_ok(q, k, v, causal, scale) -> bool:
+    """The checks `attention_ok` and `kv_cache_ok` share: causal a bool, scale None or finite, q
+    (B, Tq, Hq, D) and K-like k, v (B, T, Hkv, D) of one supported dtype with Hq % Hkv == 0."""
+    if (causal is not True and causal is not False) or not (
+        scale is None or (type(scale) in (float, int) and math.isfinite(scale))
+    ):
+        return False
+    qs, ks = q.shape, k.shape
+    if len(qs) != 4 or len(ks) != 4 or v.shape != ks:
+        return False
+    dt = q.dtype
+    if dt not in SUPPORTED_DTYPES or k.dtype != dt or v.dtype != dt:
+        return False
+    D = qs[3]
+    return ks[0] == qs[0] and ks[3] == D and 1 <= D <= MAX_HEAD_DIM and ks[2] >= 1 and qs[2] % ks[2] == 0
+
+
 def attention_ok(q, k, v, causal, scale) -> bool:
     """True only if every check of `validate_attention` passes, in few attribute reads (the
     per-call fast path of `attention`). False sends the call through the detailed checks, which
     raise with the message."""
     try:
-        if (causal is not True and causal is not False) or not (
-            scale is None or (type(scale) in (float, int) and math.isfinite(scale))
-        ):
-            return False
-        qs, ks = q.shape, k.shape
-        if len(qs) != 4 or len(ks) != 4 or v.shape != ks:
-            return False
-        dt = q.dtype
-        if dt not in SUPPORTED_DTYPES or k.dtype != dt or v.dtype != dt:
-            return False
-        D = qs[3]
-        if ks[0] != qs[0] or ks[3] != D or not 1 <= D <= MAX_HEAD_DIM or ks[2] < 1 or qs[2] % ks[2]:
+        if not _flags_and_shapes_ok(q, k, v, causal, scale):
             return False
         if q.is_cpu:
             return k.is_cpu and v.is_cpu
@@ -103,19 +109,10 @@ def kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale) -> bool
     step calls this per layer; `is_cpu` where it can, which builds no device object). False sends
     the call through the detailed checks, which raise."""
     try:
-        if (causal is not True and causal is not False) or not (
-            scale is None or (type(scale) in (float, int) and math.isfinite(scale))
-        ):
+        if not _flags_and_shapes_ok(q, k_cache, v_cache, causal, scale):
             return False
-        qs, ks = q.shape, k_cache.shape
-        if len(qs) != 4 or len(ks) != 4 or v_cache.shape != ks:
-            return False
-        dt = q.dtype
-        if dt not in SUPPORTED_DTYPES or k_cache.dtype != dt or v_cache.dtype != dt:
-            return False
-        B, Tq, Hq, D = qs
-        if ks[0] != B or ks[3] != D or not 1 <= D <= MAX_HEAD_DIM or ks[2] < 1 or Hq % ks[2]:
-            return False
+        qs, ks, dt = q.shape, k_cache.shape, q.dtype
+        B, Tq, _, D = qs
         new = k is not None or v is not None
         if new:
             ns = k.shape
