@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from cpu_interleaved import _load, interleave
 
 import pytorch_mqa
 
@@ -36,30 +35,10 @@ DECODE = [(1, 16), (1, 128), (1, 1024), (16, 16), (16, 128), (16, 1024)]  # (B, 
 DECODE_QUICK = [(1, 16), (1, 1024), (16, 128)]
 
 
-def _load() -> str:
-    with open("/proc/loadavg") as f:
-        return f.read().split()[0]
-
-
-def interleave(providers: dict, budget_s: float, min_reps: int = 20, max_reps: int = 5000) -> dict:
-    """{name: median us}: one call of each provider per round, the order rotated (and reversed
-    every other round) so that none always follows the same one."""
-    names = list(providers)
-    for _ in range(3):
-        for n in names:
-            providers[n]()
-    t0 = time.perf_counter()
-    for n in names:
-        providers[n]()
-    reps = int(max(min_reps, min(max_reps, budget_s / max(time.perf_counter() - t0, 1e-9))))
-    times = {n: [] for n in names}
-    for i in range(reps):
-        order = names[i % len(names):] + names[: i % len(names)]
-        for n in order if i % 2 == 0 else order[::-1]:
-            t = time.perf_counter()
-            providers[n]()
-            times[n].append((time.perf_counter() - t) * 1e6)
-    return {n: statistics.median(v) for n, v in times.items()}
+def _medians_us(providers: dict, budget_s: float) -> dict:
+    """{name: median us} of scripts/cpu_interleaved.py's `interleave` (one call of each provider
+    per round, the order rotated), with more rounds for these short calls."""
+    return {n: m * 1e3 for n, (m, _, _) in interleave(providers, budget_s, min_reps=20, max_reps=5000).items()}
 
 
 def _bhsd(x):
@@ -96,7 +75,7 @@ def attention_cases(args, rows: list) -> None:
                     if grad:
                         fns = {n: (lambda f=f: torch.autograd.grad(f(), xs, do)) for n, f in fns.items()}
                     before = _load()
-                    r = interleave(fns, args.budget)
+                    r = _medians_us(fns, args.budget)
                     best = min(r["sdpa"], r["math"])
                     rows.append(dict(group=f"attention {mode}", case=f"| attention | {mode} | {Hkv} | {B} | {T} | {causal} ",
                                      ours=r["ours"], op=r["op"], sdpa=r["sdpa"], math=r["math"], ratio=r["ours"] / best,
@@ -130,7 +109,7 @@ def decode_cases(args, rows: list) -> None:
 
             before = _load()
             with torch.no_grad():
-                r = interleave(dict(ours=ours, op=direct, sdpa=sdpa_write), args.budget)
+                r = _medians_us(dict(ours=ours, op=direct, sdpa=sdpa_write), args.budget)
             rows.append(dict(group="decode", case=f"| decode | - | {Hkv} | {B} | {L} | True ", ours=r["ours"], op=r["op"],
                              sdpa=r["sdpa"], math=float("nan"), ratio=r["ours"] / r["sdpa"], load=f"{before} -> {_load()}"))
             print(_row(rows[-1]), flush=True)
