@@ -9,6 +9,7 @@ import math
 import torch
 from torch import Tensor
 
+from pytorch_mqa.ops import cpu_ext
 from pytorch_mqa.ops.backends import OP_BACKENDS, chosen_backend, resolve_backend, unavailable_reason
 from pytorch_mqa.ops.cpu import fused_differentiable, fused_differentiable_ok
 from pytorch_mqa.ops.dispatch import unsupported
@@ -33,14 +34,14 @@ from pytorch_mqa.ops.validation import (
 )
 
 
-def _pick_backend(op: str, backend: str, device: torch.device, variants: dict | None = None) -> str:
-    """The concrete backend of a call. `variants` (the active variants and serving arguments, or
-    None for the plain op) lets "auto" route around a backend that lacks one."""
+def _pick_backend(op: str, backend: str, q: Tensor, variants: dict | None = None) -> str:
+    """The concrete backend of a call on q's device. `variants` (the active variants and serving
+    arguments, or None for the plain op) lets "auto" route around a backend that lacks one."""
     if backend == "reference":
         return "reference"  # every op, every device, every variant
-    device_type = device.type
-    if backend == "auto" and device_type == "cpu" and chosen_backend() == "auto":
+    if backend == "auto" and q.is_cpu and chosen_backend() == "auto":
         return "reference"  # the CPU default (what resolve_backend answers), the common call
+    device_type = q.device.type
     name = resolve_backend(op, backend, device_type)
     if name not in OP_BACKENDS[op]:
         raise ValueError(f"backend: expected one of {OP_BACKENDS[op]} for {op}, got {name!r}")
@@ -90,18 +91,19 @@ def attention(
                                         heads=q.shape[2])
         variants = _variant_dict(window_size, softcap, alibi_slopes, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = _pick_backend("attention", backend, q.device, variants)
+    name = _pick_backend("attention", backend, q, variants)
     if variants is not None:
         var_args = (left, right, float(softcap), alibi_slopes, float(dropout_p), _dropout_seed(dropout_p, generator))
-    if _needs_grad(q, k, v):
-        if (not return_lse and variants is None and name == "reference" and q.device.type == "cpu"
-                and fused_differentiable_ok(q, k, causal)):
-            # The registered op does not run here; the profiler shows the call under its name.
-            with torch.profiler.record_function("pytorch_mqa::attention"):
-                return fused_differentiable(q, k, v, causal, scale)
-        out, lse = AttentionFunction.apply(q, k, v, causal, scale, name, *var_args)
-    else:
+    if (name == "reference" and q.is_cpu and cpu_ext.ready()) or not _needs_grad(q, k, v):
+        # With the C++ CPU kernels loaded, the op's autograd kernel records a backward in C++.
         out, lse = attention_op(q, k, v, causal, scale, name, *var_args)
+    elif not return_lse and variants is None and name == "reference" and q.is_cpu and fused_differentiable_ok(
+            q, k, causal):
+        # The registered op does not run here; the profiler shows the call under its name.
+        with torch.profiler.record_function("pytorch_mqa::attention"):
+            return fused_differentiable(q, k, v, causal, scale)
+    else:
+        out, lse = AttentionFunction.apply(q, k, v, causal, scale, name, *var_args)
     return (out, lse) if return_lse else out
 
 
@@ -146,7 +148,7 @@ def attention_varlen(
         left, right = validate_variants(q, window_size, softcap, alibi_slopes, dropout_p, batch=B, heads=q.shape[1])
         variants = _variant_dict(window_size, softcap, alibi_slopes, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = _pick_backend("attention", backend, q.device, variants)
+    name = _pick_backend("attention", backend, q, variants)
     if backend == "auto" and name == "cuda":
         name = "triton" if unavailable_reason("triton", q.device.type) is None else "reference"
     if variants is not None:
@@ -218,7 +220,7 @@ def attention_with_kv_cache(
         # The plain decode step of generation (every layer, every token), every check passed: the
         # same call as the general path below makes for these arguments, in fewer steps.
         scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-        name = _pick_backend("attention_with_kv_cache", backend, q.device)
+        name = _pick_backend("attention_with_kv_cache", backend, q)
         return _cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name, (), return_lse)
     if not isinstance(cache_seqlens, Tensor):
         if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, int):
@@ -247,13 +249,13 @@ def attention_with_kv_cache(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if plain and not serving:
         # The decode step of generation (every layer, every token): the op's own arguments only.
-        name = _pick_backend("attention_with_kv_cache", backend, q.device)
+        name = _pick_backend("attention_with_kv_cache", backend, q)
         var_args = ()
     else:
         variants = _variant_dict(window_size, softcap, alibi_slopes, 0.0)
         variants.update(block_table=block_table, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                         rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
-        name = _pick_backend("attention_with_kv_cache", backend, q.device, variants)
+        name = _pick_backend("attention_with_kv_cache", backend, q, variants)
         var_args = () if plain else (left, right, float(softcap), alibi_slopes)
         if serving:
             var_args = (left, right, float(softcap), alibi_slopes, block_table, cache_batch_idx, cache_leftpad,

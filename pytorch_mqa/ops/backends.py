@@ -154,7 +154,22 @@ def use_backend(name: str | None):
 def chosen_backend() -> str:
     """The `use_backend` choice, else PYTORCH_MQA_BACKEND, else "auto". A constant to
     torch.compile (it cannot trace a context variable): read once when a graph is traced."""
-    return _DEFAULT_BACKEND.get() or os.environ.get(ENV_VAR, "auto") or "auto"
+    return _DEFAULT_BACKEND.get() or _env_backend() or "auto"
+
+
+# os.environ's own mapping and the variable's key in it (CPython's os._Environ keeps both): one dict
+# lookup per call, where os.environ.get runs four Python frames, about 10 us on the caches a large
+# kernel has just evicted. os.environ.get where the interpreter has no such mapping.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENVIRON_DATA is not None and hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend() -> str | None:
+    """PYTORCH_MQA_BACKEND as os.environ has it now, or None."""
+    if _ENV_KEY is None:
+        return os.environ.get(ENV_VAR)
+    raw = _ENVIRON_DATA.get(_ENV_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
 
 
 def resolve_backend(op: str, backend: str, device_type: str) -> str:

@@ -10,7 +10,7 @@ CXX_FLAGS = ["-O3"]  # the C++ standard is torch's choice
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
 
 CPU_SUBDIR = "cpu"  # csrc/cpu/
-CPU_SOURCES = ("attention_with_kv_cache.cpp",)
+CPU_SOURCES = ("attention.cpp", "attention_with_kv_cache.cpp")
 CPU_SOURCE_SUFFIXES = (".cpp", ".h")
 # -fopenmp: at::parallel_for is a header template over `#pragma omp parallel` (serial without it);
 # the library then uses the libgomp.so.1 torch has loaded already (same soname, one runtime).

@@ -1,4 +1,10 @@
-"""The CPU kernels of both ops (what backend "reference" runs on CPU tensors).
+"""The CPU kernels of both ops (what backend "reference" runs on CPU tensors), in Python.
+
+Where the C++ CPU kernels of csrc/cpu/ are loaded (pytorch_mqa.ops.cpu_ext), the plain calls run
+there instead, with the same kernel calls: `attention` without variants, non-causal or Tq == Tk
+(csrc/cpu/attention.cpp, which also records the backward, calling `attention_backward` below where
+`fused_differentiable_ok` says the fused backward alone is not it) and the plain decode step
+(csrc/cpu/attention_with_kv_cache.cpp); every other call still runs here.
 
 They call PyTorch's fused CPU attention, `aten._scaled_dot_product_flash_attention_for_cpu`
 (blocked online softmax, GQA without expanding K/V, returns the logsumexp) and its backward,

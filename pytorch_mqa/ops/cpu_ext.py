@@ -1,5 +1,10 @@
 """The C++ CPU kernel (csrc/cpu/), built on first CPU use and optional.
 
+`attention.cpp` registers the CPU and AutogradCPU kernels of `torch.ops.pytorch_mqa.attention`: a
+plain CPU call (backend "reference", no variant, non-causal or Tq == Tk), with or without a
+gradient, runs PyTorch's fused CPU kernel and its backward from C++; every other call is passed on
+to `pytorch_mqa::attention_general` (the same schema, the Python dispatch and autograd).
+
 `attention_with_kv_cache.cpp` registers itself as the CPU kernel of
 `torch.ops.pytorch_mqa.attention_with_kv_cache`: once loaded, a plain CPU call (backend
 "reference", no variant or serving argument, Tq * G <= 16) runs in C++ without entering Python;
@@ -72,10 +77,20 @@ def unavailable_reason() -> str | None:
     return build.cpu_unavailable_reason()
 
 
+def ready() -> bool:
+    """Whether the CPU kernels are registered, loading them first on the first eager call (the
+    lazy trigger of the public `attention`, which must know before it calls the op)."""
+    if _STATE["loaded"]:
+        return True
+    if _STATE["tried"] or torch.compiler.is_compiling():
+        return False
+    return load()
+
+
 def ensure_loaded_for(device: torch.device) -> None:
-    """The lazy trigger: the first eager CPU call of the cache op loads the library."""
+    """The lazy trigger of the ops' Python kernels: their first eager CPU call loads the library."""
     if not _STATE["tried"] and device.type == "cpu" and not torch.compiler.is_compiling():
         load()
 
 
-__all__ = ["ENV_VAR", "load", "loaded", "unavailable_reason", "ensure_loaded_for"]
+__all__ = ["ENV_VAR", "load", "loaded", "ready", "unavailable_reason", "ensure_loaded_for"]

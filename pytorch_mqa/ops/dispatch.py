@@ -122,7 +122,11 @@ def _cpu_forward(q, k, v, causal, scale, var):
 
 
 def attention_forward(q, k, v, causal, scale, backend, *variants, **kw):
+    """The Python kernel of `attention` and `attention_general` (every device; for `attention` on
+    CPU only until the C++ CPU kernels of csrc/cpu/ are registered, which the first CPU call
+    triggers here: see ops/cpu_ext.py)."""
     if not variants and not kw and backend == "reference" and q.device.type == "cpu":
+        cpu_ext.ensure_loaded_for(q.device)
         return cpu.attention_forward(q, k, v, causal, scale)  # the plain op on CPU: straight to the kernel
     var = _variants(*variants, **kw)
     if backend == "reference" and q.device.type == "cpu":

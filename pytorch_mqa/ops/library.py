@@ -1,6 +1,8 @@
 """Registration of the custom ops: schema -> kernel -> fake impl -> autograd, each a few lines.
 
     torch.ops.pytorch_mqa.attention(q, k, v, causal, scale, backend, *V, *DR) -> (out, lse)
+    torch.ops.pytorch_mqa.attention_general(...)             the same schema: the Python dispatch
+        and autograd, where the C++ CPU kernels of the op pass on what they do not cover
     torch.ops.pytorch_mqa.attention_backward(dout, q, k, v, lse, delta, causal, scale, backend,
         *V, *DR) -> (dq, dk, dv)                              delta form: Triton and the oracle
     torch.ops.pytorch_mqa.attention_backward_cpu(dout, q, k, v, out, lse, dlse?, causal, scale,
@@ -51,17 +53,26 @@ def _fake_out_lse(q):
 _V = "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None"
 _DR = "float dropout_p=0.0, Tensor? dropout_seed=None"
 
-_lib.define(f"attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, str backend, {_V}, {_DR}) -> (Tensor, Tensor)")
-_lib.impl("attention", dispatch.attention_forward, _ANY_DEVICE)
+_ATTENTION_SCHEMA = f"(Tensor q, Tensor k, Tensor v, bool causal, float scale, str backend, {_V}, {_DR}) -> (Tensor, Tensor)"
 
 
-@torch.library.register_fake("pytorch_mqa::attention", lib=_lib)
-def _(q, k, v, causal, scale, backend, *variants, **kw):
+def _fake_attention(q, k, v, causal, scale, backend, *variants, **kw):
     if backend == "reference" and q.device.type == "cpu":
         # The CPU kernels return the fused kernel's own lse layout (a (B, Tq, Hq) buffer).
         B, Tq, Hq, D = q.shape
         return q.new_empty((B, Tq, Hq, D)), lse_layout(B, Hq, Tq, q)
     return _fake_out_lse(q)
+
+
+# The op, and the same schema under a second name, `_general`: what the C++ CPU kernels of the op
+# (csrc/cpu/attention.cpp, registered for the CPU and AutogradCPU keys when
+# pytorch_mqa.ops.cpu_ext loads them) pass every call on to that they do not cover themselves
+# (another backend, a variant, causal with Tq != Tk, empty inputs). Its kernel is the op's Python
+# dispatch and its autograd the one registered below, so such calls run exactly as without them.
+for _name in ("attention", "attention_general"):
+    _lib.define(_name + _ATTENTION_SCHEMA)
+    _lib.impl(_name, dispatch.attention_forward, _ANY_DEVICE)
+    torch.library.register_fake(f"pytorch_mqa::{_name}", _fake_attention, lib=_lib)
 
 
 _lib.define(
@@ -118,9 +129,10 @@ def _attention_autograd(ctx, dout, dlse):
     return (dq, dk, dv) + none
 
 
-torch.library.register_autograd(
-    "pytorch_mqa::attention", _attention_autograd, setup_context=_attention_setup_context, lib=_lib
-)
+for _name in ("attention", "attention_general"):
+    torch.library.register_autograd(
+        f"pytorch_mqa::{_name}", _attention_autograd, setup_context=_attention_setup_context, lib=_lib
+    )
 
 
 def _function(op, setup_context, backward, name: str):

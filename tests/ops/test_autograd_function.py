@@ -10,9 +10,11 @@ from helpers import assert_close, attention_inputs, randn, seeded
 
 import pytorch_mqa
 from pytorch_mqa import available_backends, reference
+from pytorch_mqa.ops import cpu, cpu_ext
 from pytorch_mqa.ops.backends import add_backend, remove_backend
 
 OP = torch.ops.pytorch_mqa.attention.default
+GENERAL_OP = torch.ops.pytorch_mqa.attention_general.default  # the op's Python path (same schema)
 VARLEN_OP = torch.ops.pytorch_mqa.attention_varlen.default
 
 # (B, Tq, Tk, Hq, Hkv, D): Tq == Tk, Tq < Tk and Tq > Tk (bottom-right causal), one query row, MQA/GQA/MHA.
@@ -80,22 +82,31 @@ def test_function_path_equals_the_registered_autograd(shape, causal, which, back
 
 
 def test_the_public_function_records_the_function_and_the_op_its_own_autograd():
-    q, k, v = (x.requires_grad_(True) for x in attention_inputs((1, 4, 6, 2, 1, 8), torch.float32))
-    out, _ = pytorch_mqa.attention(q, k, v, causal=True, return_lse=True)
-    assert type(out.grad_fn).__name__ == "AttentionFunctionBackward"
-    out_op, _ = OP(q, k, v, False, 0.25, "reference")
-    assert "AttentionFunction" not in type(out_op.grad_fn).__name__
-    with torch.no_grad():
-        assert pytorch_mqa.attention(q, k, v).grad_fn is None
-    with torch.profiler.profile() as prof:
-        pytorch_mqa.attention(q, k, v, causal=True, return_lse=True)[0].sum().backward()
-    names = {e.name for e in prof.events()}
-    assert {"pytorch_mqa::attention", "pytorch_mqa::attention_backward_cpu"} <= names
+    # A user backend on CPU: the public function records library.AttentionFunction. (With backend
+    # "reference" on CPU the op's own C++ autograd kernel records the backward when the C++ CPU
+    # kernels are loaded: tests/ops/test_attention_cpu_kernel.py.)
+    add_backend("mine_records", attention=_user_attention)
+    try:
+        q, k, v = (x.requires_grad_(True) for x in attention_inputs((1, 4, 6, 2, 1, 8), torch.float32))
+        out, _ = pytorch_mqa.attention(q, k, v, causal=True, return_lse=True, backend="mine_records")
+        assert type(out.grad_fn).__name__ == "AttentionFunctionBackward"
+        out_op, _ = OP(q, k, v, False, 0.25, "mine_records")
+        assert "AttentionFunction" not in type(out_op.grad_fn).__name__
+        with torch.no_grad():
+            assert pytorch_mqa.attention(q, k, v, backend="mine_records").grad_fn is None
+        with torch.profiler.profile() as prof:
+            pytorch_mqa.attention(q, k, v, causal=True, return_lse=True, backend="mine_records")[0].sum().backward()
+        names = {e.name for e in prof.events()}
+        assert {"pytorch_mqa::attention", "pytorch_mqa::attention_backward"} <= names
+    finally:
+        remove_backend("mine_records")
 
 
-# Eager, on CPU, without lse and without variants, where the fused kernel's own semantics and
-# backward are this package's (non-causal or Tq == Tk; one backward task per thread, or MHA), the
-# public function runs PyTorch's fused op with its C++ autograd formula: the same kernel calls.
+# Without the C++ CPU kernels, eager CPU calls without lse and without variants, where the fused
+# kernel's own semantics and backward are this package's (non-causal or Tq == Tk; one backward task
+# per thread, or MHA), run PyTorch's fused op with its C++ autograd formula (cpu.fused_differentiable):
+# the same kernel calls as the op's Python path. The C++ autograd kernel's twin of that test
+# (fused_backward_ok) must agree with it: it calls the fused backward kernel itself exactly there.
 FUSED = [((1, 6, 6, 4, 4, 16), True, torch.float32, 1), ((2, 5, 9, 4, 2, 8), False, torch.float32, 2),
          ((1, 7, 7, 2, 2, 8), True, torch.bfloat16, 2), ((3, 4, 4, 8, 1, 16), True, torch.float32, 2)]
 NOT_FUSED = [((1, 3, 9, 4, 2, 8), True, torch.float32, 1),  # causal Tq != Tk: bottom-right alignment
@@ -105,24 +116,30 @@ NOT_FUSED = [((1, 3, 9, 4, 2, 8), True, torch.float32, 1),  # causal Tq != Tk: b
 
 
 @pytest.mark.parametrize("case", FUSED + NOT_FUSED, ids=str)
-def test_fused_autograd_path_equals_the_function_path(case):
+def test_fused_autograd_path_equals_the_python_path(case):
     shape, causal, dtype, threads = case
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         q, k, v = attention_inputs(shape, dtype, seed=14, strided=shape[0] == 2)
-        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-        with torch.profiler.profile() as prof:
-            out = pytorch_mqa.attention(*xs, causal=causal, scale=0.3)
-        assert [e.name for e in prof.events()].count("pytorch_mqa::attention") == 1  # fused or the op
-        fused = "AttentionFunction" not in type(out.grad_fn).__name__
-        assert fused == (case in FUSED) and out.shape == q.shape and out.dtype == dtype
-        dout = randn(out.shape, dtype, seeded(15))
-        got = (out,) + torch.autograd.grad(out, xs, dout, allow_unused=True, materialize_grads=True)
+        assert cpu.fused_differentiable_ok(q, k, causal) == (case in FUSED)
+        dout = randn(q.shape, dtype, seeded(15))
         ys = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-        want_out, _ = pytorch_mqa.attention(*ys, causal=causal, scale=0.3, return_lse=True)
+        want_out, _ = GENERAL_OP(*ys, causal, 0.3, "reference")
         want = (want_out,) + torch.autograd.grad(want_out, ys, dout, allow_unused=True, materialize_grads=True)
-        _same(got, want)
+        if case in FUSED:
+            xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+            out = cpu.fused_differentiable(*xs, causal, 0.3)
+            assert type(out.grad_fn).__name__ == "TransposeBackward0"
+            got = (out,) + torch.autograd.grad(out, xs, dout, allow_unused=True, materialize_grads=True)
+            _same((got[0].contiguous(),) + got[1:], want)
+        if cpu_ext.loaded():
+            xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+            with torch.profiler.profile() as prof:
+                out, _ = OP(*xs, causal, 0.3, "reference")
+                torch.autograd.grad(out, xs, dout, allow_unused=True)
+            names = {e.name for e in prof.events()}
+            assert ("pytorch_mqa::attention_backward_cpu" not in names) == (case in FUSED)
     finally:
         torch.set_num_threads(n)
 
