@@ -108,9 +108,11 @@ def attention(
 
 
 def _needs_grad(q, k, v) -> bool:
-    """Whether an eager call must record the backward: then the public functions call the op
-    through its autograd.Function (library.AttentionFunction), which is cheaper per call than the
-    op's registered autograd, or, for `attention` on CPU in the plain case the fused kernel
+    """Whether an eager call must record the backward (asked only where the op's own C++
+    autograd kernel does not record it: backend "reference" on CPU with csrc/cpu/ loaded): then
+    the public functions call the op through its autograd.Function (library.AttentionFunction),
+    which is cheaper per call than the op's registered autograd, or, for `attention` on CPU
+    without the C++ kernels, in the plain case the fused kernel
     computes exactly and without lse, PyTorch's fused op with its own C++ autograd formula
     (`cpu.fused_differentiable`: the same kernels, no Python in the backward). Under
     torch.compile they call the op itself, whose registered autograd AOTAutograd traces."""
