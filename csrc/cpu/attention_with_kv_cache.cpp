@@ -29,7 +29,9 @@ namespace pytorch_mqa {
 namespace cpu {
 namespace {
 
-constexpr int64_t kMaxRowsPerKv = 16;  // Tq * G above this goes to the general op (flash-based path)
+// Tq * G above this goes to the general op (flash-based path). Up to 32 rows are one vector of
+// 32 scores per key (RP = 32: 4 keys x 4 ymm accumulators, in registers with AVX-512VL's 32).
+constexpr int64_t kMaxRowsPerKv = 32;
 // Multiply-adds below which a call runs on the calling thread (a few ms of work): on a loaded
 // machine every parallel region can wait milliseconds for a descheduled thread (measured on 2
 // shared cores: MHA B=1 L=4096 took 1.9 ms on one thread, 6-10 ms split over two).
@@ -279,12 +281,18 @@ std::tuple<at::Tensor, at::Tensor> run(const Problem& pb, const at::Tensor& q, c
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> run_dtype(const Problem& pb, const at::Tensor& q, const at::Tensor& kc,
                                              const at::Tensor& vc) {
-  // Query rows per KV head: a vector of 8 or 16 from 4 on (GQA / MQA), else one dot per score.
+  // Query rows per KV head: a vector of 8, 16 or 32 from 4 on (GQA / MQA), else one dot per score.
   // D is a compile-time constant (64, 128) for float32 only: fewer instantiations, half the build.
   if constexpr (!std::is_same<T, float>::value) {
+    if (pb.R > 16) return run<T, 0, 32>(pb, q, kc, vc);
     if (pb.R >= 4) return pb.R <= 8 ? run<T, 0, 8>(pb, q, kc, vc) : run<T, 0, 16>(pb, q, kc, vc);
     return run<T, 0, 0>(pb, q, kc, vc);
   } else {
+    if (pb.R > 16) {
+      if (pb.D == 64) return run<T, 64, 32>(pb, q, kc, vc);
+      if (pb.D == 128) return run<T, 128, 32>(pb, q, kc, vc);
+      return run<T, 0, 32>(pb, q, kc, vc);
+    }
     if (pb.R >= 4) {
       if (pb.R <= 8) {
         if (pb.D == 64) return run<T, 64, 8>(pb, q, kc, vc);

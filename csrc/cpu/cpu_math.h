@@ -81,7 +81,7 @@ static inline float hsum8(v8 x) {
 
 // Scores of R query rows against nb keys of one head: s[r * kBlock + jj] = q_r . k_jj.
 // RP == 0: one dot product per score (few query rows per KV head, e.g. MHA), four keys at a
-// time. RP == 8 or 16: the query rows are a vector (qt: (D, RP), rows past R zero), four keys at
+// time. RP == 8, 16 or 32: the query rows are a vector (qt: (D, RP), rows past R zero), four keys at
 // a time, no reductions.
 template <int64_t DC, int64_t RP>
 inline void scores(const float* const* krows, int64_t nb, const float* qh, const float* qt, int64_t R, int64_t D_,
