@@ -29,9 +29,10 @@ namespace pytorch_mqa {
 namespace cpu {
 namespace {
 
-// Tq * G above this goes to the general op (flash-based path). Up to 32 rows are one vector of
-// 32 scores per key (RP = 32: 4 keys x 4 ymm accumulators, in registers with AVX-512VL's 32).
-constexpr int64_t kMaxRowsPerKv = 32;
+// Tq * G above this goes to the general op (flash-based path). Up to 64 rows are vectors of
+// scores per key, computed 32 rows at a time (4 keys x 4 ymm accumulators: in registers with
+// AVX-512VL's 32).
+constexpr int64_t kMaxRowsPerKv = 64;
 // Multiply-adds below which a call runs on the calling thread (a few ms of work): on a loaded
 // machine every parallel region can wait milliseconds for a descheduled thread (measured on 2
 // shared cores: MHA B=1 L=4096 took 1.9 ms on one thread, 6-10 ms split over two).
@@ -281,13 +282,18 @@ std::tuple<at::Tensor, at::Tensor> run(const Problem& pb, const at::Tensor& q, c
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> run_dtype(const Problem& pb, const at::Tensor& q, const at::Tensor& kc,
                                              const at::Tensor& vc) {
-  // Query rows per KV head: a vector of 8, 16 or 32 from 4 on (GQA / MQA), else one dot per score.
+  // Query rows per KV head: a vector of 8, 16, 32 or 64 from 4 on (GQA / MQA), else one dot per score.
   // D is a compile-time constant (64, 128) for float32 only: fewer instantiations, half the build.
   if constexpr (!std::is_same<T, float>::value) {
-    if (pb.R > 16) return run<T, 0, 32>(pb, q, kc, vc);
+    if (pb.R > 16) return pb.R <= 32 ? run<T, 0, 32>(pb, q, kc, vc) : run<T, 0, 64>(pb, q, kc, vc);
     if (pb.R >= 4) return pb.R <= 8 ? run<T, 0, 8>(pb, q, kc, vc) : run<T, 0, 16>(pb, q, kc, vc);
     return run<T, 0, 0>(pb, q, kc, vc);
   } else {
+    if (pb.R > 32) {
+      if (pb.D == 64) return run<T, 64, 64>(pb, q, kc, vc);
+      if (pb.D == 128) return run<T, 128, 64>(pb, q, kc, vc);
+      return run<T, 0, 64>(pb, q, kc, vc);
+    }
     if (pb.R > 16) {
       if (pb.D == 64) return run<T, 64, 32>(pb, q, kc, vc);
       if (pb.D == 128) return run<T, 128, 32>(pb, q, kc, vc);

@@ -81,8 +81,8 @@ static inline float hsum8(v8 x) {
 
 // Scores of R query rows against nb keys of one head: s[r * kBlock + jj] = q_r . k_jj.
 // RP == 0: one dot product per score (few query rows per KV head, e.g. MHA), four keys at a
-// time. RP == 8, 16 or 32: the query rows are a vector (qt: (D, RP), rows past R zero), four keys at
-// a time, no reductions.
+// time. RP == 8, 16, 32 or 64: the query rows are a vector (qt: (D, RP), rows past R zero), four
+// keys at a time, no reductions, in passes of up to 32 rows.
 template <int64_t DC, int64_t RP>
 inline void scores(const float* const* krows, int64_t nb, const float* qh, const float* qt, int64_t R, int64_t D_,
                    float* s) {
@@ -121,38 +121,44 @@ inline void scores(const float* const* krows, int64_t nb, const float* qh, const
     }
   } else {
     (void)qh;
-    constexpr int64_t NV = RP / 8;
-    int64_t jj = 0;
-    for (; jj + 4 <= nb; jj += 4) {
-      const float *k0 = krows[jj], *k1 = krows[jj + 1], *k2 = krows[jj + 2], *k3 = krows[jj + 3];
-      v8 a0[NV], a1[NV], a2[NV], a3[NV];
-      for (int64_t c = 0; c < NV; ++c) a0[c] = a1[c] = a2[c] = a3[c] = splat8(0);
-      for (int64_t d = 0; d < D; ++d) {
-        const v8 x0 = splat8(k0[d]), x1 = splat8(k1[d]), x2 = splat8(k2[d]), x3 = splat8(k3[d]);
-        for (int64_t c = 0; c < NV; ++c) {
-          const v8 qd = load8(qt + d * RP + 8 * c);
-          a0[c] += qd * x0;
-          a1[c] += qd * x1;
-          a2[c] += qd * x2;
-          a3[c] += qd * x3;
+    constexpr int64_t NV = RP / 8;           // vectors of 8 query rows
+    constexpr int64_t CV = NV < 4 ? NV : 4;  // per pass: 4 keys x CV accumulators stay in registers
+    for (int64_t c0 = 0; c0 < NV && 8 * c0 < R; c0 += CV) {
+      const int64_t r0 = 8 * c0, r1 = std::min<int64_t>(R, 8 * (c0 + CV));
+      const float* qc = qt + 8 * c0;
+      int64_t jj = 0;
+      for (; jj + 4 <= nb; jj += 4) {
+        const float *k0 = krows[jj], *k1 = krows[jj + 1], *k2 = krows[jj + 2], *k3 = krows[jj + 3];
+        v8 a0[CV], a1[CV], a2[CV], a3[CV];
+        for (int64_t c = 0; c < CV; ++c) a0[c] = a1[c] = a2[c] = a3[c] = splat8(0);
+        for (int64_t d = 0; d < D; ++d) {
+          const v8 x0 = splat8(k0[d]), x1 = splat8(k1[d]), x2 = splat8(k2[d]), x3 = splat8(k3[d]);
+          for (int64_t c = 0; c < CV; ++c) {
+            const v8 qd = load8(qc + d * RP + 8 * c);
+            a0[c] += qd * x0;
+            a1[c] += qd * x1;
+            a2[c] += qd * x2;
+            a3[c] += qd * x3;
+          }
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t c = (r - r0) / 8, i = r % 8;
+          s[r * kBlock + jj] = a0[c][i];
+          s[r * kBlock + jj + 1] = a1[c][i];
+          s[r * kBlock + jj + 2] = a2[c][i];
+          s[r * kBlock + jj + 3] = a3[c][i];
         }
       }
-      for (int64_t r = 0; r < R; ++r) {
-        s[r * kBlock + jj] = a0[r / 8][r % 8];
-        s[r * kBlock + jj + 1] = a1[r / 8][r % 8];
-        s[r * kBlock + jj + 2] = a2[r / 8][r % 8];
-        s[r * kBlock + jj + 3] = a3[r / 8][r % 8];
+      for (; jj < nb; ++jj) {
+        const float* k0 = krows[jj];
+        v8 a0[CV];
+        for (int64_t c = 0; c < CV; ++c) a0[c] = splat8(0);
+        for (int64_t d = 0; d < D; ++d) {
+          const v8 x0 = splat8(k0[d]);
+          for (int64_t c = 0; c < CV; ++c) a0[c] += load8(qc + d * RP + 8 * c) * x0;
+        }
+        for (int64_t r = r0; r < r1; ++r) s[r * kBlock + jj] = a0[(r - r0) / 8][r % 8];
       }
-    }
-    for (; jj < nb; ++jj) {
-      const float* k0 = krows[jj];
-      v8 a0[NV];
-      for (int64_t c = 0; c < NV; ++c) a0[c] = splat8(0);
-      for (int64_t d = 0; d < D; ++d) {
-        const v8 x0 = splat8(k0[d]);
-        for (int64_t c = 0; c < NV; ++c) a0[c] += load8(qt + d * RP + 8 * c) * x0;
-      }
-      for (int64_t r = 0; r < R; ++r) s[r * kBlock + jj] = a0[r / 8][r % 8];
     }
   }
 }

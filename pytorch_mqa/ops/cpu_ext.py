@@ -7,7 +7,7 @@ to `pytorch_mqa::attention_general` (the same schema, the Python dispatch and au
 
 `attention_with_kv_cache.cpp` registers itself as the CPU kernel of
 `torch.ops.pytorch_mqa.attention_with_kv_cache`: once loaded, a plain CPU call (backend
-"reference", no variant or serving argument, Tq * G <= 32) runs in C++ without entering Python;
+"reference", no variant or serving argument, Tq * G <= 64) runs in C++ without entering Python;
 every other call is passed on, unchanged, to `pytorch_mqa::attention_with_kv_cache_general` (the
 same schema, the Python dispatch). Before the library is loaded, or where it cannot be built, the
 op's Python kernel runs that same dispatch.

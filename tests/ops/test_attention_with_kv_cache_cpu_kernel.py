@@ -96,12 +96,13 @@ def test_one_row_matrix(D, heads, dtype):
         _check(*_inputs(B, 1, Hq, Hkv, D, S, lens, dtype, new=new, seed=i))
 
 
-@pytest.mark.parametrize("Tq", [2, 3, 4, 5])
+@pytest.mark.parametrize("Tq", [2, 3, 4, 5, 8, 9])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads", [(8, 8), (4, 2), (4, 1), (8, 1)], ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
 def test_several_rows(Tq, causal, heads):
-    # Tq * G rows per KV head: up to 8, 16 and 32 in vectors of that many (MQA 8:1 with Tq = 3
-    # and 4: 24 and 32); above 32 (Tq = 5) the call goes on to the Python path: same results.
+    # Tq * G rows per KV head: up to 8, 16, 32 and 64 in vectors of that many (MQA 8:1 with
+    # Tq = 3, 4, 5, 8: 24, 32, 40, 64; the last two in two passes of up to 32 rows); above 64
+    # (Tq = 9) the call goes on to the Python path: same results.
     Hq, Hkv = heads
     for dtype, new, lens in ((torch.float32, True, [0, 4, 30]), (torch.bfloat16, False, [2, 0, 33]),
                              (torch.float16, True, [1, 9, 17])):
@@ -142,13 +143,14 @@ def test_long_caches_split_over_threads(threads):
     # (on 2 threads): uniform and ragged; below that they run on the calling thread.
     for Hkv, lens in ((2, [2500]), (8, [8300]), (8, [6000, 0, 3000])):
         _check(*_inputs(len(lens), 1, 8, Hkv, 128, 8400, lens, torch.float32, seed=Hkv))
-    # 32 query rows per KV head (Tq = 4, MQA 8:1), split too.
+    # 32 and 64 query rows per KV head (Tq = 4 and 8, MQA 8:1), split too.
     _check(*_inputs(2, 4, 8, 1, 64, 4200, [4000, 1500], torch.float32, seed=5))
+    _check(*_inputs(1, 8, 8, 1, 128, 4200, [4100], torch.float32, seed=6))
 
 
 def test_rows_per_kv_head_decide_the_path():
-    # Up to 32 query rows per KV head in C++ (no fused SDPA call), above that the general op.
-    for Tq, on_cpp in ((4, True), (5, False)):
+    # Up to 64 query rows per KV head in C++ (no fused SDPA call), above that the general op.
+    for Tq, on_cpp in ((8, True), (9, False)):
         q, kc, vc, k, v, lens = _inputs(2, Tq, 8, 1, 32, 64, [9, 30], torch.float32, sentinel=False)
         with torch.profiler.profile() as prof:
             pytorch_mqa.attention_with_kv_cache(q, kc, vc, k, v, cache_seqlens=lens)
