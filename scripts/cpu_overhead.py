@@ -8,7 +8,8 @@ attention (forward, forward + backward): `pytorch_mqa.attention(backend="auto")`
 `F.scaled_dot_product_attention` (its default CPU choice, no context manager around the call) and
 SDPA's math backend (under `sdpa_kernel`, entered per call); the ratio is to the faster of the two.
 decode: `pytorch_mqa.attention_with_kv_cache` (append one row at L, attend L + 1 rows) against the
-same write as two slice assignments + SDPA over the live rows. The `op` column is the registered op
+same write as two slice assignments + SDPA over the live rows; "decode, Tq > 1" the same with
+several new rows (Tq * G = 16-64 query rows per KV head), non-causal on both sides. The `op` column is the registered op
 called directly (`torch.ops.pytorch_mqa.*`, no validation or backend choice): public - op is the
 public function's own cost.
 
@@ -115,6 +116,45 @@ def decode_cases(args, rows: list) -> None:
             print(_row(rows[-1]), flush=True)
 
 
+# Several query rows per step (speculative decoding, short chunks): (Tq, Hq, Hkv) at B = 1,
+# L = 1024, non-causal on both sides, so that SDPA over the live rows is the same problem.
+# Tq * G = 16-64 query rows per KV head: the C++ kernel's widest cases.
+DECODE_ROWS = [(2, 8, 1), (4, 8, 1), (8, 8, 1), (4, 16, 1), (2, 32, 1), (8, 32, 4)]
+
+
+def decode_rows_cases(args, rows: list) -> None:
+    gen = torch.Generator().manual_seed(2)
+    op = torch.ops.pytorch_mqa.attention_with_kv_cache.default
+    B, L = 1, 1024
+    for Tq, Hq, Hkv in DECODE_ROWS[1::2] if args.quick else DECODE_ROWS:
+        S = 2 * L
+        q = torch.randn(B, Tq, Hq, D, generator=gen)
+        kc, vc = (torch.randn(B, S, Hkv, D, generator=gen) for _ in "kv")
+        k, v = (torch.randn(B, Tq, Hkv, D, generator=gen) for _ in "kv")
+        lens = torch.full((B,), L, dtype=torch.int32)
+        scale = 1.0 / math.sqrt(D)
+
+        def ours():
+            return pytorch_mqa.attention_with_kv_cache(q, kc, vc, k, v, cache_seqlens=lens, causal=False)
+
+        def direct():
+            return op(q, kc, vc, k, v, lens, False, scale, "reference")[0]
+
+        def sdpa_write():
+            kc[:, L:L + Tq] = k
+            vc[:, L:L + Tq] = v
+            out = F.scaled_dot_product_attention(_bhsd(q), _bhsd(kc[:, : L + Tq]), _bhsd(vc[:, : L + Tq]), enable_gqa=True)
+            return out.transpose(1, 2)
+
+        before = _load()
+        with torch.no_grad():
+            r = _medians_us(dict(ours=ours, op=direct, sdpa=sdpa_write), args.budget)
+        rows.append(dict(group="decode, Tq > 1", case=f"| decode | Tq={Tq}, Hq={Hq} | {Hkv} | {B} | {L} | False ",
+                         ours=r["ours"], op=r["op"], sdpa=r["sdpa"], math=float("nan"), ratio=r["ours"] / r["sdpa"],
+                         load=f"{before} -> {_load()}"))
+        print(_row(rows[-1]), flush=True)
+
+
 def _row(r: dict) -> str:
     return (f"{r['case']}| {r['ours']:.1f} | {r['op']:.1f} | {r['ours'] - r['op']:.1f} | {r['sdpa']:.1f} | "
             f"{r['math']:.1f} | {r['ratio']:.2f} | {r['load']} |")
@@ -137,6 +177,7 @@ def main() -> None:
         attention_cases(args, rows)
     if args.only != "attention":
         decode_cases(args, rows)
+        decode_rows_cases(args, rows)
     print("\n| group | cases | geometric mean ratio | worst ratio |")
     print("|:--|---:|---:|---:|")
     for g in dict.fromkeys(r["group"] for r in rows):
