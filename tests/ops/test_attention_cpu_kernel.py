@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close, attention_inputs, randn, seeded
+from helpers import assert_close, attention_inputs, loss_on, randn, seeded
 
 import pytorch_mqa
 from pytorch_mqa import reference
-from pytorch_mqa.ops import build, cpu_ext
+from pytorch_mqa.ops import cpu_ext
 
 REPO = Path(__file__).resolve().parents[2]
 OP = torch.ops.pytorch_mqa.attention.default
@@ -29,41 +29,14 @@ FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 FLASH_BACKWARD = "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpp():
-    """Build (first time: tens of seconds) and load the kernels once for this file."""
-    reason = build.cpu_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"the C++ CPU kernels cannot be built here: {reason}")
-    if cpu_ext.disabled_by_env():
-        pytest.skip(f"{cpu_ext.ENV_VAR} turns the C++ CPU kernels off in this run")
-    assert cpu_ext.load(), cpu_ext.unavailable_reason()
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
-def threads(request):
-    """With 2 threads, GQA/MQA at B * Hkv < 2 takes the Python backward (K/V expanded per thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(n)
-
-
-def _loss(out, lse, which):
-    gen = seeded(7)
-    total = 0
-    if "out" in which:
-        total = total + (out.float() * randn(out.shape, torch.float32, gen)).sum()
-    if which.endswith("lse"):
-        total = total + (torch.where(torch.isfinite(lse), lse, 0) * randn(lse.shape, torch.float32, gen)).sum()
-    return total
+pytestmark = pytest.mark.usefixtures("cpp_kernels")  # tests/ops/conftest.py
 
 
 def _run(fn, inputs, which):
     """out, lse and the gradients of q, k, v (zeros where unused) of a loss on `which`."""
     xs = [x.detach().clone().requires_grad_(True) for x in inputs]
     out, lse = fn(*xs)
-    grads = torch.autograd.grad(_loss(out, lse, which), xs, allow_unused=True, materialize_grads=True)
+    grads = torch.autograd.grad(loss_on(out, lse, which, seeded(7)), xs, allow_unused=True, materialize_grads=True)
     return (out, lse) + grads
 
 

@@ -15,7 +15,7 @@ from helpers import assert_close
 
 import pytorch_mqa
 from pytorch_mqa import reference
-from pytorch_mqa.ops import build, cpu_ext
+from pytorch_mqa.ops import cpu_ext
 
 REPO = Path(__file__).resolve().parents[2]
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
@@ -23,23 +23,7 @@ OP = "pytorch_mqa::attention_with_kv_cache"
 GENERAL = "pytorch_mqa::attention_with_kv_cache_general"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpp():
-    """Build (first time: tens of seconds) and load the kernels once for this file."""
-    reason = build.cpu_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"the C++ CPU kernels cannot be built here: {reason}")
-    if cpu_ext.disabled_by_env():
-        pytest.skip(f"{cpu_ext.ENV_VAR} turns the C++ CPU kernels off in this run")
-    assert cpu_ext.load(), cpu_ext.unavailable_reason()
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
-def threads(request):
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("cpp_kernels")  # tests/ops/conftest.py
 
 
 def _inputs(B, Tq, Hq, Hkv, D, S, lens, dtype, new=True, seed=0, sentinel=True):

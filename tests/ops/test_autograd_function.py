@@ -6,7 +6,7 @@ LSE, the variants, dropout, every CPU backend and a user-registered one."""
 
 import pytest
 import torch
-from helpers import assert_close, attention_inputs, randn, seeded
+from helpers import assert_close, attention_inputs, loss_on, randn, seeded
 
 import pytorch_mqa
 from pytorch_mqa import available_backends, reference
@@ -26,20 +26,10 @@ def _cpu_backends():
     return [b for b in available_backends("cpu") if b != "cuda"]
 
 
-def _loss(out, lse, which, gen):
-    """A loss on out, on lse (a z-loss, say) or on both; rows without keys have lse = -inf."""
-    total = 0
-    if "out" in which:
-        total = total + (out.float() * randn(out.shape, torch.float32, gen)).sum()
-    if which.endswith("lse"):
-        total = total + (torch.where(torch.isfinite(lse), lse, 0) * randn(lse.shape, torch.float32, gen)).sum()
-    return total
-
-
 def _grads(run, inputs, which):
     xs = [x.detach().clone().requires_grad_(True) for x in inputs]
     out, lse = run(*xs)
-    loss = _loss(out, lse, which, seeded(7))
+    loss = loss_on(out, lse, which, seeded(7))
     return (out, lse) + torch.autograd.grad(loss, xs, allow_unused=True, materialize_grads=True)
 
 
