@@ -23,7 +23,6 @@ from pytorch_mqa.ops.library import (
 from pytorch_mqa.ops.validation import (
     NO_WINDOW,
     attention_ok,
-    kv_cache_ok,
     no_variants,
     validate_varlen_pages,
     validate_attention,
@@ -215,15 +214,6 @@ def attention_with_kv_cache(
     - window_size, softcap and alibi_slopes as in `attention`, bottom-right aligned per sequence
       (Tk = cache_seqlens[b] + Tq, the padding counted, as in FlashAttention); dropout_p must be 0.
     """
-    if (block_table is None and cache_batch_idx is None and cache_leftpad is None and rotary_cos is None
-            and rotary_sin is None and alibi_slopes is None and window_size is NO_WINDOW and type(softcap) is float
-            and softcap == 0.0 and type(dropout_p) is float and dropout_p == 0.0 and isinstance(cache_seqlens, Tensor)
-            and kv_cache_ok(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale)):
-        # The plain decode step of generation (every layer, every token), every check passed: the
-        # same call as the general path below makes for these arguments, in fewer steps.
-        scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-        name = _pick_backend("attention_with_kv_cache", backend, q)
-        return _cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name, (), return_lse)
     if not isinstance(cache_seqlens, Tensor):
         if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, int):
             raise TypeError(
@@ -237,6 +227,7 @@ def attention_with_kv_cache(
         block_table is None and cache_batch_idx is None and cache_leftpad is None and rotary_cos is None
         and rotary_sin is None
     )
+    # The plain decode step (every layer, every token) passes here in one kv_cache_ok.
     validate_kv_cache(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale,
                       indexed=serving and (block_table is not None or cache_batch_idx is not None))
     plain = no_variants(window_size, softcap, alibi_slopes, dropout_p)
@@ -264,11 +255,6 @@ def attention_with_kv_cache(
                         rotary_cos, rotary_sin, bool(rotary_interleaved))
     if name in ("triton", "cuda") and backend == "auto" and k is not None and k.shape[1] != q.shape[1]:
         name = "reference"  # the kernels append Tq new rows; another count runs the reference
-    return _cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name, var_args, return_lse)
-
-
-def _cache_op(q, k_cache, v_cache, k, v, cache_seqlens, causal, scale, name, var_args, return_lse):
-    """The cache op on checked arguments, outside autograd (see below)."""
     if torch.is_grad_enabled() and (
         q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or (k is not None and (k.requires_grad or v.requires_grad))
     ):

@@ -1,4 +1,4 @@
-"""The C++ CPU kernel (csrc/cpu/), built on first CPU use and optional.
+"""The C++ CPU kernels (csrc/cpu/), built on first CPU use and optional.
 
 `attention.cpp` registers the CPU and AutogradCPU kernels of `torch.ops.pytorch_mqa.attention`: a
 plain CPU call (backend "reference", no variant, non-causal or Tq == Tk), with or without a
@@ -89,8 +89,8 @@ def ready() -> bool:
 
 def ensure_loaded_for(device: torch.device) -> None:
     """The lazy trigger of the ops' Python kernels: their first eager CPU call loads the library."""
-    if not _STATE["tried"] and device.type == "cpu" and not torch.compiler.is_compiling():
-        load()
+    if device.type == "cpu":
+        ready()
 
 
 __all__ = ["ENV_VAR", "load", "loaded", "ready", "unavailable_reason", "ensure_loaded_for"]
