@@ -84,75 +84,51 @@ def attention_cases(args, rows: list) -> None:
                     print(_row(rows[-1]), flush=True)
 
 
-def decode_cases(args, rows: list) -> None:
-    gen = torch.Generator().manual_seed(1)
-    op = torch.ops.pytorch_mqa.attention_with_kv_cache.default
-    for Hkv in (8, 2, 1):
-        for B, L in DECODE_QUICK if args.quick else DECODE:
-            S = 2 * L
-            q = torch.randn(B, 1, HQ, D, generator=gen)
-            kc, vc = (torch.randn(B, S, Hkv, D, generator=gen) for _ in "kv")
-            k, v = (torch.randn(B, 1, Hkv, D, generator=gen) for _ in "kv")
-            lens = torch.full((B,), L, dtype=torch.int32)
-            scale = 1.0 / math.sqrt(D)
-
-            def ours():
-                return pytorch_mqa.attention_with_kv_cache(q, kc, vc, k, v, cache_seqlens=lens)
-
-            def direct():
-                return op(q, kc, vc, k, v, lens, True, scale, "reference")[0]
-
-            def sdpa_write():
-                kc[:, L] = k[:, 0]
-                vc[:, L] = v[:, 0]
-                out = F.scaled_dot_product_attention(_bhsd(q), _bhsd(kc[:, : L + 1]), _bhsd(vc[:, : L + 1]), enable_gqa=True)
-                return out.transpose(1, 2)
-
-            before = _load()
-            with torch.no_grad():
-                r = _medians_us(dict(ours=ours, op=direct, sdpa=sdpa_write), args.budget)
-            rows.append(dict(group="decode", case=f"| decode | - | {Hkv} | {B} | {L} | True ", ours=r["ours"], op=r["op"],
-                             sdpa=r["sdpa"], math=float("nan"), ratio=r["ours"] / r["sdpa"], load=f"{before} -> {_load()}"))
-            print(_row(rows[-1]), flush=True)
-
-
 # Several query rows per step (speculative decoding, short chunks): (Tq, Hq, Hkv) at B = 1,
 # L = 1024, non-causal on both sides, so that SDPA over the live rows is the same problem.
 # Tq * G = 16-64 query rows per KV head: the C++ kernel's widest cases.
 DECODE_ROWS = [(2, 8, 1), (4, 8, 1), (8, 8, 1), (4, 16, 1), (2, 32, 1), (8, 32, 4)]
 
 
-def decode_rows_cases(args, rows: list) -> None:
-    gen = torch.Generator().manual_seed(2)
+def decode_cases(args, rows: list) -> None:
+    gen = torch.Generator().manual_seed(1)
+    one_row = [(B, L, 1, HQ, Hkv) for Hkv in (8, 2, 1) for B, L in (DECODE_QUICK if args.quick else DECODE)]
+    several = [(1, 1024, Tq, Hq, Hkv) for Tq, Hq, Hkv in (DECODE_ROWS[1::2] if args.quick else DECODE_ROWS)]
+    for group, cases in (("decode", one_row), ("decode, Tq > 1", several)):
+        for B, L, Tq, Hq, Hkv in cases:
+            rows.append(_decode_case(args, gen, group, B, L, Tq, Hq, Hkv))
+            print(_row(rows[-1]), flush=True)
+
+
+def _decode_case(args, gen, group, B, L, Tq, Hq, Hkv) -> dict:
+    """Append Tq rows at L (S = 2 L) and attend L + Tq rows: ours, the op, and the same write as
+    slice assignments + SDPA over the live rows (non-causal for Tq > 1, as ours is then)."""
     op = torch.ops.pytorch_mqa.attention_with_kv_cache.default
-    B, L = 1, 1024
-    for Tq, Hq, Hkv in DECODE_ROWS[1::2] if args.quick else DECODE_ROWS:
-        S = 2 * L
-        q = torch.randn(B, Tq, Hq, D, generator=gen)
-        kc, vc = (torch.randn(B, S, Hkv, D, generator=gen) for _ in "kv")
-        k, v = (torch.randn(B, Tq, Hkv, D, generator=gen) for _ in "kv")
-        lens = torch.full((B,), L, dtype=torch.int32)
-        scale = 1.0 / math.sqrt(D)
+    S, causal = 2 * L, Tq == 1  # for one row causal or not is the same problem
+    q = torch.randn(B, Tq, Hq, D, generator=gen)
+    kc, vc = (torch.randn(B, S, Hkv, D, generator=gen) for _ in "kv")
+    k, v = (torch.randn(B, Tq, Hkv, D, generator=gen) for _ in "kv")
+    lens = torch.full((B,), L, dtype=torch.int32)
+    scale = 1.0 / math.sqrt(D)
 
-        def ours():
-            return pytorch_mqa.attention_with_kv_cache(q, kc, vc, k, v, cache_seqlens=lens, causal=False)
+    def ours():
+        return pytorch_mqa.attention_with_kv_cache(q, kc, vc, k, v, cache_seqlens=lens, causal=causal)
 
-        def direct():
-            return op(q, kc, vc, k, v, lens, False, scale, "reference")[0]
+    def direct():
+        return op(q, kc, vc, k, v, lens, causal, scale, "reference")[0]
 
-        def sdpa_write():
-            kc[:, L:L + Tq] = k
-            vc[:, L:L + Tq] = v
-            out = F.scaled_dot_product_attention(_bhsd(q), _bhsd(kc[:, : L + Tq]), _bhsd(vc[:, : L + Tq]), enable_gqa=True)
-            return out.transpose(1, 2)
+    def sdpa_write():
+        kc[:, L:L + Tq] = k
+        vc[:, L:L + Tq] = v
+        out = F.scaled_dot_product_attention(_bhsd(q), _bhsd(kc[:, : L + Tq]), _bhsd(vc[:, : L + Tq]), enable_gqa=True)
+        return out.transpose(1, 2)
 
-        before = _load()
-        with torch.no_grad():
-            r = _medians_us(dict(ours=ours, op=direct, sdpa=sdpa_write), args.budget)
-        rows.append(dict(group="decode, Tq > 1", case=f"| decode | Tq={Tq}, Hq={Hq} | {Hkv} | {B} | {L} | False ",
-                         ours=r["ours"], op=r["op"], sdpa=r["sdpa"], math=float("nan"), ratio=r["ours"] / r["sdpa"],
-                         load=f"{before} -> {_load()}"))
-        print(_row(rows[-1]), flush=True)
+    before = _load()
+    with torch.no_grad():
+        r = _medians_us(dict(ours=ours, op=direct, sdpa=sdpa_write), args.budget)
+    mode = "-" if Tq == 1 else f"Tq={Tq}, Hq={Hq}"
+    return dict(group=group, case=f"| decode | {mode} | {Hkv} | {B} | {L} | {causal} ", ours=r["ours"], op=r["op"],
+                sdpa=r["sdpa"], math=float("nan"), ratio=r["ours"] / r["sdpa"], load=f"{before} -> {_load()}")
 
 
 def _row(r: dict) -> str:
@@ -177,7 +153,6 @@ def main() -> None:
         attention_cases(args, rows)
     if args.only != "attention":
         decode_cases(args, rows)
-        decode_rows_cases(args, rows)
     print("\n| group | cases | geometric mean ratio | worst ratio |")
     print("|:--|---:|---:|---:|")
     for g in dict.fromkeys(r["group"] for r in rows):
